@@ -1,0 +1,15 @@
+"""Default engine configuration; override any field from the command line, e.g.
+`--config.engine.page_size=32 --config.engine.max_batch=64`."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.engine = ml_collections.ConfigDict(dict(
+      page_size=16,  # tokens per KV page
+      max_seq_len=0,  # prompt + output tokens; 0: the model's max_position_embeddings
+      max_prefill_length=0,  # prompt tokens; 0: max_seq_len
+      max_batch=32,  # rows of a static batch (--mode=single)
+  ))
+  return config

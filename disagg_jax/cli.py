@@ -1,0 +1,85 @@
+"""Flags shared by the launch scripts, and building an engine from them.
+
+The flag names are the contract of DESIGN.md; tuning knobs live in the ml_collections config
+(`--config=configs/engine.py`, `--config.engine.page_size=32`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "engine.py")
+MODES = ("single",)
+
+
+def define_engine_flags() -> None:
+  """Model, mesh, dtype and attention flags."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Engine configuration file.")
+  flags.DEFINE_string("model_path", None,
+                      "Hugging Face directory or orbax checkpoint; default: the built-in demo model.")
+  flags.DEFINE_enum("mode", "single", MODES, "single: static batches on one mesh (the reference).")
+  flags.DEFINE_string("devices", "1", "Devices of the mesh: a count or comma-separated ids.")
+  flags.DEFINE_integer("tp", 1, "Tensor parallelism (attention heads and MLP sharded).")
+  flags.DEFINE_integer("num_cpu_devices", 0,
+                       "Simulated CPU devices (set before JAX starts); 0 leaves JAX's default.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
+  flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"],
+                    "auto: Pallas on TPU/GPU, XLA on CPU.")
+
+
+def define_sampling_flags() -> None:
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (a line may override).")
+  flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
+  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens; 0 disables.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed, in [0, 2**32).")
+
+
+def setup_jax() -> None:
+  """Must run before anything touches a JAX device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and friends log every file at INFO
+  n = flags.FLAGS.num_cpu_devices
+  if n:
+    if n < 0:
+      raise flags.ValidationError(f"--num_cpu_devices={n} must be >= 0")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def sampling_from_flags() -> SamplingParams:
+  f = flags.FLAGS
+  try:
+    return SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                          top_p=f.top_p, top_k=f.top_k, seed=f.seed)
+  except InvalidRequestError as e:
+    raise flags.ValidationError(str(e)) from None
+
+
+def build_generator(config):
+  """The generator of --mode, on the mesh of --devices/--tp, with the model of --model_path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from disagg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.single import StaticGenerator  # pylint: disable=g-import-not-at-top
+  from disagg_jax.models import loading  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import resolve_impl  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  resolve_impl(f.attention_impl)
+  try:
+    devices = parallel.pick_devices(f.devices, jax.devices())
+    mesh = parallel.make_mesh(devices, f.tp)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  model = loading.load_model(f.model_path, mesh, f.dtype)
+  engine = config.engine
+  limits = Limits.for_model(model.cfg, engine.max_seq_len, engine.max_prefill_length)
+  return StaticGenerator(model, limits=limits, page_size=engine.page_size,
+                         max_batch=engine.max_batch, attention_impl=f.attention_impl)

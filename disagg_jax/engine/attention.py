@@ -1,0 +1,63 @@
+"""The model's attention for each kind of step: where K/V go and which kernel reads them.
+
+Each class is built inside a jitted step from that step's arrays and passed to the model as its
+`Attention`; all kernel choices go through `pallas_kernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from disagg_jax.kv import cache as kv_cache
+from pallas_kernels import dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptAttention:
+  """Whole right-padded prompts at once; the layer's "cache" out is its dense K/V.
+
+  q: [B, S, Hq, D], k/v: [B, S, Hkv, D]; lengths int32[B].
+  """
+  lengths: jax.Array
+  impl: str
+
+  def __call__(self, layer, q, k, v, layer_cache):
+    del layer, layer_cache
+    out = dispatch.prefill(q, k, v, self.lengths, impl=self.impl)
+    return out, kv_cache.LayerKV(k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttention:
+  """New tokens appended to a paged cache, then attended against everything cached before them.
+
+  q: [B, C, Hq, D], k/v: [B, C, Hkv, D] for a chunk of C tokens per row (C = 1 for decode).
+  context_lens int32[B]: tokens already cached; chunk_lens int32[B] <= C: real tokens in the chunk
+  (0 for an idle row); page_table int32[B, max_pages].
+  """
+  page_table: jax.Array
+  context_lens: jax.Array
+  chunk_lens: jax.Array
+  page_size: int
+  impl: str
+
+  def __call__(self, layer, q, k, v, layer_cache: kv_cache.LayerPages):
+    del layer
+    c = q.shape[1]
+    offsets = jax.numpy.arange(c)[None, :]
+    positions = self.context_lens[:, None] + offsets
+    valid = offsets < self.chunk_lens[:, None]
+    num_pages = layer_cache.k.shape[1]
+    page_ids, slots = kv_cache.token_slots(self.page_table, positions, valid, num_pages,
+                                           self.page_size)
+    layer_cache = kv_cache.write_tokens(layer_cache, k, v, page_ids, slots)
+    if c == 1:
+      out = dispatch.paged_decode(q[:, 0], layer_cache.k, layer_cache.v,
+                                  self.context_lens + self.chunk_lens, self.page_table,
+                                  impl=self.impl)[:, None]
+    else:
+      out = dispatch.chunked_prefill(q, layer_cache.k, layer_cache.v, self.context_lens,
+                                     self.chunk_lens, self.page_table, impl=self.impl)
+    return out, layer_cache

@@ -1,0 +1,100 @@
+"""Requests, their outputs, and the checks every request passes before it reaches a device."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence
+
+from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
+from disagg_jax.models.config import ModelConfig
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """Length limits of an engine configuration (tokens)."""
+  max_seq_len: int  # prompt + generated tokens
+  max_prefill_length: int  # prompt tokens
+
+  def __post_init__(self):
+    if self.max_prefill_length > self.max_seq_len:
+      raise ValueError(f"max_prefill_length={self.max_prefill_length} exceeds "
+                       f"max_seq_len={self.max_seq_len}")
+
+  @classmethod
+  def for_model(cls, cfg: ModelConfig, max_seq_len: int = 0,
+                max_prefill_length: int = 0) -> "Limits":
+    """0 means "as much as the model allows"; a sliding window caps the length (it is not
+    implemented, so no sequence may outgrow it)."""
+    model_max = cfg.max_position_embeddings
+    if cfg.sliding_window:
+      model_max = min(model_max, cfg.sliding_window)
+    seq = max_seq_len or model_max
+    if seq > model_max:
+      raise ValueError(f"max_seq_len={seq} exceeds the model's limit of {model_max} tokens "
+                       "(max_position_embeddings, or sliding_window if smaller)")
+    return cls(max_seq_len=seq, max_prefill_length=min(max_prefill_length or seq, seq))
+
+
+@dataclasses.dataclass
+class Request:
+  prompt_token_ids: list[int]
+  sampling: SamplingParams
+  request_id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """What a request produced. finish_reason: "stop" (EOS or a stop id, which is the last output
+  token), "length" (max_new_tokens or max_seq_len), "abort", or "error" (with `error` set)."""
+  request_id: str
+  prompt_token_ids: list[int]
+  output_token_ids: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  text: str = ""
+  error: str | None = None
+
+  def to_json(self) -> dict:
+    out = {"prompt_token_ids": list(self.prompt_token_ids),
+           "output_token_ids": list(self.output_token_ids),
+           "text": self.text,
+           "finish_reason": self.finish_reason}
+    if self.error is not None:
+      out["error"] = self.error
+    return out
+
+
+def validate(prompt_token_ids: Sequence[int], sampling: SamplingParams, cfg: ModelConfig,
+             limits: Limits) -> None:
+  """Raises InvalidRequestError naming the bad value and the limit."""
+  if not isinstance(sampling, SamplingParams):
+    raise InvalidRequestError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+  n = len(prompt_token_ids)
+  if n == 0:
+    raise InvalidRequestError("prompt is empty; at least one token is needed")
+  if n > limits.max_prefill_length:
+    raise InvalidRequestError(
+        f"prompt has {n} tokens; max_prefill_length is {limits.max_prefill_length} "
+        "(--config.engine.max_prefill_length)")
+  for i, t in enumerate(prompt_token_ids):
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size:
+      raise InvalidRequestError(
+          f"prompt token {i} is {t!r}, outside the vocabulary [0, {cfg.vocab_size})")
+  if n + sampling.max_new_tokens > limits.max_seq_len:
+    raise InvalidRequestError(
+        f"prompt ({n} tokens) + max_new_tokens ({sampling.max_new_tokens}) = "
+        f"{n + sampling.max_new_tokens} exceeds max_seq_len {limits.max_seq_len} "
+        "(--config.engine.max_seq_len)")
+  for t in sampling.stop_token_ids:
+    if t >= cfg.vocab_size:
+      raise InvalidRequestError(
+          f"stop token id {t} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def stop_ids(sampling: SamplingParams, cfg: ModelConfig) -> frozenset[int]:
+  ids = set(sampling.stop_token_ids)
+  if not sampling.ignore_eos:
+    ids.update(cfg.eos_token_ids)
+  return frozenset(ids)

@@ -1,0 +1,131 @@
+"""The reference generation path: static batches on one mesh, no scheduler.
+
+Prompts are validated, sorted by length and cut into batches of at most `max_batch`; each batch is
+prefilled at once, its KV inserted into a page pool, and decoded step by step until every row has
+stopped. Every other mode must reproduce its greedy output token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import numpy as np
+
+from disagg_jax.engine import buckets
+from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
+from disagg_jax.engine.sampling import InvalidRequestError, SamplingArrays, SamplingParams
+from disagg_jax.engine.steps import ModelSteps
+from disagg_jax.models.loading import Model
+
+
+@dataclasses.dataclass
+class PhaseTimes:
+  prefill_s: float = 0.0
+  decode_s: float = 0.0
+  decode_steps: int = 0
+  generated_tokens: int = 0
+
+
+class StaticGenerator:
+  """Generates for a list of prompts with static batching (`--mode=single`)."""
+
+  def __init__(self, model: Model, *, limits: Limits, page_size: int = 16, max_batch: int = 32,
+               attention_impl: str = "auto"):
+    self.model = model
+    self.limits = limits
+    self.page_size = page_size
+    self.max_batch = max_batch
+    self.steps = ModelSteps(model, page_size=page_size, attention_impl=attention_impl)
+    self.pages_per_seq = -(-limits.max_seq_len // page_size)
+    self.num_pages = max_batch * self.pages_per_seq
+    self._kv_pages = None
+    self.times = PhaseTimes()
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
+    """One output per prompt, in order; a prompt that fails validation gets finish_reason "error"
+    and its message, and the others are generated regardless."""
+    if isinstance(sampling, SamplingParams):
+      sampling = [sampling] * len(prompts)
+    outputs = [RequestOutput(f"req-{i}", list(p)) for i, p in enumerate(prompts)]
+    valid = []
+    for i, (prompt, params) in enumerate(zip(prompts, sampling)):
+      try:
+        validate(prompt, params, self.model.cfg, self.limits)
+        valid.append(i)
+      except InvalidRequestError as e:
+        outputs[i].finish_reason, outputs[i].error = "error", str(e)
+    # Similar lengths share a batch, which keeps padding (and wasted prefill compute) low.
+    valid.sort(key=lambda i: len(prompts[i]))
+    for start in range(0, len(valid), self.max_batch):
+      rows = valid[start:start + self.max_batch]
+      tokens = self._generate_batch([list(prompts[i]) for i in rows], [sampling[i] for i in rows])
+      for i, (out_tokens, reason) in zip(rows, tokens):
+        outputs[i].output_token_ids, outputs[i].finish_reason = out_tokens, reason
+        outputs[i].text = self.model.tokenizer.decode(out_tokens)
+    return outputs
+
+  def _generate_batch(self, prompts: list[list[int]], sampling: list[SamplingParams]):
+    cfg, ps = self.model.cfg, self.page_size
+    n = len(prompts)
+    batch = buckets.pick(n, buckets.batch_buckets(self.max_batch))
+    lengths = np.zeros(batch, np.int32)
+    lengths[:n] = [len(p) for p in prompts]
+    seq_bucket = buckets.pick(int(lengths.max()),
+                              buckets.length_buckets(self.limits.max_prefill_length, ps))
+    tokens = np.zeros((batch, seq_bucket), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    sampling_arrays = SamplingArrays.from_params(sampling, batch)
+
+    # Each row gets a contiguous run of pages for its prompt plus everything it may generate.
+    totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling)]
+    width = buckets.pick(max(totals), buckets.length_buckets(self.limits.max_seq_len, ps)) // ps
+    page_table = np.zeros((batch, width), np.int32)
+    for i in range(n):
+      page_table[i] = np.arange(i * self.pages_per_seq, i * self.pages_per_seq + width)
+    insert_ids = np.full((batch, seq_bucket // ps), self.num_pages, np.int32)  # dropped
+    for i in range(n):
+      used = -(-int(lengths[i]) // ps)
+      insert_ids[i, :used] = page_table[i, :used]
+
+    t0 = time.perf_counter()
+    result = self.steps.prefill(self.model.params, tokens, lengths, sampling_arrays)
+    if self._kv_pages is None:
+      self._kv_pages = self.steps.init_pages(self.num_pages)
+    self._kv_pages = self.steps.insert(self._kv_pages, result.kv, insert_ids)
+    next_tokens = np.asarray(result.tokens)
+    t1 = time.perf_counter()
+    self.times.prefill_s += t1 - t0
+
+    outputs: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    stops = [stop_ids(s, cfg) for s in sampling]
+    positions = np.full(batch, -1, np.int32)
+    for i in range(n):
+      positions[i] = lengths[i]
+    while True:
+      for i in range(n):
+        if reasons[i] is not None:
+          continue
+        token = int(next_tokens[i])
+        outputs[i].append(token)
+        if token in stops[i]:
+          reasons[i] = "stop"
+        elif len(outputs[i]) >= sampling[i].max_new_tokens:
+          reasons[i] = "length"
+        if reasons[i] is not None:
+          positions[i] = -1
+      if all(r is not None for r in reasons):
+        break
+      next_dev, self._kv_pages = self.steps.decode(
+          self.model.params, self._kv_pages, next_tokens.astype(np.int32), positions, page_table,
+          sampling_arrays)
+      next_tokens = np.asarray(next_dev)
+      positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
+      self.times.decode_steps += 1
+    self.times.decode_s += time.perf_counter() - t1
+    self.times.generated_tokens += sum(len(o) for o in outputs)
+    return list(zip(outputs, reasons))

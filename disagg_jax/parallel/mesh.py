@@ -1,0 +1,106 @@
+"""Device meshes and the sharding rules of each phase (Megatron-style tensor parallelism).
+
+A mesh has axes ("dp", "tp"): "tp" shards attention heads and the MLP's hidden dimension, "dp"
+replicates the model and splits the batch. Rules are keyed by parameter name, so a new parameter
+gets a sharding by adding one line.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from disagg_jax.models.config import ModelConfig
+
+DP, TP = "dp", "tp"
+
+
+def make_mesh(devices: Sequence[jax.Device], tp: int) -> Mesh:
+  """A (dp, tp) mesh over `devices`; len(devices) must be a multiple of tp."""
+  devices = list(devices)
+  if tp <= 0 or len(devices) % tp:
+    raise ValueError(f"tp={tp} must be positive and divide the mesh's {len(devices)} devices")
+  return Mesh(np.array(devices).reshape(len(devices) // tp, tp), (DP, TP))
+
+
+def pick_devices(spec, available: Sequence[jax.Device] | None = None, start: int = 0
+                 ) -> list[jax.Device]:
+  """`spec` is a count (taken from `start`) or explicit device ids ("0,1,2,3" or a list)."""
+  available = list(available if available is not None else jax.devices())
+  if isinstance(spec, str) and "," in spec:
+    spec = [int(s) for s in spec.split(",") if s.strip()]
+  if isinstance(spec, (list, tuple)):
+    by_id = {d.id: d for d in available}
+    missing = [i for i in spec if i not in by_id]
+    if missing:
+      raise ValueError(f"device ids {missing} do not exist; available: {sorted(by_id)}")
+    return [by_id[i] for i in spec]
+  count = int(spec)
+  if count <= 0 or start + count > len(available):
+    raise ValueError(
+        f"asked for {count} devices starting at {start}, but only {len(available)} exist "
+        f"(on CPU, simulate more with --num_cpu_devices)")
+  return available[start:start + count]
+
+
+def tp_size(mesh: Mesh) -> int:
+  return mesh.shape[TP]
+
+
+def kv_heads_sharded(cfg: ModelConfig, mesh: Mesh) -> bool:
+  """KV heads split over tp when they divide evenly; otherwise every tp shard keeps all of them."""
+  return cfg.num_kv_heads % tp_size(mesh) == 0
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+  if cfg.num_heads % tp:
+    raise ValueError(f"tp={tp} does not divide the model's {cfg.num_heads} attention heads")
+  if cfg.intermediate_size % tp:
+    raise ValueError(f"tp={tp} does not divide intermediate_size={cfg.intermediate_size}")
+  if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+    raise ValueError(f"tp={tp} and the model's {cfg.num_kv_heads} KV heads must divide one another")
+
+
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+  """The PartitionSpec of the parameter at `path` (names from `disagg_jax.models.llama`).
+
+  A dimension that tp does not divide (a vocabulary of 1000 on tp=8, two KV heads on tp=4) stays
+  whole on every device instead.
+  """
+  rules = {
+      "wq": P(None, TP, None), "bq": P(TP, None),
+      "wk": P(None, TP, None), "bk": P(TP, None),
+      "wv": P(None, TP, None), "bv": P(TP, None),
+      "wo": P(TP, None, None),
+      "w_gate": P(None, TP), "b_gate": P(TP),
+      "w_up": P(None, TP), "b_up": P(TP),
+      "w_down": P(TP, None),
+      "lm_head": P(None, TP),
+  }
+  spec = rules.get(path[-1], P())
+  if len(spec) not in (0, len(shape)):
+    raise ValueError(f"sharding rule for {'/'.join(path)} has rank {len(spec)}, "
+                     f"the array has shape {shape}")
+  tp = tp_size(mesh)
+  return P(*(axis if axis is None or shape[i] % tp == 0 else None for i, axis in enumerate(spec)))
+
+
+def param_sharding(path, shape, mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, param_spec(tuple(str(p) for p in path), tuple(shape), mesh))
+
+
+def kv_pages_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+  """Page pools [Hkv, P, page_size, D]: heads over tp when they divide, else replicated."""
+  return NamedSharding(mesh, P(TP if kv_heads_sharded(cfg, mesh) else None))
+
+
+def dense_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+  """Prefilled KV [B, S, Hkv, D]."""
+  return NamedSharding(mesh, P(None, None, TP if kv_heads_sharded(cfg, mesh) else None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,98 @@
+"""Tiny random-weight Hugging Face checkpoints, built locally with `transformers` (test-only).
+
+Each family exercises what sets it apart: Llama with llama3 rope scaling (in both config layouts),
+Qwen2 with q/k/v bias and tied embeddings, Qwen3 with q/k RMSNorm and an explicit head_dim, Mistral
+with a head_dim that is not hidden/heads. Weights are drawn wider than HF's default init so greedy
+decoding has clear margins, and every bias and norm weight is random so a mis-loaded one shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+FAMILIES = ("llama3", "llama3_legacy_rope", "qwen2", "qwen3", "mistral")
+
+VOCAB = 384
+EOS = 7
+BOS = 1
+PAD = 0
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small enough that the rescaled band covers frequencies the tests' positions exercise.
+    "original_max_position_embeddings": 64,
+}
+
+
+def _config(family: str):
+  import transformers  # pylint: disable=g-import-not-at-top
+  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+  if family in ("llama3", "llama3_legacy_rope"):
+    return transformers.LlamaConfig(**common, rope_parameters=dict(_LLAMA3_ROPE),
+                                    tie_word_embeddings=False)
+  if family == "qwen2":
+    return transformers.Qwen2Config(**common, tie_word_embeddings=True,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+  if family == "qwen3":
+    common.update(num_attention_heads=8, num_key_value_heads=2)
+    return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+  if family == "mistral":
+    common.update(num_attention_heads=4, num_key_value_heads=1)
+    return transformers.MistralConfig(**common, head_dim=24, sliding_window=None,
+                                      rope_parameters={"rope_type": "default",
+                                                       "rope_theta": 10000.0})
+  raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def build_hf_model(family: str, seed: int = 0):
+  """A transformers model of `family` with random weights, in float32."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(_config(family),
+                                                        attn_implementation="eager")
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      noise = torch.randn(param.shape, generator=generator)
+      if "norm" in name:
+        param.copy_(1.0 + 0.2 * noise)
+      else:
+        param.copy_(0.15 * noise)
+  return model.eval()
+
+
+def write_checkpoint(family: str, out_dir: str, *, seed: int = 0, dtype: str = "float32",
+                     max_shard_size: str | None = None):
+  """Saves a tiny `family` checkpoint to out_dir and returns the transformers model (float32)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = build_hf_model(family, seed)
+  to_save = model.to(torch.bfloat16) if dtype == "bfloat16" else model
+  kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+  to_save.save_pretrained(out_dir, **kwargs)
+  if dtype == "bfloat16":
+    model = model.to(torch.float32)
+  if family == "llama3_legacy_rope":
+    _rewrite_rope_legacy(out_dir)
+  return model
+
+
+def _rewrite_rope_legacy(out_dir: str) -> None:
+  """Rewrites config.json in the layout published Llama 3.1 checkpoints use:
+  a top-level `rope_theta` plus a `rope_scaling` dict."""
+  path = os.path.join(out_dir, "config.json")
+  with open(path) as f:
+    hf = json.load(f)
+  params = dict(hf.pop("rope_parameters"))
+  hf["rope_theta"] = params.pop("rope_theta")
+  hf["rope_scaling"] = params
+  with open(path, "w") as f:
+    json.dump(hf, f, indent=2)

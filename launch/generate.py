@@ -1,0 +1,90 @@
+"""Offline generation: prompts in, continuations out.
+
+    python launch/generate.py                                  # the demo model on sample prompts
+    python launch/generate.py --model_path=DIR --prompts_file=in.jsonl --output_file=out.jsonl
+
+Input and output formats are in DESIGN.md (and `disagg_jax/prompts.py`). A line that cannot be
+served (malformed, too long, out-of-vocabulary ids) gets an output line with "error" and
+finish_reason "error"; the other lines are generated, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+from disagg_jax import cli
+
+cli.define_engine_flags()
+cli.define_sampling_flags()
+flags.DEFINE_string("prompts_file", None, "JSONL of prompts; default: a few built-in prompts.")
+flags.DEFINE_string("output_file", None, "JSONL of outputs; default: print to stdout.")
+FLAGS = flags.FLAGS
+
+DEMO_PROMPTS = (
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main(",
+    "class Stack:\n    def __init__(self):\n",
+    "    for i in range(len(items)):\n",
+)
+
+
+def main(argv):
+  del argv
+  cli.setup_jax()
+  from disagg_jax import prompts as prompts_io  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.request import RequestOutput  # pylint: disable=g-import-not-at-top
+
+  default_sampling = cli.sampling_from_flags()
+  start = time.perf_counter()
+  generator = cli.build_generator(FLAGS.config)
+  tokenizer = generator.model.tokenizer
+  load_s = time.perf_counter() - start
+
+  if FLAGS.prompts_file:
+    lines = prompts_io.read_prompts(FLAGS.prompts_file, tokenizer, default_sampling)
+  else:
+    lines = [prompts_io.PromptLine(i + 1, tokenizer.encode(p), default_sampling)
+             for i, p in enumerate(DEMO_PROMPTS)]
+  good = [line for line in lines if line.error is None]
+
+  start = time.perf_counter()
+  results = generator.generate([l.prompt_token_ids for l in good], [l.sampling for l in good])
+  gen_s = time.perf_counter() - start
+  by_line = {line.line_number: out for line, out in zip(good, results)}
+
+  outputs = []
+  for line in lines:
+    out = by_line.get(line.line_number)
+    if out is None:
+      out = RequestOutput(f"line-{line.line_number}", line.prompt_token_ids or [],
+                          finish_reason="error", error=line.error)
+    elif out.error is not None:
+      out.error = f"line {line.line_number}: {out.error}"
+    outputs.append(out)
+
+  if FLAGS.output_file:
+    prompts_io.write_outputs(FLAGS.output_file, (o.to_json() for o in outputs))
+  else:
+    for line, out in zip(lines, outputs):
+      prompt = tokenizer.decode(line.prompt_token_ids or [])
+      print(f"--- prompt {line.line_number} ({out.finish_reason}) ---")
+      print(out.error if out.error else prompt + out.text)
+  errors = [o.error for o in outputs if o.error]
+  for error in errors:
+    print(f"error: {error}", file=sys.stderr)
+
+  times = generator.times
+  tokens = sum(len(o.output_token_ids) for o in outputs)
+  print(f"\n{len(outputs) - len(errors)} prompts generated, {len(errors)} failed; {tokens} tokens "
+        f"in {gen_s:.2f} s (model load {load_s:.2f} s)")
+  print(f"prefill {times.prefill_s * 1e3:.0f} ms; decode {times.decode_s * 1e3:.0f} ms over "
+        f"{times.decode_steps} steps ({times.decode_s / max(times.decode_steps, 1) * 1e3:.1f} "
+        "ms/step, compilation included)")
+  return 1 if errors else 0
+
+
+if __name__ == "__main__":
+  app.run(main)
