@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from absl import flags
+from absl import app, flags
 
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 
@@ -50,7 +50,7 @@ def setup_jax() -> None:
   n = flags.FLAGS.num_cpu_devices
   if n:
     if n < 0:
-      raise flags.ValidationError(f"--num_cpu_devices={n} must be >= 0")
+      raise app.UsageError(f"--num_cpu_devices={n} must be >= 0")
     jax.config.update("jax_num_cpu_devices", n)
 
 
@@ -60,7 +60,7 @@ def sampling_from_flags() -> SamplingParams:
     return SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                           top_p=f.top_p, top_k=f.top_k, seed=f.seed)
   except InvalidRequestError as e:
-    raise flags.ValidationError(str(e)) from None
+    raise app.UsageError(str(e)) from None
 
 
 def build_generator(config):
@@ -70,16 +70,15 @@ def build_generator(config):
   from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.single import StaticGenerator  # pylint: disable=g-import-not-at-top
   from disagg_jax.models import loading  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import resolve_impl  # pylint: disable=g-import-not-at-top
+  from disagg_jax.models.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  resolve_impl(f.attention_impl)
+  engine = config.engine
   try:
     devices = parallel.pick_devices(f.devices, jax.devices())
     mesh = parallel.make_mesh(devices, f.tp)
-  except ValueError as e:
-    raise flags.ValidationError(str(e)) from None
-  model = loading.load_model(f.model_path, mesh, f.dtype)
-  engine = config.engine
-  limits = Limits.for_model(model.cfg, engine.max_seq_len, engine.max_prefill_length)
+    model = loading.load_model(f.model_path, mesh, f.dtype)
+    limits = Limits.for_model(model.cfg, engine.max_seq_len, engine.max_prefill_length)
+  except (ValueError, CheckpointError) as e:  # ConfigError is a ValueError
+    raise app.UsageError(str(e)) from None
   return StaticGenerator(model, limits=limits, page_size=engine.page_size,
                          max_batch=engine.max_batch, attention_impl=f.attention_impl)

@@ -96,3 +96,24 @@ def _rewrite_rope_legacy(out_dir: str) -> None:
   hf["rope_scaling"] = params
   with open(path, "w") as f:
     json.dump(hf, f, indent=2)
+
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "<r3>", "<r4>", "<r5>", "<r6>", "</s>"]  # ids 0..7
+
+
+def write_tokenizer(out_dir: str, vocab_size: int = VOCAB) -> None:
+  """A byte-level BPE `tokenizer.json` trained on a little text, with <s> = BOS and </s> = EOS at
+  the ids the tiny configs use."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  text = ("The quick brown fox jumps over the lazy dog. " * 20 +
+          "def main():\n    return 0\n" * 20 + "Disaggregated inference splits prefill. " * 20)
+  tok.train_from_iterator([text], trainer)
+  tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))])
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
