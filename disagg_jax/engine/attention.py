@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax.sharding import Mesh
 
 from disagg_jax.kv import cache as kv_cache
 from pallas_kernels import dispatch
@@ -22,10 +23,11 @@ class PromptAttention:
   """
   lengths: jax.Array
   impl: str
+  mesh: Mesh | None = None
 
   def __call__(self, layer, q, k, v, layer_cache):
     del layer, layer_cache
-    out = dispatch.prefill(q, k, v, self.lengths, impl=self.impl)
+    out = dispatch.prefill(q, k, v, self.lengths, impl=self.impl, mesh=self.mesh)
     return out, kv_cache.LayerKV(k, v)
 
 
@@ -42,6 +44,7 @@ class PagedAttention:
   chunk_lens: jax.Array
   page_size: int
   impl: str
+  mesh: Mesh | None = None
 
   def __call__(self, layer, q, k, v, layer_cache: kv_cache.LayerPages):
     del layer
@@ -56,8 +59,9 @@ class PagedAttention:
     if c == 1:
       out = dispatch.paged_decode(q[:, 0], layer_cache.k, layer_cache.v,
                                   self.context_lens + self.chunk_lens, self.page_table,
-                                  impl=self.impl)[:, None]
+                                  impl=self.impl, mesh=self.mesh)[:, None]
     else:
       out = dispatch.chunked_prefill(q, layer_cache.k, layer_cache.v, self.context_lens,
-                                     self.chunk_lens, self.page_table, impl=self.impl)
+                                     self.chunk_lens, self.page_table, impl=self.impl,
+                                     mesh=self.mesh)
     return out, layer_cache

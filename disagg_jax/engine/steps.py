@@ -66,7 +66,7 @@ class ModelSteps:
     """tokens int32[B, S] right-padded, lengths int32[B] (0 for a padding row)."""
     model = self._model(params)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, kv = model(tokens, positions, PromptAttention(lengths, self.attention_impl))
+    hidden, kv = model(tokens, positions, PromptAttention(lengths, self.attention_impl, self.mesh))
     last = jnp.maximum(lengths - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
@@ -83,7 +83,7 @@ class ModelSteps:
     active = positions >= 0
     context = jnp.maximum(positions, 0)
     attention = PagedAttention(page_table, context, active.astype(jnp.int32), self.page_size,
-                               self.attention_impl)
+                               self.attention_impl, self.mesh)
     hidden, kv_pages = model(tokens[:, None], context[:, None], attention, kv_pages)
     logits = model.logits(hidden[:, 0])
     return sample(logits, sampling, context), kv_pages
@@ -96,7 +96,7 @@ class ModelSteps:
     c = tokens.shape[1]
     positions = context_lens[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
     attention = PagedAttention(page_table, context_lens, chunk_lens, self.page_size,
-                               self.attention_impl)
+                               self.attention_impl, self.mesh)
     hidden, kv_pages = model(tokens, positions, attention, kv_pages)
     last = jnp.maximum(chunk_lens - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]

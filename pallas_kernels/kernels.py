@@ -1,0 +1,66 @@
+"""The public Pallas kernels (signatures fixed by DESIGN.md), choosing the backend and block sizes.
+
+`backend` is "tpu" (Mosaic TPU: BlockSpecs, scalar-prefetched page tables) or "gpu" (Triton);
+by default "gpu" on NVIDIA GPUs and "tpu" everywhere else. `interpret=True` runs the kernel on CPU:
+TPU kernels in TPU interpret mode, GPU kernels in Pallas's generic interpreter.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels import gpu_kernels, tpu_paged, tpu_prefill, tuning
+
+
+def default_backend() -> str:
+  return "gpu" if jax.default_backend() in ("gpu", "cuda") else "tpu"
+
+
+def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, interpret=False,
+                      backend=None, blocks: tuning.PrefillBlocks | None = None):
+  """q: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; lengths int32[B] (right padding) -> [B, S, Hq, D]."""
+  backend = backend or default_backend()
+  _, s, hq, d = q.shape
+  blocks = blocks or tuning.prefill_blocks(s, d, hq // k.shape[2], backend)
+  impl = gpu_kernels if backend == "gpu" else tpu_prefill
+  return impl.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=sm_scale,
+                                block_q=blocks.block_q, block_k=blocks.block_k,
+                                interpret=interpret)
+
+
+def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, *, sm_scale=None,
+                           interpret=False, backend=None,
+                           blocks: tuning.PagedBlocks | None = None):
+  """q: [B, Hq, D]; k/v pages: [Hkv, num_pages, page_size, D]; lengths int32[B];
+  page_table int32[B, max_pages_per_seq] -> [B, Hq, D]."""
+  backend = backend or default_backend()
+  hkv, _, page_size, _ = k_pages.shape
+  blocks = blocks or tuning.paged_blocks(page_size, page_table.shape[1], q.shape[0] * hkv,
+                                         backend)
+  impl = gpu_kernels if backend == "gpu" else tpu_paged
+  return impl.paged_decode_attention(q, k_pages, v_pages, lengths, page_table, sm_scale=sm_scale,
+                                     pages_per_block=blocks.pages_per_block,
+                                     num_splits=blocks.num_splits, interpret=interpret)
+
+
+def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, page_table, *,
+                              sm_scale=None, interpret=False, backend=None,
+                              blocks: tuning.PagedBlocks | None = None):
+  """A chunk of queries against a sequence's cached pages plus itself, causally.
+
+  q: [B, C, Hq, D], query i of row b at position context_lens[b] + i; k/v pages
+  [Hkv, num_pages, page_size, D] already holding the chunk's keys/values; context_lens,
+  chunk_lens int32[B] (chunk_lens <= C; queries past it give zeros); page_table int32[B, max_pages]
+  -> [B, C, Hq, D]. Decode is C = 1; prefix caching is a chunk whose context is the shared prefix.
+  """
+  backend = backend or default_backend()
+  hkv, _, page_size, _ = k_pages.shape
+  group = q.shape[2] // hkv
+  blocks = blocks or tuning.paged_blocks(page_size, page_table.shape[1], q.shape[0] * hkv,
+                                         backend)
+  block_q = tuning.chunk_block_q(q.shape[1], q.shape[3], group, backend)
+  impl = gpu_kernels if backend == "gpu" else tpu_paged
+  return impl.chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens,
+                                        page_table, sm_scale=sm_scale, block_q=block_q,
+                                        pages_per_block=blocks.pages_per_block,
+                                        interpret=interpret)

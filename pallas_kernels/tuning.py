@@ -1,0 +1,61 @@
+"""Block sizes per backend and shape. Every kernel asks here, so tuning results live in one place.
+
+The GPU figures follow the usual Hopper starting points (128-row query tiles, 64-key tiles for
+D=128); they have not yet been swept on hardware here (see docs/BENCHMARKS.md). TPU blocks follow
+the MXU: multiples of 128 rows where the sequence allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBlocks:
+  block_q: int  # query positions per block (each carrying Hq/Hkv heads)
+  block_k: int  # key positions per block
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedBlocks:
+  pages_per_block: int  # pages fetched and processed per step
+  num_splits: int  # independent partitions of the context (flash-decoding), combined after
+  block_q: int = 16  # chunked prefill: query positions per block
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+  out = 1
+  while out * 2 <= min(n, cap):
+    out *= 2
+  return out
+
+
+def prefill_blocks(seq_len: int, head_dim: int, group: int, backend: str) -> PrefillBlocks:
+  """Query tiles carry `group` heads each, so block_q shrinks as the group grows."""
+  if backend == "gpu":
+    rows = 128 if head_dim <= 128 else 64
+    block_q = max(16 // group, 1) if group > 8 else max(rows // group, 16)
+    return PrefillBlocks(_pow2_at_most(seq_len, block_q), _pow2_at_most(seq_len, 64))
+  block_q = max(512 // group, 8)
+  return PrefillBlocks(_pow2_at_most(seq_len, block_q), _pow2_at_most(seq_len, 512))
+
+
+def chunk_block_q(chunk_len: int, head_dim: int, group: int, backend: str) -> int:
+  """Query positions per block for chunked prefill; GPU tensor-core dots need >= 16 rows."""
+  block_q = prefill_blocks(chunk_len, head_dim, group, backend).block_q
+  if backend == "gpu":
+    block_q = max(block_q, -(-16 // group))
+  return block_q
+
+
+def paged_blocks(page_size: int, max_pages: int, batch_heads: int, backend: str) -> PagedBlocks:
+  """Enough pages per step to make each fetch worthwhile (~128+ tokens), and context splits when
+  batch x kv-heads alone cannot fill the machine."""
+  pages = max(1, min(max_pages, 128 // page_size if page_size < 128 else 1))
+  pages = _pow2_at_most(pages, pages)
+  steps = -(-max_pages // pages)
+  target_programs = 264 if backend == "gpu" else 2  # 2 x 132 SMs; TPU: two cores at most
+  splits = 1
+  while batch_heads * splits < target_programs and splits * 2 <= steps:
+    splits *= 2
+  return PagedBlocks(pages_per_block=pages, num_splits=splits)
