@@ -65,3 +65,28 @@ class PagedAttention:
                                      self.chunk_lens, self.page_table, impl=self.impl,
                                      mesh=self.mesh)
     return out, layer_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedAttention:
+  """One decode token per slot and a batch of prefill chunks in the same forward pass.
+
+  The model runs on the flat token list [decode tokens (B) ++ chunk tokens (Bc * C)], so the
+  projections and MLP read their weights once for both; only attention splits: the first B rows are
+  `decode` (C = 1), the rest `chunks` (C = chunk size), each against the shared page pool.
+  """
+  decode: PagedAttention
+  chunks: PagedAttention
+  num_decode: int
+
+  def __call__(self, layer, q, k, v, layer_cache):
+    b = self.num_decode
+    bc = self.chunks.page_table.shape[0]
+
+    def split(x):
+      return x[:b, None], x[b:].reshape(bc, -1, *x.shape[1:])
+
+    (qd, qc), (kd, kc), (vd, vc) = split(q), split(k), split(v)
+    out_d, layer_cache = self.decode(layer, qd, kd, vd, layer_cache)
+    out_c, layer_cache = self.chunks(layer, qc, kc, vc, layer_cache)
+    return jax.numpy.concatenate([out_d[:, 0], out_c.reshape(-1, *out_c.shape[2:])]), layer_cache

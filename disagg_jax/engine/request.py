@@ -55,6 +55,7 @@ class RequestOutput:
   finish_reason: str | None = None
   text: str = ""
   error: str | None = None
+  metrics: object = None  # RequestMetrics when produced by the serving engine
 
   def to_json(self) -> dict:
     out = {"prompt_token_ids": list(self.prompt_token_ids),

@@ -5,6 +5,11 @@
     decode(params, kv_pages*, tokens, positions, page_table, sampling) -> (next tokens, kv_pages)
     chunk(params, kv_pages*, tokens, context_lens, chunk_lens, page_table, sampling)
                                                               -> (next tokens, logits, kv_pages)
+  The serving engine's variants keep each slot's next input token on device:
+    extract(prompt_kv, row)                                   -> one request's prefix KV
+    insert_prefix(kv_pages*, tokens*, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
+    mixed(params, kv_pages*, tokens*, positions, page_table, sampling, chunk...)
+                                                              -> (tokens, kv_pages)
 
 (* donated: the page pool is updated in place.) Everything is an explicit pytree: `params` is the
 model's `nnx.State`, `kv_pages` a list of `LayerPages`, the prompt KV a list of `LayerKV`.
@@ -19,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from disagg_jax import parallel
-from disagg_jax.engine.attention import PagedAttention, PromptAttention
+from disagg_jax.engine.attention import MixedAttention, PagedAttention, PromptAttention
 from disagg_jax.engine.sampling import SamplingArrays, sample
 from disagg_jax.kv import cache as kv_cache
 from disagg_jax.models.loading import Model
@@ -45,10 +50,16 @@ class ModelSteps:
     pages = parallel.kv_pages_sharding(self.cfg, self.mesh)
     dense = parallel.dense_kv_sharding(self.cfg, self.mesh)
     self.pages_sharding = pages
+    self.replicated = rep
     self.prefill = jax.jit(self._prefill, out_shardings=PrefillResult(rep, rep, dense))
     self.insert = jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages)
     self.decode = jax.jit(self._decode, donate_argnums=(1,), out_shardings=(rep, pages))
     self.chunk = jax.jit(self._chunk, donate_argnums=(1,), out_shardings=(rep, rep, pages))
+    self.extract = jax.jit(self._extract,
+                           out_shardings=parallel.prefix_kv_sharding(self.cfg, self.mesh))
+    self.insert_prefix = jax.jit(self._insert_prefix, donate_argnums=(0, 1),
+                                 out_shardings=(pages, rep))
+    self.mixed = jax.jit(self._mixed, donate_argnums=(1, 2), out_shardings=(rep, pages))
 
   def init_pages(self, num_pages: int) -> kv_cache.KVPages:
     """A zeroed page pool on this mesh."""
@@ -86,7 +97,7 @@ class ModelSteps:
                                self.attention_impl, self.mesh)
     hidden, kv_pages = model(tokens[:, None], context[:, None], attention, kv_pages)
     logits = model.logits(hidden[:, 0])
-    return sample(logits, sampling, context), kv_pages
+    return jnp.where(active, sample(logits, sampling, context), tokens), kv_pages
 
   def _chunk(self, params, kv_pages, tokens, context_lens, chunk_lens, page_table,
              sampling: SamplingArrays):
@@ -102,3 +113,48 @@ class ModelSteps:
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
     return sample(logits, sampling, context_lens + last), logits, kv_pages
+
+  # ------------------------------------------------------------------ serving-engine variants
+
+  def _extract(self, prompt_kv, row):
+    """prompt_kv list[LayerKV [B, S, Hkv, D]], row int32 -> list[LayerKV [S, Hkv, D]]."""
+    return [kv_cache.LayerKV(kv.k[row], kv.v[row]) for kv in prompt_kv]
+
+  def _insert_prefix(self, kv_pages, tokens, prefix_kv, page_ids, slot, token):
+    """Writes one request's prefix KV (list[LayerKV [S, Hkv, D]]) into its pages (int32[S / ps],
+    num_pages to skip) and sets its slot's next input token."""
+    batched = [kv_cache.LayerKV(kv.k[None], kv.v[None]) for kv in prefix_kv]
+    kv_pages = self._insert(kv_pages, batched, page_ids[None])
+    return kv_pages, tokens.at[slot].set(token)
+
+  def _mixed(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays,
+             chunk_tokens, chunk_slots, chunk_context, chunk_lens, chunk_final):
+    """One continuous-batching step: every slot with positions >= 0 decodes one token, and
+    chunk_tokens int32[Bc, C] extend the prompts of slots chunk_slots (B for a padding row) at
+    positions chunk_context + [0, chunk_lens). A chunk marked final samples its request's first
+    token into `tokens`; decode rows sample their next one. Idle slots keep their token."""
+    model = self._model(params)
+    b, (bc, c) = tokens.shape[0], chunk_tokens.shape
+    active = positions >= 0
+    context = jnp.maximum(positions, 0)
+    safe_slots = jnp.minimum(chunk_slots, b - 1)
+    chunk_table = jnp.where((chunk_slots < b)[:, None], page_table[safe_slots], 0)
+    attention = MixedAttention(
+        decode=PagedAttention(page_table, context, active.astype(jnp.int32), self.page_size,
+                              self.attention_impl, self.mesh),
+        chunks=PagedAttention(chunk_table, chunk_context, chunk_lens, self.page_size,
+                              self.attention_impl, self.mesh),
+        num_decode=b)
+    chunk_positions = chunk_context[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
+    flat_tokens = jnp.concatenate([tokens, chunk_tokens.reshape(-1)])
+    flat_positions = jnp.concatenate([context, chunk_positions.reshape(-1)])
+    hidden, kv_pages = model(flat_tokens, flat_positions, attention, kv_pages)
+    decode_next = sample(model.logits(hidden[:b]), sampling, context)
+    tokens = jnp.where(active, decode_next, tokens)
+    last = jnp.maximum(chunk_lens - 1, 0)
+    chunk_hidden = jnp.take_along_axis(hidden[b:].reshape(bc, c, -1), last[:, None, None],
+                                       axis=1)[:, 0]
+    chunk_sampling = jax.tree.map(lambda x: x[safe_slots], sampling)
+    first = sample(model.logits(chunk_hidden), chunk_sampling, chunk_context + last)
+    write_to = jnp.where(chunk_final, chunk_slots, b)  # b: dropped
+    return tokens.at[write_to].set(first, mode="drop"), kv_pages

@@ -102,5 +102,10 @@ def dense_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, None, TP if kv_heads_sharded(cfg, mesh) else None))
 
 
+def prefix_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+  """One request's prefilled KV [S, Hkv, D], the unit moved from the prefill to the decode mesh."""
+  return NamedSharding(mesh, P(None, TP if kv_heads_sharded(cfg, mesh) else None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

@@ -1,0 +1,167 @@
+"""The colocated scheduler: one mesh, continuous batching with chunked prefill (the baseline).
+
+Each iteration admits waiting requests into free slots, gives up to `chunk_batch` prefilling
+requests a chunk of at most `chunk_size` prompt tokens, and runs them together with one decode
+token for every decoding slot in a single `mixed` step (or a plain `decode` step when no prompt is
+in flight). When the page pool runs dry, the youngest request is preempted and recomputed later.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+from disagg_jax.engine import buckets
+from disagg_jax.engine.decode_core import DecodeCore
+from disagg_jax.engine.state import RequestState
+
+
+class ColocatedScheduler:
+  """Runs on its own thread; `submit` and `abort` may be called from any thread."""
+
+  def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int, finish):
+    self.core = core
+    self.chunk_size = chunk_size
+    self.chunk_batches = buckets.batch_buckets(chunk_batch)
+    self.finish = finish
+    self.waiting: collections.deque[RequestState] = collections.deque()
+    self.prefilling: list[int] = []  # slots whose prompt is still being computed, FIFO
+    self.cv = threading.Condition()
+    self.stopped = False
+
+  # ------------------------------------------------------------------ any thread
+
+  def submit(self, request: RequestState) -> None:
+    with self.cv:
+      self.waiting.append(request)
+      self.cv.notify()
+
+  def wake(self) -> None:
+    with self.cv:
+      self.cv.notify()
+
+  def stop(self) -> None:
+    with self.cv:
+      self.stopped = True
+      self.cv.notify()
+
+  def warmup_steps(self):
+    """(description, thunk) for every shape this scheduler will run, to compile ahead."""
+    out = [("decode", lambda: self._run_decode())]
+    for bc in self.chunk_batches:
+      out.append((f"mixed chunk_batch={bc}", lambda bc=bc: self._run_mixed([], bc)))
+    return out
+
+  # ------------------------------------------------------------------ scheduler thread
+
+  def run(self) -> None:
+    while True:
+      with self.cv:
+        while not self.stopped and not self.waiting and not self.core.slots.occupied():
+          self.cv.wait()
+        if self.stopped:
+          return
+      self._drop_aborted()
+      self._admit()
+      self.step()
+
+  def step(self) -> None:
+    core = self.core
+    chunks = self._schedule_chunks()
+    decoding = core.decoding_slots()
+    need = {s: int(core.slots.positions[s]) + 1 for s in decoding}
+    need.update({slot: start + n for slot, start, n in chunks})
+    core.make_room(need, self._preempt)
+    chunks = [c for c in chunks if core.slots.requests[c[0]] is not None]
+    decoding = [s for s in decoding if core.slots.requests[s] is not None]
+    if not chunks and not decoding:
+      return
+    if chunks:
+      tokens = self._run_mixed(chunks, buckets.pick(len(chunks), self.chunk_batches))
+    else:
+      tokens = self._run_decode()
+    core.emit_decoded(tokens, decoding, self.finish)
+    self._emit_chunks(tokens, chunks)
+
+  def _drop_aborted(self) -> None:
+    with self.cv:
+      aborted = [r for r in self.waiting if r.aborted]
+      for request in aborted:
+        self.waiting.remove(request)
+    for request in aborted:
+      self.finish(request)
+    for slot in self.core.slots.occupied():
+      if self.core.slots.requests[slot].aborted:
+        if slot in self.prefilling:
+          self.prefilling.remove(slot)
+        self.finish(self.core.release(slot))
+
+  def _admit(self) -> None:
+    """FIFO admission while a slot and the first chunk's pages are free, keeping one page per
+    decoding slot in reserve so admissions do not immediately force preemptions."""
+    slots = self.core.slots
+    while True:
+      with self.cv:
+        if not self.waiting:
+          return
+        request = self.waiting[0]
+        first = min(self.chunk_size, len(request.tokens_to_compute))
+        if not slots.can_admit(first, reserve=len(self.core.decoding_slots())):
+          return
+        self.waiting.popleft()
+      self.prefilling.append(self.core.occupy(request, first))
+
+  def _schedule_chunks(self) -> list[tuple[int, int, int]]:
+    """(slot, start, length) of this step's prompt chunks."""
+    chunks = []
+    for slot in self.prefilling[:self.chunk_batches[-1]]:
+      request = self.core.slots.requests[slot]
+      n = min(self.chunk_size, len(request.tokens_to_compute) - request.num_computed)
+      chunks.append((slot, request.num_computed, n))
+      if request.metrics.prefill_start is None:
+        request.metrics.prefill_start = time.perf_counter()
+    return chunks
+
+  def _preempt(self, request: RequestState) -> None:
+    self.prefilling = [s for s in self.prefilling if self.core.slots.requests[s] is not None]
+    request.restart()
+    with self.cv:
+      self.waiting.appendleft(request)
+
+  def _run_decode(self) -> np.ndarray:
+    return self.core.decode()
+
+  def _run_mixed(self, chunks, batch: int) -> np.ndarray:
+    core = self.core
+    b = core.slots.num_slots
+    chunk_tokens = np.zeros((batch, self.chunk_size), np.int32)
+    chunk_slots = np.full(batch, b, np.int32)
+    context = np.zeros(batch, np.int32)
+    lengths = np.zeros(batch, np.int32)
+    final = np.zeros(batch, bool)
+    for i, (slot, start, n) in enumerate(chunks):
+      request = core.slots.requests[slot]
+      chunk_tokens[i, :n] = request.tokens_to_compute[start:start + n]
+      chunk_slots[i], context[i], lengths[i] = slot, start, n
+      final[i] = start + n == len(request.tokens_to_compute)
+    core.tokens, core.kv_pages = core.steps.mixed(
+        core.params, core.kv_pages, core.tokens, core.slots.positions.copy(), core.page_table(),
+        core.sampling_arrays(), chunk_tokens, chunk_slots, context, lengths, final)
+    return np.asarray(core.tokens)
+
+  def _emit_chunks(self, tokens: np.ndarray, chunks) -> None:
+    now = time.perf_counter()
+    for slot, start, n in chunks:
+      request = self.core.slots.requests[slot]
+      request.num_computed = start + n
+      if request.num_computed < len(request.tokens_to_compute):
+        continue
+      self.prefilling.remove(slot)
+      self.core.slots.positions[slot] = request.num_computed
+      if request.metrics.first_token is None:
+        request.metrics.first_token = now
+      if request.emit(int(tokens[slot]), now):
+        self.finish(self.core.release(slot))

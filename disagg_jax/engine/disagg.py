@@ -1,0 +1,263 @@
+"""The disaggregated pipeline: prefill on one mesh, decode on another, KV moved in between.
+
+Three threads, joined by queues (JetStream's split, simplified):
+  prefill  — batches waiting prompts of one length bucket, runs `prefill` on the prefill mesh,
+             emits each first token and cuts each request's KV out of the batch (`extract`);
+  transfer — moves each request's KV pytree to the decode mesh's sharding, device to device
+             (`disagg_jax.transfer.reshard`), and waits for the copy, so the decode loop only
+             ever inserts KV that has arrived;
+  decode   — inserts arrived requests into free slots (`insert_prefix`, donated page pool) and
+             runs continuous-batching decode steps.
+At most `max_pending` prefilled requests wait for a decode slot (their KV holds decode memory), so
+prefill backs off instead of filling the decode mesh. Preempted requests go back to prefill.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from disagg_jax.engine import buckets
+from disagg_jax.engine.decode_core import DecodeCore
+from disagg_jax.engine.sampling import SamplingArrays
+from disagg_jax.engine.state import RequestState
+from disagg_jax.engine.steps import ModelSteps
+from disagg_jax.transfer import reshard
+
+
+class PrefillWorker:
+  """Prefill thread: length-bucketed batches of waiting requests on the prefill mesh."""
+
+  def __init__(self, steps: ModelSteps, params, *, length_buckets, max_batch: int,
+               handoff, finish, backlog):
+    self.steps = steps
+    self.params = params
+    self.length_buckets = length_buckets
+    self.batch_buckets = buckets.batch_buckets(max_batch)
+    self.handoff = handoff  # (request, prefix KV, bucket) -> None
+    self.finish = finish
+    self.backlog = backlog  # a threading.Semaphore: slots for prefilled requests not yet decoding
+    self.waiting: collections.deque[RequestState] = collections.deque()
+    self.cv = threading.Condition()
+    self.stopped = False
+
+  def submit(self, request: RequestState, front: bool = False) -> None:
+    with self.cv:
+      if front:
+        self.waiting.appendleft(request)
+      else:
+        self.waiting.append(request)
+      self.cv.notify()
+
+  def wake(self) -> None:
+    with self.cv:
+      self.cv.notify()
+
+  def stop(self) -> None:
+    with self.cv:
+      self.stopped = True
+      self.cv.notify()
+
+  def warmup_steps(self):
+    def run(b, s):
+      _, kv = self._prefill(np.zeros((b, s), np.int32), np.ones(b, np.int32), [None] * b)
+      self.steps.extract(kv, np.int32(0))
+    return [(f"prefill batch={b} len={s}", lambda b=b, s=s: run(b, s))
+            for s in self.length_buckets for b in self.batch_buckets]
+
+  def run(self) -> None:
+    while True:
+      batch = self._next_batch()
+      if batch is None:
+        return
+      requests, bucket = batch
+      tokens = np.zeros((buckets.pick(len(requests), self.batch_buckets), bucket), np.int32)
+      lengths = np.zeros(tokens.shape[0], np.int32)
+      now = time.perf_counter()
+      for i, request in enumerate(requests):
+        tokens[i, :len(request.tokens_to_compute)] = request.tokens_to_compute
+        lengths[i] = len(request.tokens_to_compute)
+        request.metrics.prefill_start = request.metrics.prefill_start or now
+      first, kv = self._prefill(tokens, lengths, [r.sampling for r in requests])
+      now = time.perf_counter()
+      for i, request in enumerate(requests):
+        if request.metrics.first_token is None:
+          request.metrics.first_token = now
+        if request.aborted or request.emit(int(first[i]), now):
+          self.backlog.release()
+          self.finish(request)
+        else:
+          self.handoff(request, self.steps.extract(kv, np.int32(i)), bucket)
+
+  def _prefill(self, tokens, lengths, sampling):
+    sampling_arrays = SamplingArrays.from_params(sampling, tokens.shape[0])
+    result = self.steps.prefill(self.params, tokens, lengths, sampling_arrays)
+    return np.asarray(result.tokens), result.kv
+
+  def _next_batch(self):
+    """The oldest waiting request plus others of its length bucket, as far as the backlog of
+    prefilled-but-not-decoding requests allows; None once stopped."""
+    while True:
+      with self.cv:
+        while not self.stopped and not self.waiting:
+          self.cv.wait()
+        if self.stopped:
+          return None
+        for request in [r for r in self.waiting if r.aborted]:
+          self.waiting.remove(request)
+          self.finish(request)
+        if not self.waiting:
+          continue
+      if not self.backlog.acquire(timeout=0.05):
+        continue  # the decode side is full: re-check stop and aborts, then wait again
+      with self.cv:
+        if not self.waiting:
+          self.backlog.release()
+          continue
+        head = self.waiting[0]
+        bucket = buckets.pick(len(head.tokens_to_compute), self.length_buckets)
+        chosen = [head]
+        for request in list(self.waiting)[1:]:
+          if len(chosen) == self.batch_buckets[-1]:
+            break
+          if (buckets.pick(len(request.tokens_to_compute), self.length_buckets) == bucket
+              and not request.aborted and self.backlog.acquire(blocking=False)):
+            chosen.append(request)
+        for request in chosen:
+          self.waiting.remove(request)
+        return chosen, bucket
+
+
+class TransferWorker:
+  """Transfer thread: each request's prefix KV to the decode mesh, device to device."""
+
+  def __init__(self, target_sharding, deliver, finish, backlog):
+    self.target_sharding = target_sharding
+    self.deliver = deliver
+    self.finish = finish
+    self.backlog = backlog
+    self.queue: queue.Queue = queue.Queue()
+
+  def submit(self, request: RequestState, prefix: Any, bucket: int) -> None:
+    self.queue.put((request, prefix, bucket))
+
+  def stop(self) -> None:
+    self.queue.put(None)
+
+  def run(self) -> None:
+    while True:
+      item = self.queue.get()
+      if item is None:
+        return
+      request, prefix, bucket = item
+      if request.aborted:
+        self.backlog.release()
+        self.finish(request)
+        continue
+      request.metrics.transfer_start = time.perf_counter()
+      moved = jax.block_until_ready(reshard(prefix, self.target_sharding))
+      request.metrics.transfer_end = time.perf_counter()
+      self.deliver(request, moved, bucket)
+
+
+class DisaggDecodeLoop:
+  """Decode thread: inserts arrived requests and runs continuous-batching decode steps."""
+
+  def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue, backlog):
+    self.core = core
+    self.length_buckets = length_buckets
+    self.finish = finish
+    self.requeue = requeue  # a preempted request goes back to prefill
+    self.backlog = backlog
+    self.inbox: collections.deque = collections.deque()
+    self.cv = threading.Condition()
+    self.stopped = False
+
+  def deliver(self, request: RequestState, prefix: Any, bucket: int) -> None:
+    with self.cv:
+      self.inbox.append((request, prefix, bucket))
+      self.cv.notify()
+
+  def wake(self) -> None:
+    with self.cv:
+      self.cv.notify()
+
+  def stop(self) -> None:
+    with self.cv:
+      self.stopped = True
+      self.cv.notify()
+
+  def warmup_steps(self, prefix_for_bucket):
+    out = [("decode", self.core.decode)]
+    for s in self.length_buckets:
+      out.append((f"insert len={s}", lambda s=s: self._insert_dummy(prefix_for_bucket(s), s)))
+    return out
+
+  def run(self) -> None:
+    core = self.core
+    while True:
+      with self.cv:
+        while not self.stopped and not self.inbox and not core.slots.occupied():
+          self.cv.wait()
+        if self.stopped:
+          return
+      self._drop_aborted()
+      self._insert_arrived()
+      decoding = core.decoding_slots()
+      core.make_room({s: int(core.slots.positions[s]) + 1 for s in decoding}, self._preempt)
+      decoding = [s for s in decoding if core.slots.requests[s] is not None]
+      if not decoding:
+        if self.inbox:  # arrived requests wait for pages held by nobody: cannot happen twice
+          time.sleep(0.001)
+        continue
+      core.emit_decoded(core.decode(), decoding, self.finish)
+
+  def _drop_aborted(self) -> None:
+    with self.cv:
+      aborted = [item for item in self.inbox if item[0].aborted]
+      for item in aborted:
+        self.inbox.remove(item)
+    for request, _, _ in aborted:
+      self.backlog.release()
+      self.finish(request)
+    for slot in self.core.slots.occupied():
+      if self.core.slots.requests[slot].aborted:
+        self.finish(self.core.release(slot))
+
+  def _insert_arrived(self) -> None:
+    core = self.core
+    while True:
+      with self.cv:
+        if not self.inbox:
+          return
+        request, prefix, bucket = self.inbox[0]
+        computed = len(request.tokens_to_compute)
+        # Pages for the prefix and the position of the first decoded token, with one page per
+        # decoding slot kept back so that insertions do not force preemptions next step.
+        if not core.slots.can_admit(computed + 1, reserve=len(core.decoding_slots())):
+          return
+        self.inbox.popleft()
+      self.backlog.release()
+      slot = core.occupy(request, computed + 1)
+      page_ids = core.slots.prompt_page_ids(slot, computed, bucket)
+      core.kv_pages, core.tokens = core.steps.insert_prefix(
+          core.kv_pages, core.tokens, prefix, page_ids, np.int32(slot),
+          np.int32(request.output_ids[-1]))
+      core.slots.positions[slot] = request.total_len - 1
+
+  def _insert_dummy(self, prefix, bucket: int) -> None:
+    core = self.core
+    page_ids = np.full(bucket // core.steps.page_size, core.slots.allocator.num_pages, np.int32)
+    core.kv_pages, core.tokens = core.steps.insert_prefix(
+        core.kv_pages, core.tokens, prefix, page_ids, np.int32(core.slots.num_slots),
+        np.int32(0))
+
+  def _preempt(self, request: RequestState) -> None:
+    request.restart()
+    self.requeue(request)

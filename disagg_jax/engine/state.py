@@ -1,0 +1,115 @@
+"""Host-side state of a request inside the engine: its tokens, its stream, its timeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Iterator
+
+from disagg_jax.engine.request import RequestOutput
+from disagg_jax.engine.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+  """Timestamps (time.perf_counter seconds) of a request's life, for per-phase breakdowns.
+
+  queue: arrival -> prefill_start; prefill: prefill_start -> first_token; transfer:
+  transfer_start -> transfer_end (disaggregated only); decode: first_token -> finished.
+  """
+  arrival: float = 0.0
+  prefill_start: float | None = None
+  first_token: float | None = None
+  transfer_start: float | None = None
+  transfer_end: float | None = None
+  finished: float | None = None
+  token_times: list[float] = dataclasses.field(default_factory=list)
+  preemptions: int = 0
+
+
+class TokenStream:
+  """What `Engine.add_request` returns: iterate it for tokens as they are produced; `result()`
+  waits for the finished `RequestOutput`."""
+
+  _END = object()
+
+  def __init__(self, request_id: str):
+    self.request_id = request_id
+    self._queue: queue.Queue = queue.Queue()
+    self._done = threading.Event()
+    self._output: RequestOutput | None = None
+
+  def put(self, token: int) -> None:
+    self._queue.put(token)
+
+  def finish(self, output: RequestOutput) -> None:
+    self._output = output
+    self._done.set()
+    self._queue.put(self._END)
+
+  def __iter__(self) -> Iterator[int]:
+    while True:
+      item = self._queue.get()
+      if item is self._END:
+        return
+      yield item
+
+  def result(self, timeout: float | None = None) -> RequestOutput:
+    if not self._done.wait(timeout):
+      raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+    return self._output
+
+  @property
+  def done(self) -> bool:
+    return self._done.is_set()
+
+
+@dataclasses.dataclass(eq=False)
+class RequestState:
+  """A request as the engine tracks it. Mutated only by the engine's own threads."""
+  request_id: str
+  prompt_ids: list[int]
+  sampling: SamplingParams
+  stop_ids: frozenset[int]
+  stream: TokenStream
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  metrics: RequestMetrics = dataclasses.field(default_factory=RequestMetrics)
+  finish_reason: str | None = None
+  error: str | None = None
+  aborted: bool = False
+  # Colocated chunked prefill: how many of `tokens_to_compute` are already in the page pool.
+  num_computed: int = 0
+  tokens_to_compute: list[int] = dataclasses.field(default_factory=list)
+
+  def __post_init__(self):
+    self.metrics.arrival = self.metrics.arrival or time.perf_counter()
+    self.tokens_to_compute = list(self.prompt_ids)
+
+  @property
+  def total_len(self) -> int:
+    """Tokens whose KV the sequence needs: prompt plus generated."""
+    return len(self.prompt_ids) + len(self.output_ids)
+
+  def emit(self, token: int, now: float) -> bool:
+    """Records a generated token; returns True when the request is now finished."""
+    self.output_ids.append(token)
+    self.metrics.token_times.append(now)
+    self.stream.put(token)
+    if token in self.stop_ids:
+      self.finish_reason = "stop"
+    elif len(self.output_ids) >= self.sampling.max_new_tokens:
+      self.finish_reason = "length"
+    return self.finish_reason is not None
+
+  def restart(self) -> None:
+    """After preemption: recompute the KV of everything so far (prompt + generated tokens)."""
+    self.metrics.preemptions += 1
+    self.num_computed = 0
+    self.tokens_to_compute = self.prompt_ids + self.output_ids
+
+  def output(self, tokenizer) -> RequestOutput:
+    return RequestOutput(self.request_id, list(self.prompt_ids), list(self.output_ids),
+                         self.finish_reason, tokenizer.decode(self.output_ids) if tokenizer else "",
+                         self.error, metrics=self.metrics)
