@@ -1,4 +1,4 @@
-"""Flags shared by the launch scripts, and building an engine from them.
+"""Flags shared by the launch scripts, and building a generator or engine from them.
 
 The flag names are the contract of DESIGN.md; tuning knobs live in the ml_collections config
 (`--config=configs/engine.py`, `--config.engine.page_size=32`).
@@ -14,18 +14,25 @@ from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "engine.py")
-MODES = ("single",)
+MODES = ("single", "colocated", "disagg")
 
 
 def define_engine_flags() -> None:
-  """Model, mesh, dtype and attention flags."""
+  """Model, meshes, dtype and attention flags."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Engine configuration file.")
   flags.DEFINE_string("model_path", None,
                       "Hugging Face directory or orbax checkpoint; default: the built-in demo model.")
-  flags.DEFINE_enum("mode", "single", MODES, "single: static batches on one mesh (the reference).")
-  flags.DEFINE_string("devices", "1", "Devices of the mesh: a count or comma-separated ids.")
-  flags.DEFINE_integer("tp", 1, "Tensor parallelism (attention heads and MLP sharded).")
+  flags.DEFINE_enum("mode", "single", MODES,
+                    "single: static batches on one mesh (the reference); colocated: the serving "
+                    "engine on one mesh; disagg: prefill and decode on separate meshes.")
+  flags.DEFINE_string("devices", "1", "single/colocated mesh: a device count or comma-separated ids.")
+  flags.DEFINE_integer("tp", 0, "single/colocated tensor parallelism; 0: all of --devices.")
+  flags.DEFINE_string("prefill_devices", "1", "disagg prefill mesh: a count or ids.")
+  flags.DEFINE_string("decode_devices", "1",
+                      "disagg decode mesh: a count (taken after the prefill devices) or ids.")
+  flags.DEFINE_integer("prefill_tp", 0, "Prefill tensor parallelism; 0: all prefill devices.")
+  flags.DEFINE_integer("decode_tp", 0, "Decode tensor parallelism; 0: all decode devices.")
   flags.DEFINE_integer("num_cpu_devices", 0,
                        "Simulated CPU devices (set before JAX starts); 0 leaves JAX's default.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
@@ -63,10 +70,29 @@ def sampling_from_flags() -> SamplingParams:
     raise app.UsageError(str(e)) from None
 
 
-def build_generator(config):
-  """The generator of --mode, on the mesh of --devices/--tp, with the model of --model_path."""
+def meshes_from_flags():
+  """(prefill or only mesh, decode mesh or None) from the mesh flags of --mode."""
   import jax  # pylint: disable=g-import-not-at-top
   from disagg_jax import parallel  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  available = jax.devices()
+  if f.mode != "disagg":
+    devices = parallel.pick_devices(f.devices, available)
+    return parallel.make_mesh(devices, f.tp or len(devices)), None
+  prefill = parallel.pick_devices(f.prefill_devices, available)
+  decode = parallel.pick_devices(f.decode_devices, available, start=len(prefill))
+  shared = sorted(d.id for d in set(prefill) & set(decode))
+  if shared:
+    raise ValueError(f"--prefill_devices and --decode_devices share devices {shared}")
+  return (parallel.make_mesh(prefill, f.prefill_tp or len(prefill)),
+          parallel.make_mesh(decode, f.decode_tp or len(decode)))
+
+
+def build_generator(config):
+  """A StaticGenerator (--mode=single) or a running Engine, with the model of --model_path.
+
+  Both offer `generate(prompts, sampling) -> outputs` and `.model`."""
+  from disagg_jax.engine.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.single import StaticGenerator  # pylint: disable=g-import-not-at-top
   from disagg_jax.models import loading  # pylint: disable=g-import-not-at-top
@@ -74,11 +100,14 @@ def build_generator(config):
   f = flags.FLAGS
   engine = config.engine
   try:
-    devices = parallel.pick_devices(f.devices, jax.devices())
-    mesh = parallel.make_mesh(devices, f.tp)
+    mesh, decode_mesh = meshes_from_flags()
     model = loading.load_model(f.model_path, mesh, f.dtype)
-    limits = Limits.for_model(model.cfg, engine.max_seq_len, engine.max_prefill_length)
+    if f.mode == "single":
+      limits = Limits.for_model(model.cfg, engine.max_seq_len, engine.max_prefill_length)
+      return StaticGenerator(model, limits=limits, page_size=engine.page_size,
+                             max_batch=engine.max_batch, attention_impl=f.attention_impl)
+    decode_model = loading.load_model(f.model_path, decode_mesh, f.dtype) if decode_mesh else None
+    engine_config = EngineConfig.from_config(engine, attention_impl=f.attention_impl)
+    return Engine.create(f.mode, model, decode_model, engine_config)
   except (ValueError, CheckpointError) as e:  # ConfigError is a ValueError
     raise app.UsageError(str(e)) from None
-  return StaticGenerator(model, limits=limits, page_size=engine.page_size,
-                         max_batch=engine.max_batch, attention_impl=f.attention_impl)

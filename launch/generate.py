@@ -2,6 +2,8 @@
 
     python launch/generate.py                                  # the demo model on sample prompts
     python launch/generate.py --model_path=DIR --prompts_file=in.jsonl --output_file=out.jsonl
+    python launch/generate.py --mode=disagg --num_cpu_devices=8 --prefill_devices=4 \
+        --decode_devices=4                                     # prefill and decode meshes
 
 Input and output formats are in DESIGN.md (and `disagg_jax/prompts.py`). A line that cannot be
 served (malformed, too long, out-of-vocabulary ids) gets an output line with "error" and
@@ -51,7 +53,11 @@ def main(argv):
   good = [line for line in lines if line.error is None]
 
   start = time.perf_counter()
-  results = generator.generate([l.prompt_token_ids for l in good], [l.sampling for l in good])
+  try:
+    results = generator.generate([l.prompt_token_ids for l in good], [l.sampling for l in good])
+  finally:
+    if hasattr(generator, "shutdown"):
+      generator.shutdown()
   gen_s = time.perf_counter() - start
   by_line = {line.line_number: out for line, out in zip(good, results)}
 
@@ -76,14 +82,27 @@ def main(argv):
   for error in errors:
     print(f"error: {error}", file=sys.stderr)
 
-  times = generator.times
   tokens = sum(len(o.output_token_ids) for o in outputs)
   print(f"\n{len(outputs) - len(errors)} prompts generated, {len(errors)} failed; {tokens} tokens "
-        f"in {gen_s:.2f} s (model load {load_s:.2f} s)")
-  print(f"prefill {times.prefill_s * 1e3:.0f} ms; decode {times.decode_s * 1e3:.0f} ms over "
-        f"{times.decode_steps} steps ({times.decode_s / max(times.decode_steps, 1) * 1e3:.1f} "
-        "ms/step, compilation included)")
+        f"in {gen_s:.2f} s (model load and compilation {load_s:.2f} s)")
+  _print_timings(generator, outputs)
   return 1 if errors else 0
+
+
+def _print_timings(generator, outputs) -> None:
+  served = [o for o in outputs if o.metrics is not None and o.error is None]
+  if served:  # the serving engine: per-request phases
+    phases = [o.metrics.phases() for o in served]
+    mean = {k: sum(p[k] for p in phases) / len(phases) * 1e3 for k in phases[0]}
+    print(f"mode={FLAGS.mode}: mean per request  queue {mean['queue']:.0f} ms | prefill "
+          f"{mean['prefill']:.0f} ms | KV transfer {mean['transfer']:.0f} ms | decode "
+          f"{mean['decode']:.0f} ms")
+    return
+  times = getattr(generator, "times", None)
+  if times is not None:
+    print(f"mode={FLAGS.mode}: prefill {times.prefill_s * 1e3:.0f} ms; decode "
+          f"{times.decode_s * 1e3:.0f} ms over {times.decode_steps} steps "
+          f"({times.decode_s / max(times.decode_steps, 1) * 1e3:.1f} ms/step)")
 
 
 if __name__ == "__main__":

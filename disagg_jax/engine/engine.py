@@ -33,7 +33,6 @@ from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.engine.steps import ModelSteps
-from disagg_jax.kv.cache import LayerKV
 from disagg_jax.models.loading import Model
 
 MODES = ("colocated", "disagg")
@@ -264,11 +263,8 @@ class Engine:
     cfg = self.model.cfg
 
     def make(bucket):
-      shape = (bucket, cfg.num_kv_heads, cfg.head_dim)
-      zeros = jax.jit(lambda: [LayerKV(jnp.zeros(shape, self.model.dtype),
-                                       jnp.zeros(shape, self.model.dtype))
-                               for _ in range(cfg.num_layers)], out_shardings=sharding)
-      return zeros()
+      shape = (cfg.num_layers, 2, bucket, cfg.num_kv_heads, cfg.head_dim)
+      return jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)()
     return make
 
   def _compile_ahead(self, warmups, progress: bool) -> None:

@@ -28,6 +28,17 @@ class RequestMetrics:
   token_times: list[float] = dataclasses.field(default_factory=list)
   preemptions: int = 0
 
+  def phases(self) -> dict[str, float]:
+    """Seconds spent queued, prefilling, moving KV, and decoding; they sum to the end-to-end
+    latency. "transfer" runs from the first token to the KV's arrival on the decode mesh (zero
+    when colocated); "decode" from there to the last token."""
+    end = self.finished if self.finished is not None else self.arrival
+    start = self.prefill_start if self.prefill_start is not None else end
+    first = self.first_token if self.first_token is not None else end
+    arrived = self.transfer_end if self.transfer_end is not None else first
+    return {"queue": start - self.arrival, "prefill": first - start,
+            "transfer": arrived - first, "decode": end - arrived}
+
 
 class TokenStream:
   """What `Engine.add_request` returns: iterate it for tokens as they are produced; `result()`

@@ -6,7 +6,7 @@
     chunk(params, kv_pages*, tokens, context_lens, chunk_lens, page_table, sampling)
                                                               -> (next tokens, logits, kv_pages)
   The serving engine's variants keep each slot's next input token on device:
-    extract(prompt_kv, row)                                   -> one request's prefix KV
+    extract(prompt_kv, row)                                   -> one request's KV [L, 2, S, Hkv, D]
     insert_prefix(kv_pages*, tokens*, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
     mixed(params, kv_pages*, tokens*, positions, page_table, sampling, chunk...)
                                                               -> (tokens, kv_pages)
@@ -117,13 +117,13 @@ class ModelSteps:
   # ------------------------------------------------------------------ serving-engine variants
 
   def _extract(self, prompt_kv, row):
-    """prompt_kv list[LayerKV [B, S, Hkv, D]], row int32 -> list[LayerKV [S, Hkv, D]]."""
-    return [kv_cache.LayerKV(kv.k[row], kv.v[row]) for kv in prompt_kv]
+    """prompt_kv list[LayerKV [B, S, Hkv, D]], row int32 -> that row's KV [L, 2, S, Hkv, D]."""
+    return jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
 
   def _insert_prefix(self, kv_pages, tokens, prefix_kv, page_ids, slot, token):
-    """Writes one request's prefix KV (list[LayerKV [S, Hkv, D]]) into its pages (int32[S / ps],
-    num_pages to skip) and sets its slot's next input token."""
-    batched = [kv_cache.LayerKV(kv.k[None], kv.v[None]) for kv in prefix_kv]
+    """Writes one request's prefix KV [L, 2, S, Hkv, D] into its pages (int32[S / ps], num_pages
+    to skip) and sets its slot's next input token."""
+    batched = [kv_cache.LayerKV(layer[0][None], layer[1][None]) for layer in prefix_kv]
     kv_pages = self._insert(kv_pages, batched, page_ids[None])
     return kv_pages, tokens.at[slot].set(token)
 

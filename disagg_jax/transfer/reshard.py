@@ -44,6 +44,20 @@ def _pieces_for(target: Box, sources: dict[Box, list[jax.Array]], counter):
   return pieces
 
 
+def _assemble(parts, target: Box, dtype, device) -> jax.Array:
+  """One block from pieces already on `device`: a concatenation when they tile it along a single
+  axis (the usual head split), else scattered into a zero block."""
+  varying = [a for a in range(len(target)) if len({p[0][a] for p in parts}) > 1]
+  if len(varying) == 1:
+    axis = varying[0]
+    parts = sorted(parts, key=lambda p: p[0][axis][0])
+    return jnp.concatenate([data for _, data in parts], axis=axis)
+  block = jnp.zeros([hi - lo for lo, hi in target], dtype, device=device)
+  for overlap, data in parts:
+    block = block.at[_relative(overlap, target)].set(data)
+  return block
+
+
 def reshard_array(x: jax.Array, sharding: Sharding) -> jax.Array:
   """`x` laid out as `sharding` (possibly on other devices), copied device to device."""
   if x.sharding == sharding:
@@ -62,11 +76,9 @@ def reshard_array(x: jax.Array, sharding: Sharding) -> jax.Array:
       part = data if overlap == box else data[_relative(overlap, box)]
       blocks.append(jax.device_put(part, device))
       continue
-    block = jnp.zeros([hi - lo for lo, hi in target], x.dtype, device=device)
-    for overlap, box, data in pieces:
-      part = data[_relative(overlap, box)]  # sliced on the source device
-      block = block.at[_relative(overlap, target)].set(jax.device_put(part, device))
-    blocks.append(block)
+    parts = [(overlap, jax.device_put(data[_relative(overlap, box)], device))  # sliced at source
+             for overlap, box, data in pieces]
+    blocks.append(_assemble(parts, target, x.dtype, device))
   return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
 
 
