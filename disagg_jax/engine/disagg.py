@@ -3,9 +3,9 @@
 Three threads, joined by queues (JetStream's split, simplified):
   prefill  — batches waiting prompts of one length bucket, runs `prefill` on the prefill mesh,
              emits each first token and cuts each request's KV out of the batch (`extract`);
-  transfer — moves each request's KV pytree to the decode mesh's sharding, device to device
-             (`disagg_jax.transfer.reshard`), and waits for the copy, so the decode loop only
-             ever inserts KV that has arrived;
+  transfer — moves each request's KV to the decode mesh, one whole-buffer device-to-device
+             copy per decode device (`disagg_jax.transfer.TransferPlan`), and waits for the
+             copy, so the decode loop only ever inserts KV that has arrived;
   decode   — inserts arrived requests into free slots (`insert_prefix`, donated page pool) and
              runs continuous-batching decode steps.
 At most `max_pending` prefilled requests wait for a decode slot (their KV holds decode memory), so
@@ -28,16 +28,17 @@ from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
-from disagg_jax.transfer import reshard
+from disagg_jax.transfer.plan import TransferPlan
 
 
 class PrefillWorker:
   """Prefill thread: length-bucketed batches of waiting requests on the prefill mesh."""
 
-  def __init__(self, steps: ModelSteps, params, *, length_buckets, max_batch: int,
-               handoff, finish, backlog):
+  def __init__(self, steps: ModelSteps, params, plan: TransferPlan, *, length_buckets,
+               max_batch: int, handoff, finish, backlog):
     self.steps = steps
     self.params = params
+    self.extract = steps.make_extract(plan)
     self.length_buckets = length_buckets
     self.batch_buckets = buckets.batch_buckets(max_batch)
     self.handoff = handoff  # (request, prefix KV, bucket) -> None
@@ -67,7 +68,7 @@ class PrefillWorker:
   def warmup_steps(self):
     def run(b, s):
       _, kv = self._prefill(np.zeros((b, s), np.int32), np.ones(b, np.int32), [None] * b)
-      self.steps.extract(kv, np.int32(0))
+      self.extract(kv, np.int32(0))
     return [(f"prefill batch={b} len={s}", lambda b=b, s=s: run(b, s))
             for s in self.length_buckets for b in self.batch_buckets]
 
@@ -93,7 +94,7 @@ class PrefillWorker:
           self.backlog.release()
           self.finish(request)
         else:
-          self.handoff(request, self.steps.extract(kv, np.int32(i)), bucket)
+          self.handoff(request, self.extract(kv, np.int32(i)), bucket)
 
   def _prefill(self, tokens, lengths, sampling):
     sampling_arrays = SamplingArrays.from_params(sampling, tokens.shape[0])
@@ -135,10 +136,11 @@ class PrefillWorker:
 
 
 class TransferWorker:
-  """Transfer thread: each request's prefix KV to the decode mesh, device to device."""
+  """Transfer thread: each request's KV to the decode mesh, one device-to-device copy per decode
+  device (see TransferPlan)."""
 
-  def __init__(self, target_sharding, deliver, finish, backlog):
-    self.target_sharding = target_sharding
+  def __init__(self, plan: TransferPlan, deliver, finish, backlog):
+    self.plan = plan
     self.deliver = deliver
     self.finish = finish
     self.backlog = backlog
@@ -161,7 +163,7 @@ class TransferWorker:
         self.finish(request)
         continue
       request.metrics.transfer_start = time.perf_counter()
-      moved = jax.block_until_ready(reshard(prefix, self.target_sharding))
+      moved = jax.block_until_ready(self.plan.transfer(prefix))
       request.metrics.transfer_end = time.perf_counter()
       self.deliver(request, moved, bucket)
 

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from disagg_jax import parallel
 from disagg_jax.engine import buckets
 from disagg_jax.engine.colocated import ColocatedScheduler
 from disagg_jax.engine.decode_core import DecodeCore
@@ -34,6 +33,7 @@ from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.models.loading import Model
+from disagg_jax.transfer.plan import TransferPlan
 
 MODES = ("colocated", "disagg")
 
@@ -106,17 +106,16 @@ class Engine:
       self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=length_buckets,
                                           finish=self._finish, requeue=self._requeue,
                                           backlog=backlog)
-      prefix_sharding = parallel.prefix_kv_sharding(cfg, decode_model.mesh)
-      self.transfer = TransferWorker(prefix_sharding, self.decode_loop.deliver, self._finish,
-                                     backlog)
-      self.prefill = PrefillWorker(self.prefill_steps, prefill_model.params,
+      self.plan = TransferPlan(cfg, prefill_model.mesh, decode_model.mesh)
+      self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish, backlog)
+      self.prefill = PrefillWorker(self.prefill_steps, prefill_model.params, self.plan,
                                    length_buckets=length_buckets,
                                    max_batch=config.prefill_batch, handoff=self.transfer.submit,
                                    finish=self._finish, backlog=backlog)
       self._workers = [self.prefill, self.transfer, self.decode_loop]
       self._submit = self.prefill.submit
       warmups = (self.prefill.warmup_steps()
-                 + self.decode_loop.warmup_steps(self._dummy_prefix_factory(prefix_sharding)))
+                 + self.decode_loop.warmup_steps(self._dummy_prefix))
     self._compile_ahead(warmups, progress)
     self._compiled = self.compile_counts()
     for worker in self._workers:
@@ -202,8 +201,10 @@ class Engine:
     steps = [self.decode_steps] + ([self.prefill_steps] if self.mode == "disagg" else [])
     counts = {}
     for i, s in enumerate(steps):
-      for name in ("prefill", "extract", "insert_prefix", "decode", "mixed"):
+      for name in ("prefill", "insert_prefix", "decode", "mixed"):
         counts[f"{i}.{name}"] = getattr(s, name)._cache_size()
+    if self.mode == "disagg":
+      counts["extract"] = self.prefill.extract._cache_size()
     return counts
 
   def recompiled(self) -> dict[str, tuple[int, int]]:
@@ -259,13 +260,11 @@ class Engine:
       for other in self._workers:
         other.stop()
 
-  def _dummy_prefix_factory(self, sharding):
-    cfg = self.model.cfg
-
-    def make(bucket):
-      shape = (cfg.num_layers, 2, bucket, cfg.num_kv_heads, cfg.head_dim)
-      return jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)()
-    return make
+  def _dummy_prefix(self, bucket: int):
+    """Zeros shaped like a `bucket`-token request's KV as it arrives on the decode mesh."""
+    shape = self.plan.decode_shape(bucket)
+    return jax.jit(lambda: jnp.zeros(shape, self.model.dtype),
+                   out_shardings=self.plan.decode_sharding)()
 
   def _compile_ahead(self, warmups, progress: bool) -> None:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

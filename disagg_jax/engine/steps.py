@@ -6,7 +6,7 @@
     chunk(params, kv_pages*, tokens, context_lens, chunk_lens, page_table, sampling)
                                                               -> (next tokens, logits, kv_pages)
   The serving engine's variants keep each slot's next input token on device:
-    extract(prompt_kv, row)                                   -> one request's KV [L, 2, S, Hkv, D]
+    make_extract(plan)(prompt_kv, row)                        -> one request's KV, packed
     insert_prefix(kv_pages*, tokens*, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
     mixed(params, kv_pages*, tokens*, positions, page_table, sampling, chunk...)
                                                               -> (tokens, kv_pages)
@@ -28,6 +28,7 @@ from disagg_jax.engine.attention import MixedAttention, PagedAttention, PromptAt
 from disagg_jax.engine.sampling import SamplingArrays, sample
 from disagg_jax.kv import cache as kv_cache
 from disagg_jax.models.loading import Model
+from disagg_jax.transfer.plan import TransferPlan
 
 
 class PrefillResult(NamedTuple):
@@ -55,8 +56,6 @@ class ModelSteps:
     self.insert = jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages)
     self.decode = jax.jit(self._decode, donate_argnums=(1,), out_shardings=(rep, pages))
     self.chunk = jax.jit(self._chunk, donate_argnums=(1,), out_shardings=(rep, rep, pages))
-    self.extract = jax.jit(self._extract,
-                           out_shardings=parallel.prefix_kv_sharding(self.cfg, self.mesh))
     self.insert_prefix = jax.jit(self._insert_prefix, donate_argnums=(0, 1),
                                  out_shardings=(pages, rep))
     self.mixed = jax.jit(self._mixed, donate_argnums=(1, 2), out_shardings=(rep, pages))
@@ -116,13 +115,18 @@ class ModelSteps:
 
   # ------------------------------------------------------------------ serving-engine variants
 
-  def _extract(self, prompt_kv, row):
-    """prompt_kv list[LayerKV [B, S, Hkv, D]], row int32 -> that row's KV [L, 2, S, Hkv, D]."""
-    return jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
+  def make_extract(self, plan: TransferPlan):
+    """extract(prompt_kv, row): one row of a prefill batch's KV (list[LayerKV [B, S, Hkv, D]]),
+    packed into the arrays `plan` moves to the decode mesh."""
+    def extract(prompt_kv, row):
+      stacked = jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
+      return plan.pack(stacked)  # [L, 2, S, Hkv, D] -> the plan's source layout
+    return jax.jit(extract, out_shardings=plan.source_shardings)
 
-  def _insert_prefix(self, kv_pages, tokens, prefix_kv, page_ids, slot, token):
-    """Writes one request's prefix KV [L, 2, S, Hkv, D] into its pages (int32[S / ps], num_pages
-    to skip) and sets its slot's next input token."""
+  def _insert_prefix(self, kv_pages, tokens, prefix_blocks, page_ids, slot, token):
+    """Writes one request's KV, as it arrives ([d, L, 2, S, Hkv/d, D], see TransferPlan), into
+    its pages (int32[S / ps], num_pages to skip) and sets its slot's next input token."""
+    prefix_kv = TransferPlan.unpack(prefix_blocks)
     batched = [kv_cache.LayerKV(layer[0][None], layer[1][None]) for layer in prefix_kv]
     kv_pages = self._insert(kv_pages, batched, page_ids[None])
     return kv_pages, tokens.at[slot].set(token)

@@ -46,10 +46,10 @@ class Model:
   path: str | None = None
 
   def on_mesh(self, mesh: Mesh) -> "Model":
-    """The same model with its parameters copied into `mesh`'s sharding (device to device)."""
+    """The same model with its parameters copied into `mesh`'s sharding, device to device."""
+    from disagg_jax.transfer import reshard  # pylint: disable=g-import-not-at-top
     parallel.check_tp(self.cfg, parallel.tp_size(mesh))
-    shardings = param_shardings(self.params, mesh)
-    params = jax.device_put(self.params, shardings)
+    params = reshard(self.params, param_shardings(self.params, mesh))
     return dataclasses.replace(self, params=params, mesh=mesh)
 
 

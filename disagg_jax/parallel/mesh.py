@@ -102,11 +102,5 @@ def dense_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, None, TP if kv_heads_sharded(cfg, mesh) else None))
 
 
-def prefix_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-  """One request's prefilled KV [L, 2, S, Hkv, D] (layers, k/v), the unit moved from the prefill
-  to the decode mesh: one array, so a transfer is a few large copies rather than 2L small ones."""
-  return NamedSharding(mesh, P(None, None, None, TP if kv_heads_sharded(cfg, mesh) else None))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

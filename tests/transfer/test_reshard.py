@@ -18,7 +18,7 @@ from disagg_jax.engine.engine import Engine, EngineConfig
 from disagg_jax.engine.sampling import SamplingParams
 from disagg_jax.models import loading
 from disagg_jax.testing import helpers, tiny_hf
-from disagg_jax.transfer import reshard
+from disagg_jax.transfer import TransferPlan, reshard
 
 TP_PAIRS = [(a, b) for a in (1, 2, 4) for b in (1, 2, 4)]
 
@@ -62,6 +62,31 @@ def test_reshard_never_touches_host(src_tp, dst_tp, heads, monkeypatch):
   for x in moved.values():
     assert x.sharding == target
     np.testing.assert_array_equal(np.asarray(x), expected)
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", TP_PAIRS)
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])  # 2 KV heads: replicated on tp=4
+def test_transfer_plan_moves_whole_buffers(prefill_tp, decode_tp, family, monkeypatch):
+  """The engine's path: pack (in the prefill jit), one copy per decode device, unpack."""
+  from disagg_jax.models.config import ModelConfig
+  cfg = ModelConfig(model_type="llama", vocab_size=16, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=8, num_kv_heads=4 if family == "llama3" else 2,
+                    head_dim=8, max_position_embeddings=64)
+  devices = jax.devices()
+  prefill_mesh = parallel.make_mesh(devices[:prefill_tp], prefill_tp)
+  decode_mesh = parallel.make_mesh(devices[4:4 + decode_tp], decode_tp)
+  plan = TransferPlan(cfg, prefill_mesh, decode_mesh)
+  kv = np.random.default_rng(0).normal(size=(2, 2, 32, cfg.num_kv_heads, 8)).astype(np.float32)
+  packed = jax.jit(plan.pack, out_shardings=plan.source_shardings)(
+      jax.device_put(kv, NamedSharding(prefill_mesh, P())))
+  spy = HostCopySpy(monkeypatch)
+  moved = jax.block_until_ready(plan.transfer(packed))
+  assert spy.calls == []
+  monkeypatch.undo()
+  assert moved.sharding == plan.decode_sharding
+  assert {d.id for d in moved.devices()} == {d.id for d in decode_mesh.devices.flat}
+  unpacked = jax.jit(TransferPlan.unpack)(moved)
+  np.testing.assert_array_equal(np.asarray(unpacked), kv)
 
 
 def test_the_spy_sees_jaxs_own_host_round_trip(monkeypatch):

@@ -1,0 +1,103 @@
+"""How one request's KV travels from the prefill mesh to the decode mesh: whole buffers, one copy.
+
+A request's KV is [L, 2, S, Hkv, D]. The decode mesh splits the KV heads into `d` blocks over its
+tp axis (d = 1 when it replicates them); the prefill mesh into `p`. The plan arranges the prefill
+side's `extract` to emit exactly the buffers the decode devices need, so the transfer itself is one
+plain device-to-device copy per decode device, and no byte is sliced, concatenated or staged on the
+host in between:
+
+  p >= d: one array [d, L, 2, S, Hkv/d, D]; block j is gathered (inside `extract`, on device) onto
+          each of the p/d prefill devices that held its pieces;
+  p <  d: r = d/p arrays [p, L, 2, S, Hkv/d, D]; array k's block on prefill device i is the KV of
+          decode block i*r + k, which that device already holds.
+
+On the decode mesh the KV arrives as [d, L, 2, S, Hkv/d, D] sharded on its first axis, and
+`unpack` (inside the insert step) turns it back into [L, 2, S, Hkv, D] without communication.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from disagg_jax import parallel
+from disagg_jax.models.config import ModelConfig
+
+
+def kv_blocks(cfg: ModelConfig, mesh: Mesh) -> int:
+  """How many distinct KV-head blocks `mesh` holds (1 when it replicates the heads)."""
+  return parallel.tp_size(mesh) if parallel.kv_heads_sharded(cfg, mesh) else 1
+
+
+class TransferPlan:
+  """The transfer layout between one prefill mesh and one decode mesh."""
+
+  def __init__(self, cfg: ModelConfig, prefill_mesh: Mesh, decode_mesh: Mesh):
+    self.cfg = cfg
+    self.p = kv_blocks(cfg, prefill_mesh)
+    self.d = kv_blocks(cfg, decode_mesh)
+    self.decode_mesh = decode_mesh
+    devices = prefill_mesh.devices  # [dp, tp]
+    if self.p >= self.d:
+      # Same devices as the prefill mesh, with tp split into (decode block, replica in group).
+      grouped = Mesh(devices.reshape(devices.shape[0], self.d, devices.shape[1] // self.d),
+                     ("dp", "block", "replica"))
+      self.source_shardings = [NamedSharding(grouped, P("block"))]
+    else:
+      spec = P(parallel.TP) if self.p > 1 else P()
+      self.source_shardings = [NamedSharding(prefill_mesh, spec)] * (self.d // self.p)
+    self.decode_sharding = NamedSharding(decode_mesh, P(parallel.TP) if self.d > 1 else P())
+
+  # ------------------------------------------------------------------ inside jit
+
+  def pack(self, kv: jax.Array) -> list[jax.Array]:
+    """Prefill side, inside `extract`: [L, 2, S, Hkv, D] -> the arrays of the source layout."""
+    L, two, s, hkv, d = kv.shape
+    blocks = jnp.moveaxis(kv.reshape(L, two, s, self.d, hkv // self.d, d), 3, 0)
+    if self.p >= self.d:
+      return [jax.lax.with_sharding_constraint(blocks, self.source_shardings[0])]
+    r = self.d // self.p
+    # Decode block i*r + k sits on prefill device i: array k takes every r-th block from k.
+    return [jax.lax.with_sharding_constraint(blocks[k::r], sharding)
+            for k, sharding in enumerate(self.source_shardings)]
+
+  @staticmethod
+  def unpack(blocks: jax.Array) -> jax.Array:
+    """Decode side, inside the insert step: [d, L, 2, S, Hkv/d, D] -> [L, 2, S, Hkv, D]."""
+    d, L, two, s, h, dim = blocks.shape
+    return jnp.moveaxis(blocks, 0, 3).reshape(L, two, s, d * h, dim)
+
+  def decode_shape(self, num_tokens: int) -> tuple[int, ...]:
+    cfg = self.cfg
+    return (self.d, cfg.num_layers, 2, num_tokens, cfg.num_kv_heads // self.d, cfg.head_dim)
+
+  # ------------------------------------------------------------------ the transfer
+
+  def transfer(self, arrays: list[jax.Array]) -> jax.Array:
+    """The packed arrays -> [d, L, 2, S, Hkv/d, D] on the decode mesh, one copy per device."""
+    shape = (self.d,) + arrays[0].shape[1:]
+    routes = self._routes(shape)
+    pieces = [jax.device_put(arrays[k].addressable_data(i), device) for k, i, device in routes]
+    return jax.make_array_from_single_device_arrays(shape, self.decode_sharding, pieces)
+
+  @functools.lru_cache(maxsize=64)
+  def _routes(self, shape) -> list[tuple[int, int, jax.Device]]:
+    """For each decode device in order: (source array, index of its single-device buffer that
+    holds exactly that device's block, the device). Replicated sources are used round robin."""
+    r = 1 if self.p >= self.d else self.d // self.p
+    holders: dict[int, list[tuple[int, int]]] = {}
+    for k, sharding in enumerate(self.source_shardings):
+      source_shape = (self.d // len(self.source_shardings),) + shape[1:]
+      for i, index in enumerate(sharding.addressable_devices_indices_map(source_shape).values()):
+        start = index[0].indices(source_shape[0])[0]
+        holders.setdefault(start * r + k, []).append((k, i))
+    routes = []
+    for n, (device, index) in enumerate(
+        self.decode_sharding.addressable_devices_indices_map(shape).items()):
+      replicas = holders[index[0].indices(self.d)[0]]
+      routes.append(replicas[n % len(replicas)] + (device,))
+    return routes
+
