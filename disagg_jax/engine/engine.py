@@ -190,6 +190,11 @@ class Engine:
                                      error=str(e)))
     return [s if isinstance(s, RequestOutput) else s.result() for s in streams]
 
+  @property
+  def num_devices(self) -> int:
+    size = self.decode_steps.mesh.size
+    return size + self.prefill_steps.mesh.size if self.mode == "disagg" else size
+
   def stats(self) -> dict:
     slots = self.core.slots
     return {"mode": self.mode, "in_flight": len(self._requests),

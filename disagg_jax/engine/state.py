@@ -51,14 +51,28 @@ class TokenStream:
     self._queue: queue.Queue = queue.Queue()
     self._done = threading.Event()
     self._output: RequestOutput | None = None
+    self._callbacks = []
+    self._lock = threading.Lock()
 
   def put(self, token: int) -> None:
     self._queue.put(token)
 
   def finish(self, output: RequestOutput) -> None:
-    self._output = output
-    self._done.set()
+    with self._lock:
+      self._output = output
+      self._done.set()
+      callbacks, self._callbacks = self._callbacks, []
     self._queue.put(self._END)
+    for callback in callbacks:
+      callback(output)
+
+  def add_done_callback(self, callback) -> None:
+    """Calls `callback(output)` once the request finishes (at once if it already has)."""
+    with self._lock:
+      if not self._done.is_set():
+        self._callbacks.append(callback)
+        return
+    callback(self._output)
 
   def __iter__(self) -> Iterator[int]:
     while True:

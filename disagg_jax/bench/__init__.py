@@ -1,0 +1,1 @@
+"""Benchmarking: workloads, arrival processes, vLLM-compatible metrics, reports and plots."""

@@ -1,0 +1,124 @@
+"""Serving metrics with vLLM's definitions, DistServe's SLO attainment, and per-phase times.
+
+  TTFT   submission -> first token;            ITL   gaps between consecutive tokens, pooled;
+  TPOT   (E2EL - TTFT) / (output tokens - 1), per request with more than one token;
+  E2EL   submission -> last token;             throughputs over the run's duration;
+  goodput  requests per second meeting every given SLO (a one-token request's TPOT counts as 0);
+  slo_attainment  fraction of all requests meeting every SLO (failed ones do not).
+Per phase: queue, prefill, KV transfer and decode (RequestMetrics.phases), mean and p99.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from disagg_jax.bench.workloads import WorkloadError
+
+LATENCIES = ("ttft", "tpot", "itl", "e2el")
+PHASES = ("queue", "prefill", "transfer", "decode")
+GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+
+
+@dataclasses.dataclass
+class RequestRecord:
+  """One request's outcome, times in seconds."""
+  prompt_len: int
+  output_len: int = 0
+  success: bool = False
+  ttft: float = 0.0
+  itl: list[float] = dataclasses.field(default_factory=list)
+  e2el: float = 0.0
+  phases: dict[str, float] = dataclasses.field(default_factory=dict)
+  error: str | None = None
+
+  @property
+  def tpot(self) -> float | None:
+    if self.output_len <= 1:
+      return None
+    return (self.e2el - self.ttft) / (self.output_len - 1)
+
+  @classmethod
+  def from_output(cls, output, prompt_len: int) -> "RequestRecord":
+    """From an engine RequestOutput (its metrics hold the timeline)."""
+    m = output.metrics
+    if output.error is not None or m is None or not m.token_times:
+      return cls(prompt_len, error=output.error or f"finished with {output.finish_reason}")
+    times = m.token_times
+    return cls(prompt_len, len(output.output_token_ids), True, times[0] - m.arrival,
+               list(np.diff(times)), times[-1] - m.arrival, m.phases())
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["tpot"] = self.tpot
+    return out
+
+
+def parse_goodput(spec: str | None) -> dict[str, float]:
+  """"ttft:200,tpot:50" -> {"ttft": 0.2, "tpot": 0.05} (seconds)."""
+  if not spec:
+    return {}
+  slos = {}
+  for item in spec.replace(" ", ",").split(","):
+    if not item:
+      continue
+    name, _, value = item.partition(":")
+    if name not in GOODPUT_KEYS:
+      raise WorkloadError(f"--goodput key {name!r} is not one of {', '.join(GOODPUT_KEYS)}")
+    try:
+      ms = float(value)
+    except ValueError:
+      raise WorkloadError(f"--goodput {name}:{value!r} needs a number of milliseconds") from None
+    if not ms > 0:
+      raise WorkloadError(f"--goodput {name}:{value} must be a positive number of milliseconds")
+    slos[name] = ms / 1e3
+  return slos
+
+
+def meets_slos(record: RequestRecord, slos: dict[str, float]) -> bool:
+  if not record.success:
+    return False
+  values = {"ttft": record.ttft, "tpot": record.tpot or 0.0, "e2el": record.e2el}
+  return all(values[k] <= v for k, v in slos.items())
+
+
+def _stats(prefix: str, values_s) -> dict[str, float]:
+  values = np.asarray(values_s, np.float64) * 1e3 if len(values_s) else np.zeros(1)
+  return {f"mean_{prefix}_ms": float(np.mean(values)),
+          f"median_{prefix}_ms": float(np.median(values)),
+          f"std_{prefix}_ms": float(np.std(values)),
+          f"p90_{prefix}_ms": float(np.percentile(values, 90)),
+          f"p99_{prefix}_ms": float(np.percentile(values, 99))}
+
+
+def compute(records: list[RequestRecord], duration: float,
+            slos: dict[str, float] | None = None) -> dict:
+  """The benchmark JSON (vLLM's keys plus the per-phase breakdown) for one run."""
+  if duration <= 0:
+    raise ValueError(f"duration must be positive, got {duration}")
+  done = [r for r in records if r.success]
+  total_in = sum(r.prompt_len for r in done)
+  total_out = sum(r.output_len for r in done)
+  good = sum(meets_slos(r, slos) for r in records) if slos else None
+  out = {
+      "completed": len(done),
+      "failed": len(records) - len(done),
+      "duration": duration,
+      "total_input_tokens": total_in,
+      "total_output_tokens": total_out,
+      "request_throughput": len(done) / duration,
+      "output_throughput": total_out / duration,
+      "total_token_throughput": (total_in + total_out) / duration,
+      "request_goodput": good / duration if slos else None,
+      "slo_attainment": good / len(records) if slos and records else None,
+  }
+  out.update(_stats("ttft", [r.ttft for r in done]))
+  out.update(_stats("tpot", [r.tpot for r in done if r.tpot is not None]))
+  out.update(_stats("itl", [gap for r in done for gap in r.itl]))
+  out.update(_stats("e2el", [r.e2el for r in done]))
+  for phase in PHASES:
+    values = np.asarray([r.phases.get(phase, 0.0) for r in done] or [0.0]) * 1e3
+    out[f"mean_{phase}_ms"] = float(np.mean(values))
+    out[f"p99_{phase}_ms"] = float(np.percentile(values, 99))
+  return out

@@ -1,0 +1,97 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from disagg_jax.bench import arrivals, workloads
+from disagg_jax.bench.workloads import WorkloadError
+from disagg_jax.models.tokenizer import ByteTokenizer
+
+
+def test_random_lengths_ranges_and_seeding():
+  reqs = workloads.build("random", num_prompts=300, vocab_size=100, tokenizer=None, seed=1,
+                         input_len=40, output_len=10, range_ratio=0.5, first_id=3)
+  lens = [len(r.prompt_token_ids) for r in reqs]
+  outs = [r.output_len for r in reqs]
+  assert min(lens) >= 20 and max(lens) <= 60 and min(outs) >= 5 and max(outs) <= 15
+  assert len(set(lens)) > 10  # actually varies
+  assert all(3 <= t < 100 for r in reqs for t in r.prompt_token_ids)
+  again = workloads.build("random", num_prompts=300, vocab_size=100, tokenizer=None, seed=1,
+                          input_len=40, output_len=10, range_ratio=0.5, first_id=3)
+  assert again == reqs
+  other = workloads.build("random", num_prompts=300, vocab_size=100, tokenizer=None, seed=2,
+                          input_len=40, output_len=10, range_ratio=0.5, first_id=3)
+  assert other != reqs
+
+
+def test_presets():
+  heavy = workloads.build("prefill_heavy", num_prompts=50, vocab_size=50, tokenizer=None, seed=0)
+  light = workloads.build("decode_heavy", num_prompts=50, vocab_size=50, tokenizer=None, seed=0)
+  assert np.mean([len(r.prompt_token_ids) for r in heavy]) > 10 * np.mean(
+      [len(r.prompt_token_ids) for r in light])
+  assert np.mean([r.output_len for r in light]) > 10 * np.mean([r.output_len for r in heavy])
+
+
+def test_sharegpt_filtering(tmp_path):
+  tok = ByteTokenizer()
+  conv = lambda human, gpt: {"conversations": [{"from": "human", "value": human},
+                                               {"from": "gpt", "value": gpt}]}
+  data = [conv("hello there", "general kenobi"),  # kept
+          conv("hi", "a long enough answer"),  # prompt < 4 tokens: dropped
+          conv("a long enough question", "ok"),  # output < 4: dropped
+          conv("x" * 1025, "fine answer"),  # prompt > 1024: dropped
+          conv("y" * 1000, "z" * 1100),  # pair > 2048: dropped
+          {"conversations": [{"from": "human", "value": "only one turn"}]},  # skipped
+          conv("what is jax?", "a library")]  # kept
+  path = tmp_path / "sharegpt.json"
+  path.write_text(json.dumps(data))
+  reqs = workloads.build("sharegpt", num_prompts=2, vocab_size=259, tokenizer=tok, seed=0,
+                         dataset_path=str(path))
+  assert sorted(tok.decode(r.prompt_token_ids) for r in reqs) == ["hello there", "what is jax?"]
+  assert sorted(r.output_len for r in reqs) == [9, 14]
+  with pytest.raises(WorkloadError, match="yields 2 usable conversations"):
+    workloads.build("sharegpt", num_prompts=3, vocab_size=259, tokenizer=tok, seed=0,
+                    dataset_path=str(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("{not json", "is not valid JSON"),
+    ('{"a": 1}', "must hold a JSON list"),
+    ('[{"x": 1}]', "entry 0 has no 'conversations' list"),
+])
+def test_bad_sharegpt_files(content, message, tmp_path):
+  path = tmp_path / "data.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(WorkloadError, match=message):
+    workloads.load_sharegpt(str(path))
+
+
+def test_lengths_beyond_the_model_fail_early():
+  reqs = workloads.build("random", num_prompts=5, vocab_size=10, tokenizer=None, seed=0,
+                         input_len=100, output_len=50, range_ratio=0.0)
+  with pytest.raises(WorkloadError, match="100-token prompt; max_prefill_length is 64"):
+    workloads.check_limits(reqs, max_seq_len=512, max_prefill_length=64)
+  with pytest.raises(WorkloadError, match="request of 150 tokens .* max_seq_len is 128"):
+    workloads.check_limits(reqs, max_seq_len=128, max_prefill_length=128)
+
+
+def test_arrivals():
+  poisson = arrivals.arrival_times(2000, request_rate=10.0, seed=0)
+  gaps = np.diff(poisson)
+  assert poisson[-1] == pytest.approx(200.0)  # rescaled: n / rate
+  assert np.mean(gaps) == pytest.approx(0.1, rel=0.05)
+  assert np.std(gaps) / np.mean(gaps) == pytest.approx(1.0, rel=0.1)  # exponential: CV 1
+  bursty = np.diff(arrivals.arrival_times(2000, 10.0, burstiness=0.25, seed=0))
+  regular = np.diff(arrivals.arrival_times(2000, 10.0, burstiness=4.0, seed=0))
+  assert np.std(bursty) > 1.5 * np.std(gaps) > 2 * np.std(regular)
+  assert (arrivals.arrival_times(5, math.inf) == 0).all()
+  np.testing.assert_array_equal(arrivals.arrival_times(50, 3.0, seed=7),
+                                arrivals.arrival_times(50, 3.0, seed=7))
+  for rate in (0.0, -1.0, math.nan):
+    with pytest.raises(WorkloadError, match="must be positive"):
+      arrivals.arrival_times(5, rate)
+  with pytest.raises(WorkloadError, match="burstiness"):
+    arrivals.arrival_times(5, 1.0, burstiness=0)
