@@ -85,7 +85,7 @@ def test_bad_lines_are_reported_and_the_rest_generated(qwen_with_tokenizer, tmp_
     ("--temperature=-1", "temperature must be finite and >= 0, got -1.0"),
     ("--temperature=nan", "temperature must be a number >= 0, got nan"),
     ("--top_p=1.5", r"top_p must be in (0, 1], got 1.5"),
-    ("--mode=bogus", "value should be one of <single>"),
+    ("--mode=bogus", "value should be one of <single|colocated|disagg>"),
     ("--attention_impl=cuda", "value should be one of <auto|xla|pallas>"),
     ("--tp=3", "tp=3 must be positive and divide the mesh's 1 devices"),
 ])
