@@ -80,7 +80,6 @@ def main(argv):
   import grain
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
   from flax import nnx
 

@@ -1,4 +1,5 @@
-"""The online-softmax block update every kernel here shares (flash attention's inner step)."""
+"""What every kernel here shares: the online-softmax block update (flash attention's inner
+step), its scratch, and the grouped-query row layout."""
 
 from __future__ import annotations
 
@@ -16,6 +17,41 @@ def dot_nt(a, b):
 def dot_nn(a, b):
   """a [M, N] · b [N, D] -> float32 [M, D]."""
   return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def init_scratch(m_ref, l_ref, acc_ref) -> None:
+  """Resets a kernel's running (max, denominator, accumulator) scratch."""
+  m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
+def pad_axis(x, axis: int, multiple: int):
+  """Pads `axis` of x with zeros up to a multiple of `multiple`."""
+  size = x.shape[axis]
+  padded = -(-size // multiple) * multiple
+  if padded == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, padded - size)
+  return jnp.pad(x, widths)
+
+
+def group_rows(q, num_kv_heads: int):
+  """[B, S, Hq, D] -> [B, Hkv, S * G, D], rows position-major: a block of rows is a block of
+  positions times the G = Hq / Hkv query heads sharing one KV head."""
+  b, s, hq, d = q.shape
+  group = hq // num_kv_heads
+  return q.reshape(b, s, num_kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(
+      b, num_kv_heads, s * group, d)
+
+
+def ungroup_rows(out, seq_len: int, num_heads: int):
+  """The inverse of group_rows, keeping the first `seq_len` positions."""
+  b, hkv, rows, d = out.shape
+  s = rows // (num_heads // hkv)
+  out = out.reshape(b, hkv, s, num_heads // hkv, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, s, num_heads, d)[:, :seq_len]
 
 
 def update(scores, mask, v, m_prev, l_prev, acc_prev):

@@ -30,18 +30,6 @@ def _compiler_params(num_warps, num_stages):
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _group_rows(q, hkv):
-  """[B, S, Hq, D] -> [B, Hkv, S * G, D], position-major rows (a block = positions x heads)."""
-  b, s, hq, d = q.shape
-  group = hq // hkv
-  return q.reshape(b, s, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, s * group, d)
-
-
-def _ungroup_rows(out, s, hq):
-  b, hkv, _, d = out.shape
-  return out.reshape(b, hkv, s, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, s, hq, d)
-
-
 # ------------------------------------------------------------------------------ prefill
 
 def _prefill_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, causal, scale, block_q, block_k,
@@ -83,10 +71,8 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, block_q, 
   hkv = k.shape[2]
   group = hq // hkv
   scale = d ** -0.5 if sm_scale is None else sm_scale
-  padded = -(-s // max(block_q, block_k)) * max(block_q, block_k)
-  if padded != s:
-    pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
-    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+  q, k, v = (_softmax.pad_axis(x, 1, max(block_q, block_k)) for x in (q, k, v))
+  padded = q.shape[1]
   rows = block_q * group
   kernel = functools.partial(_prefill_kernel, causal=causal, scale=scale, block_q=block_q,
                              block_k=block_k, group=group)
@@ -101,9 +87,9 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, block_q, 
       out_shape=jax.ShapeDtypeStruct((b, hkv, padded * group, d), q.dtype),
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
-  )(lengths.astype(jnp.int32), _group_rows(q, hkv), k.transpose(0, 2, 1, 3),
+  )(lengths.astype(jnp.int32), _softmax.group_rows(q, hkv), k.transpose(0, 2, 1, 3),
     v.transpose(0, 2, 1, 3))
-  return _ungroup_rows(out, padded, hq)[:, :s]
+  return _softmax.ungroup_rows(out, s, hq)
 
 
 # ------------------------------------------------------------------------------ paged
@@ -211,9 +197,8 @@ def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, pag
   hkv, num_pages, page_size, _ = k_pages.shape
   group = hq // hkv
   scale = d ** -0.5 if sm_scale is None else sm_scale
-  padded = -(-c // block_q) * block_q
-  if padded != c:
-    q = jnp.pad(q, ((0, 0), (0, padded - c), (0, 0), (0, 0)))
+  q = _softmax.pad_axis(q, 1, block_q)
+  padded = q.shape[1]
   max_pages = page_table.shape[1]
   padded_pages = -(-max_pages // pages_per_block) * pages_per_block
   table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, padded_pages - max_pages)))
@@ -233,6 +218,6 @@ def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, pag
       out_shape=jax.ShapeDtypeStruct((b, hkv, padded * group, d), q.dtype),
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
-  )(context_lens.astype(jnp.int32), chunk_lens.astype(jnp.int32), table, _group_rows(q, hkv),
-    k_pages, v_pages)
-  return _ungroup_rows(out, padded, hq)[:, :c]
+  )(context_lens.astype(jnp.int32), chunk_lens.astype(jnp.int32), table,
+    _softmax.group_rows(q, hkv), k_pages, v_pages)
+  return _softmax.ungroup_rows(out, c, hq)

@@ -6,7 +6,6 @@ NaN), softmax runs in float32, and Hq is a multiple of Hkv (grouped-query attent
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30

@@ -51,9 +51,7 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, *refs, scale, page_size, pages
 
   @pl.when(j == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, _softmax.MASK_VALUE, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    _softmax.init_scratch(m_ref, l_ref, acc_ref)
 
   @pl.when(first_page * page_size < length)
   def _accumulate():
@@ -144,9 +142,7 @@ def _chunk_kernel(context_ref, chunk_ref, table_ref, q_ref, *refs, scale, page_s
 
   @pl.when(j == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, _softmax.MASK_VALUE, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    _softmax.init_scratch(m_ref, l_ref, acc_ref)
 
   @pl.when((q_block * block_q < chunk) & (first_page * page_size <= last_pos))
   def _accumulate():
@@ -177,11 +173,9 @@ def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, pag
   group = hq // hkv
   max_pages = page_table.shape[1]
   scale = d ** -0.5 if sm_scale is None else sm_scale
-  padded = -(-c // block_q) * block_q
-  if padded != c:
-    q = jnp.pad(q, ((0, 0), (0, padded - c), (0, 0), (0, 0)))
-  q_rows = q.reshape(b, padded, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(
-      b, hkv, padded * group, d)
+  q = _softmax.pad_axis(q, 1, block_q)
+  padded = q.shape[1]
+  q_rows = _softmax.group_rows(q, hkv)
   rows = block_q * group
   steps = -(-max_pages // pages_per_block)
 
@@ -212,5 +206,4 @@ def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, pag
   )(context_lens.astype(jnp.int32), chunk_lens.astype(jnp.int32),
     page_table.reshape(-1).astype(jnp.int32), q_rows,
     *([k_pages] * pages_per_block), *([v_pages] * pages_per_block))
-  out = out.reshape(b, hkv, padded, group, d).transpose(0, 2, 1, 3, 4).reshape(b, padded, hq, d)
-  return out[:, :c]
+  return _softmax.ungroup_rows(out, c, hq)

@@ -38,9 +38,7 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, c
 
   @pl.when(k_block == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, _softmax.MASK_VALUE, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    _softmax.init_scratch(m_ref, l_ref, acc_ref)
 
   q_start, k_start = q_block * block_q, k_block * block_k
   needed = (k_start < length) & (q_start < length)
@@ -75,13 +73,9 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, block_q, 
   hkv = k.shape[2]
   group = hq // hkv
   scale = d ** -0.5 if sm_scale is None else sm_scale
-  padded = -(-s // max(block_q, block_k)) * max(block_q, block_k)
-  if padded != s:
-    pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
-    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
-  # [B, S, Hkv, G, D] -> [B, Hkv, S * G, D]: a query block is block_q positions x G heads.
-  q_rows = q.reshape(b, padded, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(
-      b, hkv, padded * group, d)
+  q, k, v = (_softmax.pad_axis(x, 1, max(block_q, block_k)) for x in (q, k, v))
+  padded = q.shape[1]
+  q_rows = _softmax.group_rows(q, hkv)  # a query block: block_q positions x G heads
   k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
   rows = block_q * group
   last = functools.partial(_last_key_block, block_q=block_q, block_k=block_k, causal=causal)
@@ -112,5 +106,4 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, block_q, 
       out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
       interpret=pltpu.InterpretParams() if interpret else False,
   )(lengths.astype(jnp.int32), q_rows, k_t, v_t)
-  out = out.reshape(b, hkv, padded, group, d).transpose(0, 2, 1, 3, 4).reshape(b, padded, hq, d)
-  return out[:, :s]
+  return _softmax.ungroup_rows(out, s, hq)

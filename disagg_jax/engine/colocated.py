@@ -8,8 +8,6 @@ in flight). When the page pool runs dry, the youngest request is preempted and r
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 
 import numpy as np
@@ -17,36 +15,20 @@ import numpy as np
 from disagg_jax.engine import buckets
 from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.state import RequestState
+from disagg_jax.engine.worker import Worker
 
 
-class ColocatedScheduler:
-  """Runs on its own thread; `submit` and `abort` may be called from any thread."""
+class ColocatedScheduler(Worker):
+  """Runs on its own thread; `put` (a new request) and `wake` may be called from any thread.
+  `queue` holds the requests waiting for a slot."""
 
   def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int, finish):
+    super().__init__()
     self.core = core
     self.chunk_size = chunk_size
     self.chunk_batches = buckets.batch_buckets(chunk_batch)
     self.finish = finish
-    self.waiting: collections.deque[RequestState] = collections.deque()
     self.prefilling: list[int] = []  # slots whose prompt is still being computed, FIFO
-    self.cv = threading.Condition()
-    self.stopped = False
-
-  # ------------------------------------------------------------------ any thread
-
-  def submit(self, request: RequestState) -> None:
-    with self.cv:
-      self.waiting.append(request)
-      self.cv.notify()
-
-  def wake(self) -> None:
-    with self.cv:
-      self.cv.notify()
-
-  def stop(self) -> None:
-    with self.cv:
-      self.stopped = True
-      self.cv.notify()
 
   def warmup_steps(self):
     """(description, thunk) for every shape this scheduler will run, to compile ahead."""
@@ -60,7 +42,7 @@ class ColocatedScheduler:
   def run(self) -> None:
     while True:
       with self.cv:
-        while not self.stopped and not self.waiting and not self.core.slots.occupied():
+        while not self.stopped and not self.queue and not self.core.slots.occupied():
           self.cv.wait()
         if self.stopped:
           return
@@ -88,9 +70,9 @@ class ColocatedScheduler:
 
   def _drop_aborted(self) -> None:
     with self.cv:
-      aborted = [r for r in self.waiting if r.aborted]
+      aborted = [r for r in self.queue if r.aborted]
       for request in aborted:
-        self.waiting.remove(request)
+        self.queue.remove(request)
     for request in aborted:
       self.finish(request)
     for slot in self.core.slots.occupied():
@@ -105,13 +87,13 @@ class ColocatedScheduler:
     slots = self.core.slots
     while True:
       with self.cv:
-        if not self.waiting:
+        if not self.queue:
           return
-        request = self.waiting[0]
+        request = self.queue[0]
         first = min(self.chunk_size, len(request.tokens_to_compute))
         if not slots.can_admit(first, reserve=len(self.core.decoding_slots())):
           return
-        self.waiting.popleft()
+        self.queue.popleft()
       self.prefilling.append(self.core.occupy(request, first))
 
   def _schedule_chunks(self) -> list[tuple[int, int, int]]:
@@ -129,7 +111,7 @@ class ColocatedScheduler:
     self.prefilling = [s for s in self.prefilling if self.core.slots.requests[s] is not None]
     request.restart()
     with self.cv:
-      self.waiting.appendleft(request)
+      self.queue.appendleft(request)
 
   def _run_decode(self) -> np.ndarray:
     return self.core.decode()

@@ -14,9 +14,7 @@ prefill backs off instead of filling the decode mesh. Preempted requests go back
 
 from __future__ import annotations
 
-import collections
 import queue
-import threading
 import time
 from typing import Any
 
@@ -28,14 +26,16 @@ from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
+from disagg_jax.engine.worker import Worker
 from disagg_jax.transfer.plan import TransferPlan
 
 
-class PrefillWorker:
-  """Prefill thread: length-bucketed batches of waiting requests on the prefill mesh."""
+class PrefillWorker(Worker):
+  """Prefill thread: length-bucketed batches of waiting requests (`queue`) on the prefill mesh."""
 
   def __init__(self, steps: ModelSteps, params, plan: TransferPlan, *, length_buckets,
                max_batch: int, handoff, finish, backlog):
+    super().__init__()
     self.steps = steps
     self.params = params
     self.extract = steps.make_extract(plan)
@@ -44,26 +44,6 @@ class PrefillWorker:
     self.handoff = handoff  # (request, prefix KV, bucket) -> None
     self.finish = finish
     self.backlog = backlog  # a threading.Semaphore: slots for prefilled requests not yet decoding
-    self.waiting: collections.deque[RequestState] = collections.deque()
-    self.cv = threading.Condition()
-    self.stopped = False
-
-  def submit(self, request: RequestState, front: bool = False) -> None:
-    with self.cv:
-      if front:
-        self.waiting.appendleft(request)
-      else:
-        self.waiting.append(request)
-      self.cv.notify()
-
-  def wake(self) -> None:
-    with self.cv:
-      self.cv.notify()
-
-  def stop(self) -> None:
-    with self.cv:
-      self.stopped = True
-      self.cv.notify()
 
   def warmup_steps(self):
     def run(b, s):
@@ -106,32 +86,32 @@ class PrefillWorker:
     prefilled-but-not-decoding requests allows; None once stopped."""
     while True:
       with self.cv:
-        while not self.stopped and not self.waiting:
+        while not self.stopped and not self.queue:
           self.cv.wait()
         if self.stopped:
           return None
-        for request in [r for r in self.waiting if r.aborted]:
-          self.waiting.remove(request)
+        for request in [r for r in self.queue if r.aborted]:
+          self.queue.remove(request)
           self.finish(request)
-        if not self.waiting:
+        if not self.queue:
           continue
       if not self.backlog.acquire(timeout=0.05):
         continue  # the decode side is full: re-check stop and aborts, then wait again
       with self.cv:
-        if not self.waiting:
+        if not self.queue:
           self.backlog.release()
           continue
-        head = self.waiting[0]
+        head = self.queue[0]
         bucket = buckets.pick(len(head.tokens_to_compute), self.length_buckets)
         chosen = [head]
-        for request in list(self.waiting)[1:]:
+        for request in list(self.queue)[1:]:
           if len(chosen) == self.batch_buckets[-1]:
             break
           if (buckets.pick(len(request.tokens_to_compute), self.length_buckets) == bucket
               and not request.aborted and self.backlog.acquire(blocking=False)):
             chosen.append(request)
         for request in chosen:
-          self.waiting.remove(request)
+          self.queue.remove(request)
         return chosen, bucket
 
 
@@ -148,6 +128,9 @@ class TransferWorker:
 
   def submit(self, request: RequestState, prefix: Any, bucket: int) -> None:
     self.queue.put((request, prefix, bucket))
+
+  def wake(self) -> None:
+    """Nothing to do: aborted requests are dropped when they reach the front of the queue."""
 
   def stop(self) -> None:
     self.queue.put(None)
@@ -168,32 +151,20 @@ class TransferWorker:
       self.deliver(request, moved, bucket)
 
 
-class DisaggDecodeLoop:
-  """Decode thread: inserts arrived requests and runs continuous-batching decode steps."""
+class DisaggDecodeLoop(Worker):
+  """Decode thread: inserts arrived requests (`queue`: (request, KV, bucket)) and runs
+  continuous-batching decode steps."""
 
   def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue, backlog):
+    super().__init__()
     self.core = core
     self.length_buckets = length_buckets
     self.finish = finish
     self.requeue = requeue  # a preempted request goes back to prefill
     self.backlog = backlog
-    self.inbox: collections.deque = collections.deque()
-    self.cv = threading.Condition()
-    self.stopped = False
 
   def deliver(self, request: RequestState, prefix: Any, bucket: int) -> None:
-    with self.cv:
-      self.inbox.append((request, prefix, bucket))
-      self.cv.notify()
-
-  def wake(self) -> None:
-    with self.cv:
-      self.cv.notify()
-
-  def stop(self) -> None:
-    with self.cv:
-      self.stopped = True
-      self.cv.notify()
+    self.put((request, prefix, bucket))
 
   def warmup_steps(self, prefix_for_bucket):
     out = [("decode", self.core.decode)]
@@ -205,7 +176,7 @@ class DisaggDecodeLoop:
     core = self.core
     while True:
       with self.cv:
-        while not self.stopped and not self.inbox and not core.slots.occupied():
+        while not self.stopped and not self.queue and not core.slots.occupied():
           self.cv.wait()
         if self.stopped:
           return
@@ -215,16 +186,16 @@ class DisaggDecodeLoop:
       core.make_room({s: int(core.slots.positions[s]) + 1 for s in decoding}, self._preempt)
       decoding = [s for s in decoding if core.slots.requests[s] is not None]
       if not decoding:
-        if self.inbox:  # arrived requests wait for pages held by nobody: cannot happen twice
+        if self.queue:  # cannot insert with every page free; never spin on it regardless
           time.sleep(0.001)
         continue
       core.emit_decoded(core.decode(), decoding, self.finish)
 
   def _drop_aborted(self) -> None:
     with self.cv:
-      aborted = [item for item in self.inbox if item[0].aborted]
+      aborted = [item for item in self.queue if item[0].aborted]
       for item in aborted:
-        self.inbox.remove(item)
+        self.queue.remove(item)
     for request, _, _ in aborted:
       self.backlog.release()
       self.finish(request)
@@ -236,15 +207,15 @@ class DisaggDecodeLoop:
     core = self.core
     while True:
       with self.cv:
-        if not self.inbox:
+        if not self.queue:
           return
-        request, prefix, bucket = self.inbox[0]
+        request, prefix, bucket = self.queue[0]
         computed = len(request.tokens_to_compute)
         # Pages for the prefix and the position of the first decoded token, with one page per
         # decoding slot kept back so that insertions do not force preemptions next step.
         if not core.slots.can_admit(computed + 1, reserve=len(core.decoding_slots())):
           return
-        self.inbox.popleft()
+        self.queue.popleft()
       self.backlog.release()
       slot = core.occupy(request, computed + 1)
       page_ids = core.slots.prompt_page_ids(slot, computed, bucket)

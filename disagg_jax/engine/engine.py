@@ -96,7 +96,7 @@ class Engine:
       self.scheduler = ColocatedScheduler(self.core, chunk_size=config.chunk_size,
                                           chunk_batch=config.chunk_batch, finish=self._finish)
       self._workers = [self.scheduler]
-      self._submit = self.scheduler.submit
+      self._submit = self.scheduler.put
       warmups = self.scheduler.warmup_steps()
     else:
       self.prefill_steps = ModelSteps(prefill_model, page_size=ps,
@@ -113,7 +113,7 @@ class Engine:
                                    max_batch=config.prefill_batch, handoff=self.transfer.submit,
                                    finish=self._finish, backlog=backlog)
       self._workers = [self.prefill, self.transfer, self.decode_loop]
-      self._submit = self.prefill.submit
+      self._submit = self.prefill.put
       warmups = (self.prefill.warmup_steps()
                  + self.decode_loop.warmup_steps(self._dummy_prefix))
     self._compile_ahead(warmups, progress)
@@ -172,8 +172,7 @@ class Engine:
       return False
     state.aborted = True
     for worker in self._workers:
-      if hasattr(worker, "wake"):
-        worker.wake()
+      worker.wake()
     return True
 
   def generate(self, prompts: Sequence[Sequence[int]],
@@ -248,7 +247,7 @@ class Engine:
     state.stream.finish(state.output(self.tokenizer))
 
   def _requeue(self, state: RequestState) -> None:
-    self.prefill.submit(state, front=True)
+    self.prefill.put(state, front=True)
 
   def _guard(self, worker) -> None:
     """A crashed worker fails every request in flight instead of leaving callers hanging."""

@@ -1,0 +1,36 @@
+"""What every engine thread shares: a condition variable to sleep on, wake-ups, and stopping."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+
+class Worker:
+  """Base of the scheduler threads. `queue` holds the worker's pending items; `run` sleeps on
+  `cv` until there is work, a wake-up (an abort somewhere) or `stop`."""
+
+  def __init__(self):
+    self.queue: collections.deque = collections.deque()
+    self.cv = threading.Condition()
+    self.stopped = False
+
+  def put(self, item, front: bool = False) -> None:
+    with self.cv:
+      if front:
+        self.queue.appendleft(item)
+      else:
+        self.queue.append(item)
+      self.cv.notify()
+
+  def wake(self) -> None:
+    with self.cv:
+      self.cv.notify()
+
+  def stop(self) -> None:
+    with self.cv:
+      self.stopped = True
+      self.cv.notify()
+
+  def run(self) -> None:
+    raise NotImplementedError
