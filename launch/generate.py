@@ -26,10 +26,10 @@ flags.DEFINE_string("output_file", None, "JSONL of outputs; default: print to st
 FLAGS = flags.FLAGS
 
 DEMO_PROMPTS = (
-    "def fibonacci(n):\n",
-    "import os\nimport sys\n\n\ndef main(",
-    "class Stack:\n    def __init__(self):\n",
-    "    for i in range(len(items)):\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    ',
+    "import os\nimport sys\n\n\ndef main():\n    ",
+    "class Stack:\n    def __init__(self):\n        self.",
+    "if __name__ == \"__main__\":\n    ",
 )
 
 
