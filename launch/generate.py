@@ -29,7 +29,7 @@ DEMO_PROMPTS = (
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    ',
     "import os\nimport sys\n\n\ndef main():\n    ",
     "class Stack:\n    def __init__(self):\n        self.",
-    "if __name__ == \"__main__\":\n    ",
+    "    if not isinstance(value, str):\n        raise ",
 )
 
 
