@@ -32,25 +32,33 @@ class ColocatedScheduler(Worker):
 
   def warmup_steps(self):
     """(description, thunk) for every shape this scheduler will run, to compile ahead."""
-    out = [("decode", lambda: self._run_decode())]
+    out = [("decode", lambda: self.core.decode([]))]
     for bc in self.chunk_batches:
-      out.append((f"mixed chunk_batch={bc}", lambda bc=bc: self._run_mixed([], bc)))
+      out.append((f"mixed chunk_batch={bc}", lambda bc=bc: self._run_mixed([], [], bc)))
     return out
 
   # ------------------------------------------------------------------ scheduler thread
 
   def run(self) -> None:
+    """One step ahead: step N+1 is dispatched before step N's tokens are read."""
+    in_flight = None
     while True:
       with self.cv:
-        while not self.stopped and not self.queue and not self.core.slots.occupied():
+        while (not self.stopped and not self.queue and not self.core.slots.occupied()
+               and in_flight is None):
           self.cv.wait()
         if self.stopped:
           return
       self._drop_aborted()
       self._admit()
-      self.step()
+      dispatched = self.dispatch()
+      if in_flight is not None:
+        self.core.collect(in_flight, self.finish)
+      in_flight = dispatched
 
-  def step(self) -> None:
+  def dispatch(self):
+    """Schedules and dispatches one step (mixed, or decode only); None if there is nothing to
+    run. Host state advances at once: chunk progress and decode positions."""
     core = self.core
     chunks = self._schedule_chunks()
     decoding = core.decoding_slots()
@@ -59,14 +67,11 @@ class ColocatedScheduler(Worker):
     core.make_room(need, self._preempt)
     chunks = [c for c in chunks if core.slots.requests[c[0]] is not None]
     decoding = [s for s in decoding if core.slots.requests[s] is not None]
-    if not chunks and not decoding:
-      return
     if chunks:
-      tokens = self._run_mixed(chunks, buckets.pick(len(chunks), self.chunk_batches))
-    else:
-      tokens = self._run_decode()
-    core.emit_decoded(tokens, decoding, self.finish)
-    self._emit_chunks(tokens, chunks)
+      return self._run_mixed(chunks, decoding, buckets.pick(len(chunks), self.chunk_batches))
+    if decoding:
+      return core.decode(decoding)
+    return None
 
   def _drop_aborted(self) -> None:
     with self.cv:
@@ -113,10 +118,7 @@ class ColocatedScheduler(Worker):
     with self.cv:
       self.queue.appendleft(request)
 
-  def _run_decode(self) -> np.ndarray:
-    return self.core.decode()
-
-  def _run_mixed(self, chunks, batch: int) -> np.ndarray:
+  def _run_mixed(self, chunks, decoding, batch: int):
     core = self.core
     b = core.slots.num_slots
     chunk_tokens = np.zeros((batch, self.chunk_size), np.int32)
@@ -130,20 +132,15 @@ class ColocatedScheduler(Worker):
       chunk_slots[i], context[i], lengths[i] = slot, start, n
       final[i] = start + n == len(request.tokens_to_compute)
     core.tokens, core.kv_pages = core.steps.mixed(
-        core.params, core.kv_pages, core.tokens, core.slots.positions.copy(), core.page_table(),
+        core.params, core.kv_pages, core.tokens, core.positions(), core.page_table(),
         core.sampling_arrays(), chunk_tokens, chunk_slots, context, lengths, final)
-    return np.asarray(core.tokens)
-
-  def _emit_chunks(self, tokens: np.ndarray, chunks) -> None:
-    now = time.perf_counter()
+    step = core.in_flight(decoding, [slot for i, (slot, _, _) in enumerate(chunks) if final[i]])
     for slot, start, n in chunks:
-      request = self.core.slots.requests[slot]
+      request = core.slots.requests[slot]
       request.num_computed = start + n
-      if request.num_computed < len(request.tokens_to_compute):
-        continue
-      self.prefilling.remove(slot)
-      self.core.slots.positions[slot] = request.num_computed
-      if request.metrics.first_token is None:
-        request.metrics.first_token = now
-      if request.emit(int(tokens[slot]), now):
-        self.finish(self.core.release(slot))
+      if request.num_computed == len(request.tokens_to_compute):
+        # The prompt is in the pool and the step wrote its first token into the slot on
+        # device: the slot decodes from the next step on.
+        self.prefilling.remove(slot)
+        core.slots.positions[slot] = request.num_computed
+    return step

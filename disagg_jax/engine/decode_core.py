@@ -7,6 +7,7 @@ settings, uploaded only when they change.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -31,8 +32,8 @@ class DecodeCore:
     # Committed to the step outputs' sharding, so the first real step does not recompile.
     self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.replicated)
     self._sampling_rows = [None] * num_slots
-    self._sampling = SamplingArrays.from_params(self._sampling_rows, num_slots)
-    self._sampling_dirty = False
+    self._sampling = None
+    self._sampling_dirty = True
     self._table_version = -1
     self._table_dev = None
 
@@ -43,16 +44,26 @@ class DecodeCore:
     self._sampling_dirty = True
 
   def sampling_arrays(self) -> SamplingArrays:
+    """Per-slot sampling settings on device, re-uploaded only after a slot changed hands."""
+    import jax  # pylint: disable=g-import-not-at-top
     if self._sampling_dirty:
-      self._sampling = SamplingArrays.from_params(self._sampling_rows, self.slots.num_slots)
+      host = SamplingArrays.from_params(self._sampling_rows, self.slots.num_slots)
+      self._sampling = jax.device_put(host, self.steps.replicated)
       self._sampling_dirty = False
     return self._sampling
+
+  def positions(self):
+    """This step's positions on device (an explicit transfer costs less than letting the jitted
+    call convert a NumPy argument)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    # A copy: on CPU, device_put may alias the NumPy buffer, which the host mutates next.
+    return jax.device_put(self.slots.positions.copy(), self.steps.replicated)
 
   def page_table(self):
     """The page table on device, re-uploaded only after it changed."""
     import jax  # pylint: disable=g-import-not-at-top
     if self._table_version != self.slots.table_version:
-      self._table_dev = jax.device_put(self.slots.page_table, self.steps.replicated)
+      self._table_dev = jax.device_put(self.slots.page_table.copy(), self.steps.replicated)
       self._table_version = self.slots.table_version
     return self._table_dev
 
@@ -85,19 +96,39 @@ class DecodeCore:
 
   # ------------------------------------------------------------------ steps
 
-  def decode(self) -> np.ndarray:
-    """Runs one decode step over all slots and returns every slot's token (host int32[B])."""
+  def decode(self, decoding: list[int]) -> "InFlight":
+    """Dispatches one decode step over all slots (asynchronously) and returns its handle."""
     self.tokens, self.kv_pages = self.steps.decode(
-        self.params, self.kv_pages, self.tokens, self.slots.positions.copy(), self.page_table(),
+        self.params, self.kv_pages, self.tokens, self.positions(), self.page_table(),
         self.sampling_arrays())
-    return np.asarray(self.tokens)
+    return self.in_flight(decoding)
 
-  def emit_decoded(self, tokens: np.ndarray, slots: list[int],
-                   finish: Callable[[RequestState], None]) -> None:
-    """Hands each decoding slot its new token; finished requests leave their slot."""
-    now = time.perf_counter()
-    for slot in slots:
-      request = self.slots.requests[slot]
+  def in_flight(self, decoding: list[int], first_token_slots=()) -> "InFlight":
+    """After a step was dispatched: remembers whose tokens it produces, and advances the decoding
+    slots' positions, so the next step can be dispatched before this one's tokens are read."""
+    rows = [(s, self.slots.requests[s]) for s in list(decoding) + list(first_token_slots)]
+    for slot in decoding:
       self.slots.positions[slot] += 1
+    return InFlight(self.tokens, rows)
+
+  def collect(self, step: "InFlight", finish: Callable[[RequestState], None]) -> None:
+    """Reads a dispatched step's tokens (waiting for it) and hands each row its token; finished
+    requests leave their slot. Rows whose request left the slot meanwhile (finished one step
+    earlier, aborted, preempted) are skipped: a preempted request regenerates the same token."""
+    tokens = np.asarray(step.tokens)
+    now = time.perf_counter()
+    for slot, request in step.rows:
+      if self.slots.requests[slot] is not request or request.finish_reason is not None:
+        continue
+      if request.metrics.first_token is None:
+        request.metrics.first_token = now
       if request.emit(int(tokens[slot]), now):
         finish(self.release(slot))
+
+
+@dataclasses.dataclass
+class InFlight:
+  """A dispatched step: its output tokens (device int32[B]) and the (slot, request) rows whose
+  next token they hold."""
+  tokens: object
+  rows: list

@@ -167,16 +167,20 @@ class DisaggDecodeLoop(Worker):
     self.put((request, prefix, bucket))
 
   def warmup_steps(self, prefix_for_bucket):
-    out = [("decode", self.core.decode)]
+    out = [("decode", lambda: self.core.decode([]))]
     for s in self.length_buckets:
       out.append((f"insert len={s}", lambda s=s: self._insert_dummy(prefix_for_bucket(s), s)))
     return out
 
   def run(self) -> None:
+    """One step ahead: step N+1 is dispatched before step N's tokens are read, so the device
+    never waits for the host's bookkeeping."""
     core = self.core
+    in_flight = None
     while True:
       with self.cv:
-        while not self.stopped and not self.queue and not core.slots.occupied():
+        while (not self.stopped and not self.queue and not core.slots.occupied()
+               and in_flight is None):
           self.cv.wait()
         if self.stopped:
           return
@@ -185,11 +189,12 @@ class DisaggDecodeLoop(Worker):
       decoding = core.decoding_slots()
       core.make_room({s: int(core.slots.positions[s]) + 1 for s in decoding}, self._preempt)
       decoding = [s for s in decoding if core.slots.requests[s] is not None]
-      if not decoding:
-        if self.queue:  # cannot insert with every page free; never spin on it regardless
-          time.sleep(0.001)
-        continue
-      core.emit_decoded(core.decode(), decoding, self.finish)
+      dispatched = core.decode(decoding) if decoding else None
+      if in_flight is not None:
+        core.collect(in_flight, self.finish)
+      elif dispatched is None and self.queue:
+        time.sleep(0.001)  # cannot insert with every page free; never spin on it regardless
+      in_flight = dispatched
 
   def _drop_aborted(self) -> None:
     with self.cv:

@@ -7,8 +7,8 @@
                                                               -> (next tokens, logits, kv_pages)
   The serving engine's variants keep each slot's next input token on device:
     make_extract(plan)(prompt_kv, row)                        -> one request's KV, packed
-    insert_prefix(kv_pages*, tokens*, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
-    mixed(params, kv_pages*, tokens*, positions, page_table, sampling, chunk...)
+    insert_prefix(kv_pages*, tokens, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
+    mixed(params, kv_pages*, tokens, positions, page_table, sampling, chunk...)
                                                               -> (tokens, kv_pages)
 
 (* donated: the page pool is updated in place.) Everything is an explicit pytree: `params` is the
@@ -56,9 +56,11 @@ class ModelSteps:
     self.insert = jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages)
     self.decode = jax.jit(self._decode, donate_argnums=(1,), out_shardings=(rep, pages))
     self.chunk = jax.jit(self._chunk, donate_argnums=(1,), out_shardings=(rep, rep, pages))
-    self.insert_prefix = jax.jit(self._insert_prefix, donate_argnums=(0, 1),
+    # Only the page pool is donated: the engine keeps reading a step's token array after
+    # dispatching the next step (it is tiny anyway).
+    self.insert_prefix = jax.jit(self._insert_prefix, donate_argnums=(0,),
                                  out_shardings=(pages, rep))
-    self.mixed = jax.jit(self._mixed, donate_argnums=(1, 2), out_shardings=(rep, pages))
+    self.mixed = jax.jit(self._mixed, donate_argnums=(1,), out_shardings=(rep, pages))
 
   def init_pages(self, num_pages: int) -> kv_cache.KVPages:
     """A zeroed page pool on this mesh."""
