@@ -22,7 +22,7 @@ def naive_attention(q, k, v, valid):
 def test_prefill_reference():
   rng = np.random.default_rng(0)
   b, s, hq, hkv, d = 3, 9, 4, 2, 8
-  q, k, v = (rng.normal(size=(b, s, h, d)) for h in (hq, hkv, hkv))
+  q, k, v = (rng.normal(size=(b, s, h, d)).astype(np.float32) for h in (hq, hkv, hkv))
   lengths = np.array([9, 4, 0], np.int32)
   out = np.asarray(reference.prefill_attention(q, k, v, lengths))
   for bi in range(b):
@@ -35,19 +35,19 @@ def test_prefill_reference():
 def test_paged_references():
   rng = np.random.default_rng(1)
   b, hq, hkv, d, ps, max_pages, num_pages = 3, 4, 1, 8, 4, 3, 10
-  k_pages, v_pages = rng.normal(size=(2, hkv, num_pages, ps, d))
+  k_pages, v_pages = rng.normal(size=(2, hkv, num_pages, ps, d)).astype(np.float32)
   page_table = rng.permutation(num_pages)[:b * max_pages].reshape(b, max_pages).astype(np.int32)
   dense_k = k_pages[:, page_table].reshape(hkv, b, max_pages * ps, d).transpose(1, 2, 0, 3)
   dense_v = v_pages[:, page_table].reshape(hkv, b, max_pages * ps, d).transpose(1, 2, 0, 3)
   lengths = np.array([12, 5, 0], np.int32)
-  q = rng.normal(size=(b, hq, d))
+  q = rng.normal(size=(b, hq, d)).astype(np.float32)
   out = np.asarray(reference.paged_decode_attention(q, k_pages, v_pages, lengths, page_table))
   for bi in range(b):
     valid = np.arange(max_pages * ps) < lengths[bi]
     np.testing.assert_allclose(out[bi], naive_attention(q[bi], dense_k[bi], dense_v[bi], valid),
                                atol=1e-6)
   c = 3
-  qc = rng.normal(size=(b, c, hq, d))
+  qc = rng.normal(size=(b, c, hq, d)).astype(np.float32)
   context, chunk = np.array([4, 0, 9], np.int32), np.array([3, 2, 0], np.int32)
   out = np.asarray(reference.chunked_prefill_attention(qc, k_pages, v_pages, context, chunk,
                                                        page_table))
