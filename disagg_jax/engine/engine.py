@@ -140,9 +140,10 @@ class Engine:
   # ------------------------------------------------------------------ public API
 
   def add_request(self, prompt_token_ids: Sequence[int], sampling: SamplingParams | None = None,
-                  request_id: str | None = None) -> TokenStream:
+                  request_id: str | None = None, on_token=None) -> TokenStream:
     """Queues a request; raises InvalidRequestError (naming the value and the limit) if it
-    cannot be served. Iterate the returned stream for its tokens."""
+    cannot be served. Iterate the returned stream for its tokens, or pass `on_token` to be
+    called with each (from an engine thread)."""
     if self._error:
       raise RuntimeError(f"the engine has stopped: {self._error}")
     sampling = sampling or SamplingParams()
@@ -154,7 +155,7 @@ class Engine:
           f"prompt + max_new_tokens needs {need} pages of {self.config.page_size} tokens; the "
           f"page pool holds {self.page_capacity} (--config.engine.num_pages)")
     request_id = request_id or f"req-{next(self._ids)}"
-    stream = TokenStream(request_id)
+    stream = TokenStream(request_id, on_token)
     state = RequestState(request_id, prompt, sampling, stop_ids(sampling, self.model.cfg), stream)
     with self._lock:
       if request_id in self._requests:
@@ -190,15 +191,27 @@ class Engine:
     return [s if isinstance(s, RequestOutput) else s.result() for s in streams]
 
   @property
+  def error(self) -> str | None:
+    """Why the engine stopped, if a worker crashed; None while healthy."""
+    return self._error
+
+  @property
   def num_devices(self) -> int:
     size = self.decode_steps.mesh.size
     return size + self.prefill_steps.mesh.size if self.mode == "disagg" else size
 
   def stats(self) -> dict:
+    """Queue lengths and page use, for monitoring."""
     slots = self.core.slots
-    return {"mode": self.mode, "in_flight": len(self._requests),
-            "running": len(slots.occupied()), "free_pages": slots.allocator.num_free,
-            "total_pages": self.page_capacity}
+    out = {"mode": self.mode, "in_flight": len(self._requests),
+           "running": len(slots.occupied()), "free_pages": slots.allocator.num_free,
+           "total_pages": self.page_capacity}
+    if self.mode == "colocated":
+      out["waiting"] = len(self.scheduler.queue)
+    else:
+      out.update(waiting=len(self.prefill.queue), transferring=self.transfer.queue.qsize(),
+                 awaiting_slot=len(self.decode_loop.queue))
+    return out
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each step function's jit cache (constant after start-up)."""

@@ -42,12 +42,14 @@ class RequestMetrics:
 
 class TokenStream:
   """What `Engine.add_request` returns: iterate it for tokens as they are produced; `result()`
-  waits for the finished `RequestOutput`."""
+  waits for the finished `RequestOutput`. Async callers pass `on_token` (and use
+  `add_done_callback`) instead of blocking."""
 
   _END = object()
 
-  def __init__(self, request_id: str):
+  def __init__(self, request_id: str, on_token=None):
     self.request_id = request_id
+    self._on_token = on_token  # called with each token, from the engine's threads
     self._queue: queue.Queue = queue.Queue()
     self._done = threading.Event()
     self._output: RequestOutput | None = None
@@ -56,6 +58,8 @@ class TokenStream:
 
   def put(self, token: int) -> None:
     self._queue.put(token)
+    if self._on_token is not None:
+      self._on_token(token)
 
   def finish(self, output: RequestOutput) -> None:
     with self._lock:

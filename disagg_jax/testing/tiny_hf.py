@@ -117,3 +117,14 @@ def write_tokenizer(out_dir: str, vocab_size: int = VOCAB) -> None:
   tok.post_processor = processors.TemplateProcessing(
       single="<s> $A", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))])
   tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_tokenizer_config(out_dir: str) -> None:
+  """A tokenizer_config.json with a chat template, as chat models ship."""
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>",
+               "add_bos_token": False}, f)

@@ -1,0 +1,269 @@
+"""The OpenAI-compatible HTTP server (FastAPI) in front of an Engine running in its own threads.
+
+Tokens cross from the engine's threads to the event loop through `call_soon_threadsafe` into a
+per-request asyncio queue; nothing blocks the loop. At most `max_pending` requests are in flight
+(beyond: 429). A client that disconnects aborts its request, which frees its slot and pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from disagg_jax.engine.request import RequestOutput
+from disagg_jax.engine.sampling import MAX_SEED, InvalidRequestError, SamplingParams
+from disagg_jax.serve import protocol
+from disagg_jax.serve.chat import ChatTemplate
+from disagg_jax.serve.metrics import ServerMetrics
+from disagg_jax.serve.protocol import APIError
+from disagg_jax.serve.text import IncrementalText
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SSE_EVENT = {"type": "object", "properties": {
+    "data": {"type": "string", "description": "A JSON chunk, or [DONE] at the end."},
+    "event": {"type": "string"}}, "required": ["data"]}
+ERRORS = {200: {"description": "The completion; with `stream: true`, server-sent events",
+               "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+          400: {"model": protocol.ErrorResponse, "description": "Invalid request"},
+          404: {"model": protocol.ErrorResponse, "description": "Unknown model"},
+          429: {"model": protocol.ErrorResponse, "description": "Too many requests in flight"}}
+
+
+class Server:
+  """Turns API requests into engine requests and engine outputs into API responses."""
+
+  def __init__(self, engine, model_name: str, model_dir: str | None, max_pending: int = 256):
+    self.engine = engine
+    self.model_name = model_name
+    self.tokenizer = engine.tokenizer
+    self.chat_template = ChatTemplate.for_model(model_dir)
+    self.max_pending = max_pending
+    self.pending = 0
+    self.metrics = ServerMetrics()
+    self.created = int(time.time())
+
+  # ------------------------------------------------------------------ request preparation
+
+  def check_model(self, model: str) -> None:
+    if model != self.model_name:
+      raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                          f"`{self.model_name}`.", param="model", code="model_not_found")
+
+  def prompt_ids(self, prompt) -> list[int]:
+    if isinstance(prompt, str):
+      return self.tokenizer.encode(prompt)
+    return list(prompt)
+
+  def sampling(self, body, prompt_len: int, default_max: int | None) -> SamplingParams:
+    limit = self.engine.limits.max_seq_len - prompt_len
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if max_tokens is None:
+      max_tokens = default_max if default_max is not None else limit
+      max_tokens = max(1, min(max_tokens, limit))
+    try:
+      return SamplingParams(
+          max_new_tokens=max_tokens,
+          temperature=1.0 if body.temperature is None else body.temperature,
+          top_p=1.0 if body.top_p is None else body.top_p,
+          seed=random.randrange(MAX_SEED) if body.seed is None else body.seed,
+          ignore_eos=body.ignore_eos)
+    except InvalidRequestError as e:
+      raise APIError(400, str(e)) from None
+
+  # ------------------------------------------------------------------ running a request
+
+  async def run(self, http_request: Request, prompt_ids: list[int], sampling: SamplingParams,
+                stop, stream: bool, include_usage: bool, kind: str):
+    if self.pending >= self.max_pending:
+      self.metrics.rejected += 1
+      raise APIError(429, f"{self.pending} requests are in flight, the limit is "
+                          f"{self.max_pending} (--max_pending); retry later",
+                     type_="rate_limit_error", code="too_many_requests")
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+
+    def forward(item):
+      try:
+        loop.call_soon_threadsafe(items.put_nowait, item)
+      except RuntimeError:  # the loop has closed (server shutting down)
+        pass
+
+    try:
+      stream_handle = self.engine.add_request(prompt_ids, sampling, on_token=forward)
+    except InvalidRequestError as e:
+      raise APIError(400, str(e), param="prompt") from None
+    stream_handle.add_done_callback(forward)
+    self.pending += 1
+    request_id = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
+    text = IncrementalText(self.tokenizer, stop or ())
+    if stream:
+      events = self._events(http_request, stream_handle, items, text, request_id, len(prompt_ids),
+                            include_usage, kind)
+      return StreamingResponse(events, media_type="text/event-stream")
+    try:
+      output = await self._consume(http_request, stream_handle, items, text)
+    finally:
+      self.pending -= 1
+    finish = self._finish_reason(output, text)
+    make = protocol.completion_body if kind == "completion" else protocol.chat_body
+    return JSONResponse(make(request_id, self.model_name, text.text, finish, len(prompt_ids),
+                             len(output.output_token_ids)))
+
+  async def _next(self, http_request: Request, items: asyncio.Queue, engine_id: str):
+    """The next token or the final output; aborts the request if the client went away."""
+    while True:
+      try:
+        return await asyncio.wait_for(items.get(), timeout=0.5)
+      except asyncio.TimeoutError:
+        if await http_request.is_disconnected():
+          self.engine.abort(engine_id)
+
+  async def _consume(self, http_request, stream_handle, items, text) -> RequestOutput:
+    while True:
+      item = await self._next(http_request, items, stream_handle.request_id)
+      if isinstance(item, RequestOutput):
+        text.finish()
+        self.metrics.observe(item)
+        return item
+      text.add(item)
+      if text.stopped:
+        self.engine.abort(stream_handle.request_id)
+
+  async def _events(self, http_request, stream_handle, items, text, request_id, prompt_len,
+                    include_usage, kind):
+    chunk = protocol.completion_chunk if kind == "completion" else protocol.chat_chunk
+    finished = False
+    try:
+      if kind == "chat":
+        yield _sse(chunk(request_id, self.model_name, {"role": "assistant", "content": ""},
+                         None))
+      while True:
+        item = await self._next(http_request, items, stream_handle.request_id)
+        if isinstance(item, RequestOutput):
+          finished = True
+          self.metrics.observe(item)
+          delta = text.finish()
+          reason = self._finish_reason(item, text)
+          yield _sse(chunk(request_id, self.model_name, _delta(kind, delta), reason))
+          if include_usage:  # plus this server's per-phase times, which clients may ignore
+            yield _sse({"id": request_id, "object": chunk(request_id, "", "", None)["object"],
+                        "created": int(time.time()), "model": self.model_name, "choices": [],
+                        "usage": protocol.usage(prompt_len, len(item.output_token_ids)),
+                        "phases_s": item.metrics.phases() if item.metrics else None})
+          yield "data: [DONE]\n\n"
+          return
+        delta = text.add(item)
+        if text.stopped:
+          self.engine.abort(stream_handle.request_id)
+          continue
+        # One chunk per token, even when its text is held back (a partial character, a possible
+        # stop sequence): streaming clients time tokens by chunks.
+        yield _sse(chunk(request_id, self.model_name, _delta(kind, delta), None))
+    finally:
+      self.pending -= 1
+      if not finished:  # the client disconnected mid-stream
+        self.engine.abort(stream_handle.request_id)
+
+  @staticmethod
+  def _finish_reason(output: RequestOutput, text: IncrementalText) -> str:
+    if text.stopped:
+      return "stop"
+    if output.finish_reason == "error":
+      return "error"
+    return output.finish_reason if output.finish_reason in ("stop", "length") else "abort"
+
+
+def _delta(kind: str, text: str):
+  return text if kind == "completion" else ({"content": text} if text else {})
+
+
+def _sse(payload: dict) -> str:
+  return f"data: {json.dumps(payload)}\n\n"
+
+
+def build_app(server: Server) -> FastAPI:
+  app = FastAPI(title="disagg_jax", version="0.1.0",
+                description="OpenAI-compatible completions and chat completions.")
+
+  @app.exception_handler(APIError)
+  async def api_error(_, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+  @app.exception_handler(RequestValidationError)
+  async def validation_error(_, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = first.get("msg", "invalid request")
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+      message, param = "the request body is not valid JSON (or not UTF-8)", None
+    return JSONResponse(APIError(400, f"{param + ': ' if param else ''}{message}",
+                                 param=param).body(), status_code=400)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(_, exc: StarletteHTTPException):
+    message = str(exc.detail)
+    if exc.status_code == 400:  # FastAPI's own parse failure (e.g. a body that is not UTF-8)
+      message = f"the request body is not valid JSON (or not UTF-8): {message}"
+    return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code)
+
+  @app.post("/v1/completions", responses=ERRORS)
+  async def completions(body: protocol.CompletionRequest, request: Request):
+    server.check_model(body.model)
+    prompt = server.prompt_ids(body.prompt)
+    sampling = server.sampling(body, len(prompt), COMPLETION_DEFAULT_MAX_TOKENS)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await server.run(request, prompt, sampling, body.stop, body.stream, include_usage,
+                            "completion")
+
+  @app.post("/v1/chat/completions", responses=ERRORS)
+  async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
+    server.check_model(body.model)
+    try:
+      text = server.chat_template.render([m.model_dump() for m in body.messages])
+    except Exception as e:  # a template may raise on message orders it does not support
+      raise APIError(400, f"the chat template rejected the messages: {e}",
+                     param="messages") from None
+    prompt = server.tokenizer.encode(text)
+    sampling = server.sampling(body, len(prompt), None)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await server.run(request, prompt, sampling, body.stop, body.stream, include_usage,
+                            "chat")
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{
+        "id": server.model_name, "object": "model", "created": server.created,
+        "owned_by": "disagg_jax", "max_model_len": server.engine.limits.max_seq_len}]}
+
+  @app.get("/health")
+  async def health():
+    if server.engine.error:
+      return JSONResponse({"status": "error", "error": server.engine.error}, status_code=503)
+    return {"status": "ok"}
+
+  @app.get("/metrics", response_class=PlainTextResponse)
+  async def metrics():
+    return server.metrics.render(server.engine.stats())
+
+  def openapi_schema():
+    """FastAPI's schema, with `model` narrowed to the one model served (others get 404)."""
+    if app.openapi_schema is None:
+      schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                           routes=app.routes)
+      for name in ("CompletionRequest", "ChatCompletionRequest"):
+        schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [
+            server.model_name]
+      app.openapi_schema = schema
+    return app.openapi_schema
+
+  app.openapi = openapi_schema
+  return app

@@ -1,0 +1,137 @@
+"""The OpenAI API surface this server speaks: request models (validated), errors, response bodies.
+
+Validation errors become 400s with OpenAI's error body:
+  {"error": {"message": ..., "type": "invalid_request_error", "param": ..., "code": ...}}
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 4
+
+
+class APIError(Exception):
+  """An error with an HTTP status and OpenAI's body."""
+
+  def __init__(self, status: int, message: str, param: str | None = None,
+               type_: str = "invalid_request_error", code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+  message: str
+  type: str
+  param: Optional[str] = None
+  code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+  error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+  include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+  """Fields shared by completions and chat completions. Unknown fields are ignored, as OpenAI's
+  clients send some this server does not implement."""
+  model_config = ConfigDict(extra="ignore")
+
+  model: str
+  max_tokens: Optional[int] = Field(default=None, ge=1, description="Tokens to generate.")
+  temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+  top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+  seed: Optional[int] = Field(default=None, ge=0, lt=2**32)
+  stop: Optional[Union[str, list[str]]] = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+  n: int = Field(default=1, ge=1, le=1)
+  stream: bool = False
+  stream_options: Optional[StreamOptions] = None
+  ignore_eos: bool = Field(default=False, description="Extension (as vLLM): keep generating "
+                           "past EOS until max_tokens.")
+
+  @field_validator("stop")
+  @classmethod
+  def _stop_list(cls, value):
+    if value is None:
+      return None
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP_SEQUENCES:
+      raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+    if any(not s for s in stops):
+      raise ValueError("stop sequences must be non-empty")
+    return stops
+
+
+class CompletionRequest(_Sampling):
+  prompt: Union[str, list[int]] = Field(description="Text, or a list of token ids.",
+                                        min_length=1)
+
+  @field_validator("prompt")
+  @classmethod
+  def _non_empty(cls, value):
+    if isinstance(value, list) and any(isinstance(t, bool) for t in value):
+      raise ValueError("prompt token ids must be integers")
+    return value
+
+
+class ChatMessage(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+  role: Literal["system", "user", "assistant", "developer", "tool"]
+  content: str
+
+
+class ChatCompletionRequest(_Sampling):
+  messages: list[ChatMessage] = Field(min_length=1)
+  max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
+                    prompt_tokens: int, completion_tokens: int) -> dict:
+  return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+          "model": model,
+          "choices": [{"index": 0, "text": text, "logprobs": None,
+                       "finish_reason": finish_reason}],
+          "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
+  return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+          "model": model,
+          "choices": [{"index": 0, "text": text, "logprobs": None,
+                       "finish_reason": finish_reason}]}
+
+
+def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
+              prompt_tokens: int, completion_tokens: int) -> dict:
+  return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+          "model": model,
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                       "logprobs": None, "finish_reason": finish_reason}],
+          "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+  return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+          "model": model,
+          "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                       "finish_reason": finish_reason}]}
