@@ -19,7 +19,9 @@ def test_openai_backend_matches_inprocess(live_server):
   assert http["mean_transfer_ms"] == local["mean_transfer_ms"] == 0.0  # colocated
   assert http["mean_prefill_ms"] > 0  # phases reported by the server reach the client
   # Same arrivals, same engine: throughput within noise; latencies differ by what HTTP and SSE
-  # add (a few ms here, where this tiny model decodes a token in ~1.5 ms).
+  # add (a few ms per request and up to ~1.5 ms per chunk on two busy cores, as much as this
+  # tiny model needs per token; with the demo model they agree within noise, see
+  # docs/BENCHMARKS.md).
   assert abs(http["request_throughput"] / local["request_throughput"] - 1) < 0.1
-  assert 0.8 < http["mean_tpot_ms"] / local["mean_tpot_ms"] < 1.5
+  assert 0.8 < http["mean_tpot_ms"] / local["mean_tpot_ms"] < 3.0
   assert 0 < http["mean_ttft_ms"] - local["mean_ttft_ms"] < 15
