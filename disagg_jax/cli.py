@@ -38,6 +38,21 @@ def define_engine_flags() -> None:
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
   flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"],
                     "auto: Pallas on TPU/GPU, XLA on CPU.")
+  flags.DEFINE_enum("cluster", "local", ["local", "ray"],
+                    "local: everything in this process; ray: prefill and decode workers as Ray "
+                    "actors (--mode=disagg), each with its own mesh of --prefill_devices / "
+                    "--decode_devices.")
+  flags.DEFINE_integer("num_prefill_workers", 1, "--cluster=ray: prefill worker processes.")
+  flags.DEFINE_integer("num_decode_workers", 1, "--cluster=ray: decode worker processes.")
+  flags.DEFINE_enum("on_decode_failure", "reprefill", ["reprefill", "error"],
+                    "--cluster=ray: what a dead decode worker's requests do.")
+  flags.DEFINE_float("kv_lease_s", 30.0,
+                     "--cluster=ray: offered KV not pulled within this is dropped.")
+  flags.DEFINE_string("prefill_cpus", "", "--cluster=ray: pin prefill workers to cores, one "
+                      "group per worker: '0' or '0,1;2,3'. Empty: no pinning.")
+  flags.DEFINE_string("decode_cpus", "", "--cluster=ray: the same for decode workers.")
+  flags.DEFINE_string("driver_cpus", "", "--cluster=ray: pin this process and Ray's own "
+                      "processes to these cores, e.g. '0'.")
 
 
 def define_sampling_flags() -> None:
@@ -99,6 +114,8 @@ def build_generator(config):
   from disagg_jax.models.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   engine = config.engine
+  if f.cluster == "ray":
+    return _build_cluster(config)
   try:
     mesh, decode_mesh = meshes_from_flags()
     model = loading.load_model(f.model_path, mesh, f.dtype)
@@ -110,4 +127,35 @@ def build_generator(config):
     engine_config = EngineConfig.from_config(engine, attention_impl=f.attention_impl)
     return Engine.create(f.mode, model, decode_model, engine_config)
   except (ValueError, CheckpointError) as e:  # ConfigError is a ValueError
+    raise app.UsageError(str(e)) from None
+
+
+def _cores(spec: str) -> list[tuple[int, ...]]:
+  """'0,1;2,3' -> [(0, 1), (2, 3)]."""
+  return [tuple(int(c) for c in group.split(",") if c.strip())
+          for group in spec.split(";") if group.strip()]
+
+
+def _build_cluster(config):
+  from disagg_jax.cluster.driver import ClusterEngine  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.engine import EngineConfig  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if f.mode != "disagg":
+    raise app.UsageError(f"--cluster=ray runs --mode=disagg, not --mode={f.mode}")
+  try:
+    prefill_devices, decode_devices = int(f.prefill_devices), int(f.decode_devices)
+  except ValueError:
+    raise app.UsageError("--cluster=ray takes device counts per worker, not ids, for "
+                         f"--prefill_devices={f.prefill_devices!r} and --decode_devices="
+                         f"{f.decode_devices!r}") from None
+  try:
+    return ClusterEngine(
+        f.model_path, EngineConfig.from_config(config.engine, attention_impl=f.attention_impl),
+        num_prefill_workers=f.num_prefill_workers, num_decode_workers=f.num_decode_workers,
+        prefill_devices=prefill_devices, decode_devices=decode_devices,
+        prefill_tp=f.prefill_tp, decode_tp=f.decode_tp, dtype=f.dtype,
+        prefill_cpus=_cores(f.prefill_cpus), decode_cpus=_cores(f.decode_cpus),
+        on_decode_failure=f.on_decode_failure, kv_lease_s=f.kv_lease_s,
+        driver_cpus=[c for group in _cores(f.driver_cpus) for c in group])
+  except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -32,6 +32,7 @@ class RequestRecord:
   e2el: float = 0.0
   phases: dict[str, float] = dataclasses.field(default_factory=dict)
   error: str | None = None
+  output_token_ids: list[int] | None = None  # kept when the backend reports them
 
   @property
   def tpot(self) -> float | None:
@@ -47,7 +48,8 @@ class RequestRecord:
       return cls(prompt_len, error=output.error or f"finished with {output.finish_reason}")
     times = m.token_times
     return cls(prompt_len, len(output.output_token_ids), True, times[0] - m.arrival,
-               list(np.diff(times)), times[-1] - m.arrival, m.phases())
+               [float(g) for g in np.diff(times)], times[-1] - m.arrival, m.phases(),
+               output_token_ids=list(output.output_token_ids))
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)

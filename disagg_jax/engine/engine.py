@@ -279,7 +279,7 @@ class Engine:
 
   def _dummy_prefix(self, bucket: int):
     """Zeros shaped like a `bucket`-token request's KV as it arrives on the decode mesh."""
-    shape = self.plan.decode_shape(bucket)
+    shape = self.plan.layout.shape(bucket)
     return jax.jit(lambda: jnp.zeros(shape, self.model.dtype),
                    out_shardings=self.plan.decode_sharding)()
 

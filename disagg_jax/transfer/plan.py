@@ -33,12 +33,21 @@ def kv_blocks(cfg: ModelConfig, mesh: Mesh) -> int:
 
 
 class TransferPlan:
-  """The transfer layout between one prefill mesh and one decode mesh."""
+  """The transfer layout between one prefill mesh and one decode mesh. Across processes the
+  decode mesh is not visible: give `decode_blocks` (its `kv_blocks`) instead, offer
+  `source_blocks(...)` for pulling, and let the decode side's `DecodeLayout` assemble them."""
 
-  def __init__(self, cfg: ModelConfig, prefill_mesh: Mesh, decode_mesh: Mesh):
+  def __init__(self, cfg: ModelConfig, prefill_mesh: Mesh, decode_mesh: Mesh | None = None, *,
+               decode_blocks: int | None = None):
     self.cfg = cfg
     self.p = kv_blocks(cfg, prefill_mesh)
-    self.d = kv_blocks(cfg, decode_mesh)
+    self.d = kv_blocks(cfg, decode_mesh) if decode_mesh is not None else decode_blocks
+    if self.d is None or cfg.num_kv_heads % self.d:
+      raise ValueError(f"decode side must split {cfg.num_kv_heads} KV heads evenly, got "
+                       f"{self.d} blocks")
+    if max(self.p, self.d) % min(self.p, self.d):
+      raise ValueError(f"prefill KV blocks ({self.p}) and decode KV blocks ({self.d}) must "
+                       "divide one another")
     self.decode_mesh = decode_mesh
     devices = prefill_mesh.devices  # [dp, tp]
     if self.p >= self.d:
@@ -49,7 +58,8 @@ class TransferPlan:
     else:
       spec = P(parallel.TP) if self.p > 1 else P()
       self.source_shardings = [NamedSharding(prefill_mesh, spec)] * (self.d // self.p)
-    self.decode_sharding = NamedSharding(decode_mesh, P(parallel.TP) if self.d > 1 else P())
+    self.layout = DecodeLayout(cfg, decode_mesh) if decode_mesh is not None else None
+    self.decode_sharding = self.layout.sharding if self.layout else None
 
   # ------------------------------------------------------------------ inside jit
 
@@ -70,10 +80,6 @@ class TransferPlan:
     d, L, two, s, h, dim = blocks.shape
     return jnp.moveaxis(blocks, 0, 3).reshape(L, two, s, d * h, dim)
 
-  def decode_shape(self, num_tokens: int) -> tuple[int, ...]:
-    cfg = self.cfg
-    return (self.d, cfg.num_layers, 2, num_tokens, cfg.num_kv_heads // self.d, cfg.head_dim)
-
   # ------------------------------------------------------------------ the transfer
 
   def transfer(self, arrays: list[jax.Array]) -> jax.Array:
@@ -83,10 +89,15 @@ class TransferPlan:
     pieces = [jax.device_put(arrays[k].addressable_data(i), device) for k, i, device in routes]
     return jax.make_array_from_single_device_arrays(shape, self.decode_sharding, pieces)
 
+  def source_blocks(self, arrays: list[jax.Array]) -> list[jax.Array]:
+    """The packed arrays as d single-device buffers, block j holding decode block j (what a
+    prefill process offers for a decode process to pull)."""
+    holders = self._holders((self.d,) + arrays[0].shape[1:])
+    return [arrays[k].addressable_data(i) for k, i in (holders[j][0] for j in range(self.d))]
+
   @functools.lru_cache(maxsize=64)
-  def _routes(self, shape) -> list[tuple[int, int, jax.Device]]:
-    """For each decode device in order: (source array, index of its single-device buffer that
-    holds exactly that device's block, the device). Replicated sources are used round robin."""
+  def _holders(self, shape) -> dict[int, list[tuple[int, int]]]:
+    """Decode block -> every (source array, index of its single-device buffer) holding it."""
     r = 1 if self.p >= self.d else self.d // self.p
     holders: dict[int, list[tuple[int, int]]] = {}
     for k, sharding in enumerate(self.source_shardings):
@@ -94,6 +105,13 @@ class TransferPlan:
       for i, index in enumerate(sharding.addressable_devices_indices_map(source_shape).values()):
         start = index[0].indices(source_shape[0])[0]
         holders.setdefault(start * r + k, []).append((k, i))
+    return holders
+
+  @functools.lru_cache(maxsize=64)
+  def _routes(self, shape) -> list[tuple[int, int, jax.Device]]:
+    """For each decode device in order: (source array, index of its single-device buffer that
+    holds exactly that device's block, the device). Replicated sources are used round robin."""
+    holders = self._holders(shape)
     routes = []
     for n, (device, index) in enumerate(
         self.decode_sharding.addressable_devices_indices_map(shape).items()):
@@ -101,3 +119,35 @@ class TransferPlan:
       routes.append(replicas[n % len(replicas)] + (device,))
     return routes
 
+
+
+class DecodeLayout:
+  """The decode side of a transfer: where each of the d blocks [1, L, 2, S, Hkv/d, D] lives, and
+  how pulled blocks become the [d, L, 2, S, Hkv/d, D] array the insert step takes."""
+
+  def __init__(self, cfg: ModelConfig, decode_mesh: Mesh):
+    self.cfg = cfg
+    self.d = kv_blocks(cfg, decode_mesh)
+    self.sharding = NamedSharding(decode_mesh, P(parallel.TP) if self.d > 1 else P())
+
+  def shape(self, num_tokens: int) -> tuple[int, ...]:
+    cfg = self.cfg
+    return (self.d, cfg.num_layers, 2, num_tokens, cfg.num_kv_heads // self.d, cfg.head_dim)
+
+  def pull_specs(self, num_tokens: int, dtype) -> list[jax.ShapeDtypeStruct]:
+    """One single-device spec per block, on the first decode device that holds it."""
+    shape = self.shape(num_tokens)
+    first = {}
+    for device, index in self.sharding.addressable_devices_indices_map(shape).items():
+      first.setdefault(index[0].indices(self.d)[0], device)
+    block = (1,) + shape[1:]
+    return [jax.ShapeDtypeStruct(block, dtype, sharding=jax.sharding.SingleDeviceSharding(
+        first[j])) for j in range(self.d)]
+
+  def assemble(self, blocks: list[jax.Array]) -> jax.Array:
+    """Pulled blocks (block j on its first device) -> the decode array; replicas (dp > 1, or
+    replicated heads) are local copies."""
+    shape = (self.d,) + blocks[0].shape[1:]
+    pieces = [jax.device_put(blocks[index[0].indices(self.d)[0]], device) for device, index in
+              self.sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, self.sharding, pieces)

@@ -1,0 +1,1 @@
+"""Prefill and decode workers in separate processes (Ray), KV moved with jax.experimental.transfer."""

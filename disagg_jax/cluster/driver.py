@@ -1,0 +1,443 @@
+"""The cluster engine: the Engine API over prefill and decode workers in separate processes.
+
+    engine = ClusterEngine(model_path, EngineConfig(...), num_prefill_workers=2,
+                           num_decode_workers=1, prefill_devices=1, decode_devices=1)
+    stream = engine.add_request(prompt_ids, SamplingParams(...))   # as Engine
+
+The driver only routes and relays: a request goes to the prefill worker with the fewest queued
+prompt tokens, then to the decode worker with the most free pages, which pulls the KV straight
+from the prefill worker (jax.experimental.transfer). One poller thread collects every worker's
+events (tokens, finishes, pulls) and notices dead workers:
+  - a prefill worker dies: its unfinished requests go to another prefill worker;
+  - a decode worker dies: its requests end with an error, or are prefilled again elsewhere
+    (`on_decode_failure="reprefill"`), each within `request_timeout_s`;
+  - KV offered but never pulled is dropped by its prefill worker after `kv_lease_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from typing import Sequence
+
+from absl import logging
+
+from disagg_jax import parallel
+from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
+from disagg_jax.engine.engine import EngineConfig
+from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
+from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
+from disagg_jax.engine.state import RequestMetrics, RequestState, TokenStream
+from disagg_jax.models.config import ModelConfig
+from disagg_jax.models.loading import DEMO_MODEL_DIR
+from disagg_jax.models.tokenizer import load_tokenizer
+
+FAILURE_POLICIES = ("error", "reprefill")
+MAX_ATTEMPTS = 3  # prefills per request before it fails (pull failures, dead workers)
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+  kind: str  # "prefill" | "decode"
+  index: int
+  actor: object
+  address: str = ""
+  pid: int = 0
+  alive: bool = True
+  requests: set = dataclasses.field(default_factory=set)  # request ids it holds
+  queued_tokens: int = 0  # prefill: prompt tokens queued (driver's count)
+  free_pages: int = 0  # decode: as last reported, minus what was sent since
+  total_pages: int = 0
+  offers: int = 0  # prefill: KV offers not yet pulled (or expired)
+  expired: int = 0  # prefill: offers dropped after their lease
+  pending_poll: object = None
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind} worker {self.index} (pid {self.pid})"
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+  state: RequestState
+  attempts: int = 0
+  prefill: _Worker | None = None
+  decode: _Worker | None = None
+
+
+def _perf(wall: float | None) -> float | None:
+  """A worker's wall-clock stamp on this process's perf_counter scale."""
+  return None if wall is None else wall - time.time() + time.perf_counter()
+
+
+class ClusterEngine:
+  """Disaggregated serving over Ray actors; the same public API as `Engine`."""
+
+  mode = "disagg"
+
+  def __init__(self, model_path: str | None, config: EngineConfig, *,
+               num_prefill_workers: int = 1, num_decode_workers: int = 1,
+               prefill_devices: int = 1, decode_devices: int = 1, prefill_tp: int = 0,
+               decode_tp: int = 0, dtype: str = "float32",
+               prefill_cpus: Sequence[Sequence[int]] = (),
+               decode_cpus: Sequence[Sequence[int]] = (), on_decode_failure: str = "reprefill",
+               kv_lease_s: float = 30.0, pull_timeout_s: float = 30.0,
+               request_timeout_s: float = 600.0, ray_address: str | None = None,
+               worker_gpus: bool = False, driver_cpus: Sequence[int] = (),
+               progress: bool = True):
+    import ray  # pylint: disable=g-import-not-at-top
+    from ray.util.placement_group import placement_group  # pylint: disable=g-import-not-at-top
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # pylint: disable=g-import-not-at-top
+    if on_decode_failure not in FAILURE_POLICIES:
+      raise ValueError(f"on_decode_failure={on_decode_failure!r} is not one of "
+                       f"{', '.join(FAILURE_POLICIES)}")
+    if num_prefill_workers < 1 or num_decode_workers < 1:
+      raise ValueError(f"need at least one prefill and one decode worker, got "
+                       f"{num_prefill_workers} and {num_decode_workers}")
+    model_dir = model_path or DEMO_MODEL_DIR
+    self.model_cfg = ModelConfig.from_dir(model_dir)
+    prefill_tp, decode_tp = prefill_tp or prefill_devices, decode_tp or decode_devices
+    for devices, tp, what in ((prefill_devices, prefill_tp, "prefill"),
+                              (decode_devices, decode_tp, "decode")):
+      if devices % tp:
+        raise ValueError(f"--{what}_tp={tp} does not divide --{what}_devices={devices}")
+      parallel.check_tp(self.model_cfg, tp)
+    self.config = config
+    self.limits = Limits.for_model(self.model_cfg, config.max_seq_len, config.max_prefill_length)
+    pages_per_seq = -(-self.limits.max_seq_len // config.page_size)
+    self.page_capacity = (config.num_pages or config.decode_batch * pages_per_seq + 1) - 1
+    self.tokenizer = load_tokenizer(model_dir, self.model_cfg.bos_token_id,
+                                    (self.model_cfg.eos_token_ids or (None,))[0])
+    self.on_decode_failure = on_decode_failure
+    self.request_timeout_s = request_timeout_s
+    self.num_devices = (num_prefill_workers * prefill_devices
+                        + num_decode_workers * decode_devices)
+    decode_blocks = decode_tp if self.model_cfg.num_kv_heads % decode_tp == 0 else 1
+
+    if driver_cpus:  # before ray.init: Ray's own processes inherit it
+      os.sched_setaffinity(0, set(driver_cpus))
+    if not ray.is_initialized():
+      ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
+               configure_logging=False, ignore_reinit_error=True,
+               num_cpus=None if ray_address else os.cpu_count())
+    self._ray = ray
+    engine_fields = dataclasses.asdict(config)
+
+    def spec(kind, i, devices, tp, cores):
+      return WorkerSpec(f"{kind}-{i}", model_path, dtype, devices, tp, engine_fields,
+                        decode_blocks, tuple(cores[i]) if i < len(cores) else (),
+                        kv_lease_s=kv_lease_s, pull_timeout_s=pull_timeout_s)
+
+    kinds = ([("prefill", i, prefill_devices, prefill_tp, prefill_cpus, PrefillServer)
+              for i in range(num_prefill_workers)]
+             + [("decode", i, decode_devices, decode_tp, decode_cpus, DecodeServer)
+                for i in range(num_decode_workers)])
+    # One bundle per worker, spread over the cluster's nodes (one node here).
+    self._placement = placement_group([{"CPU": 0.01}] * len(kinds), strategy="SPREAD")
+    ray.get(self._placement.ready())
+    workers = []
+    for bundle, (kind, i, devices, tp, cores, cls) in enumerate(kinds):
+      options = {"num_cpus": 0.01, "max_restarts": 0, "scheduling_strategy":
+                 PlacementGroupSchedulingStrategy(self._placement, bundle)}
+      if worker_gpus:
+        options["num_gpus"] = devices
+      actor = ray.remote(cls).options(**options).remote(spec(kind, i, devices, tp, cores))
+      workers.append(_Worker(kind, i, actor))
+    start = time.perf_counter()
+    for worker, info in zip(workers, ray.get([w.actor.ready.remote() for w in workers])):
+      worker.address, worker.pid = info["address"], info["pid"]
+    if progress:
+      print(f"{len(workers)} workers ready in {time.perf_counter() - start:.0f} s", flush=True)
+    self.prefill_workers = [w for w in workers if w.kind == "prefill"]
+    self.decode_workers = [w for w in workers if w.kind == "decode"]
+    for w in self.decode_workers:
+      w.free_pages = w.total_pages = self.page_capacity
+
+    self._requests: dict[str, _Request] = {}
+    self._lock = threading.RLock()  # re-entrant: finishing happens inside routing
+    self._ids = itertools.count()
+    self._to_release: dict[int, list[int]] = {}  # prefill index -> pulled uuids
+    self.error: str | None = None
+    self._stopped = False
+    self._poller = threading.Thread(target=self._poll_loop, daemon=True,
+                                    name="disagg_jax-ClusterPoller")
+    self._poller.start()
+
+  # ------------------------------------------------------------------ the Engine API
+
+  def add_request(self, prompt_token_ids: Sequence[int], sampling: SamplingParams | None = None,
+                  request_id: str | None = None, on_token=None) -> TokenStream:
+    if self.error:
+      raise RuntimeError(f"the cluster has stopped: {self.error}")
+    sampling = sampling or SamplingParams()
+    prompt = list(prompt_token_ids)
+    validate(prompt, sampling, self.model_cfg, self.limits)
+    need = -(-(len(prompt) + sampling.max_new_tokens) // self.config.page_size)
+    if need > self.page_capacity:
+      raise InvalidRequestError(
+          f"prompt + max_new_tokens needs {need} pages of {self.config.page_size} tokens; a "
+          f"decode worker's pool holds {self.page_capacity} (--config.engine.num_pages)")
+    request_id = request_id or f"req-{next(self._ids)}"
+    state = RequestState(request_id, prompt, sampling, stop_ids(sampling, self.model_cfg),
+                         TokenStream(request_id, on_token))
+    with self._lock:
+      if request_id in self._requests:
+        raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+      request = self._requests[request_id] = _Request(state)
+      self._send_to_prefill(request)
+    return state.stream
+
+  def abort(self, request_id: str) -> bool:
+    with self._lock:
+      request = self._requests.get(request_id)
+      if request is None:
+        return False
+      request.state.aborted = True
+      for worker in (request.prefill, request.decode):
+        if worker is not None and worker.alive:
+          worker.actor.abort.remote(request_id)
+    return True
+
+  def generate(self, prompts, sampling) -> list[RequestOutput]:
+    if isinstance(sampling, SamplingParams):
+      sampling = [sampling] * len(prompts)
+    streams = []
+    for i, (prompt, params) in enumerate(zip(prompts, sampling)):
+      try:
+        streams.append(self.add_request(prompt, params))
+      except InvalidRequestError as e:
+        streams.append(RequestOutput(f"invalid-{i}", list(prompt), finish_reason="error",
+                                     error=str(e)))
+    return [s if isinstance(s, RequestOutput) else s.result() for s in streams]
+
+  def stats(self) -> dict:
+    with self._lock:
+      return {"mode": "disagg", "cluster": "ray", "in_flight": len(self._requests),
+              "prefill_workers_alive": sum(w.alive for w in self.prefill_workers),
+              "decode_workers_alive": sum(w.alive for w in self.decode_workers),
+              "waiting": sum(w.queued_tokens > 0 for w in self.prefill_workers),
+              "free_pages": sum(w.free_pages for w in self.decode_workers if w.alive),
+              "total_pages": sum(w.total_pages for w in self.decode_workers if w.alive),
+              "kv_offers": sum(w.offers for w in self.prefill_workers if w.alive),
+              "kv_offers_expired": sum(w.expired for w in self.prefill_workers)}
+
+  def worker_pids(self) -> dict[str, list[int]]:
+    return {"prefill": [w.pid for w in self.prefill_workers],
+            "decode": [w.pid for w in self.decode_workers]}
+
+  def shutdown(self) -> None:
+    self._stopped = True
+    self._poller.join(timeout=30)
+    with self._lock:
+      pending = list(self._requests.values())
+    for request in pending:
+      request.state.aborted = True
+      self._finish(request, None)
+    for worker in self.prefill_workers + self.decode_workers:
+      try:
+        self._ray.kill(worker.actor)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    self._ray.util.remove_placement_group(self._placement)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.shutdown()
+
+  # ------------------------------------------------------------------ routing (lock held)
+
+  def _item(self, request: _Request) -> dict:
+    s = request.state
+    return {"request_id": s.request_id, "prompt_ids": s.prompt_ids,
+            "sampling": dataclasses.asdict(s.sampling), "stop_ids": sorted(s.stop_ids),
+            "output_ids": list(s.output_ids), "arrival": time.time()}
+
+  def _send_to_prefill(self, request: _Request, front: bool = False) -> None:
+    alive = [w for w in self.prefill_workers if w.alive]
+    if not alive:
+      request.state.error = "no prefill worker is alive"
+      self._finish(request, "error")
+      return
+    if request.attempts >= MAX_ATTEMPTS:
+      request.state.error = (request.state.error or "") + f" (gave up after {MAX_ATTEMPTS} "\
+                                                          "prefills)"
+      self._finish(request, "error")
+      return
+    request.attempts += 1
+    worker = min(alive, key=lambda w: w.queued_tokens)
+    tokens = len(request.state.prompt_ids) + len(request.state.output_ids)
+    worker.queued_tokens += tokens
+    worker.requests.add(request.state.request_id)
+    request.prefill, request.decode = worker, None
+    item = self._item(request)
+    item["front"] = front
+    worker.actor.submit.remote([item])
+
+  def _send_to_decode(self, request: _Request, event: dict, prefill: _Worker) -> None:
+    alive = [w for w in self.decode_workers if w.alive]
+    if not alive:
+      request.state.error = "no decode worker is alive"
+      self._finish(request, "error")
+      return
+    worker = max(alive, key=lambda w: w.free_pages)
+    computed = event["computed"]
+    worker.free_pages -= -(-(computed + 1) // self.config.page_size)
+    worker.requests.add(request.state.request_id)
+    request.decode = worker
+    item = self._item(request)
+    item.update(uuid=event["uuid"], bucket=event["bucket"], computed=computed,
+                address=prefill.address, prefill_id=prefill.index)
+    worker.actor.accept.remote(item)
+
+  def _finish(self, request: _Request, reason: str | None) -> None:
+    state = request.state
+    with self._lock:
+      if state.stream.done:
+        return
+      self._requests.pop(state.request_id, None)
+      for worker in (request.prefill, request.decode):
+        if worker is not None:
+          worker.requests.discard(state.request_id)
+    state.finish_reason = reason or state.finish_reason or ("abort" if state.aborted else "error")
+    if state.finish_reason == "error" and not state.error:
+      state.error = "the request failed"
+    state.metrics.finished = time.perf_counter()
+    state.stream.finish(state.output(self.tokenizer))
+
+  # ------------------------------------------------------------------ the poller
+
+  def _poll_loop(self) -> None:
+    try:
+      while not self._stopped:
+        if not self._poll_once():
+          time.sleep(0.002)
+    except Exception as e:  # pylint: disable=broad-except
+      self.error = f"cluster poller crashed: {type(e).__name__}: {e}"
+      logging.exception(self.error)
+      with self._lock:
+        pending = list(self._requests.values())
+      for request in pending:
+        request.state.error = self.error
+        self._finish(request, "error")
+
+  def _poll_once(self) -> bool:
+    """One round over every live worker; True if anything happened."""
+    ray = self._ray
+    live = [w for w in self.prefill_workers + self.decode_workers if w.alive]
+    for worker in live:
+      if worker.pending_poll is None:
+        worker.pending_poll = worker.actor.poll.remote()
+    ready, _ = ray.wait([w.pending_poll for w in live], num_returns=len(live), timeout=0.05)
+    ready = set(ready)
+    busy = False
+    for worker in live:
+      if worker.pending_poll not in ready:
+        continue
+      ref, worker.pending_poll = worker.pending_poll, None
+      try:
+        report = ray.get(ref)
+      except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+              ray.exceptions.RayTaskError) as e:
+        self._worker_died(worker, e)
+        busy = True
+        continue
+      busy |= self._handle(worker, report)
+    with self._lock:
+      for index, uuids in self._to_release.items():
+        if uuids and self.prefill_workers[index].alive:
+          self.prefill_workers[index].actor.release.remote(uuids)
+      self._to_release = {}
+      self._expire_requests()
+    return busy
+
+  def _handle(self, worker: _Worker, report: dict) -> bool:
+    events = report["events"]
+    with self._lock:
+      if worker.kind == "decode":
+        worker.free_pages, worker.total_pages = report["free_pages"], report["total_pages"]
+      else:
+        worker.queued_tokens, worker.offers = report["queued_tokens"], report["offers"]
+      for event in events:
+        if event["kind"] == "expired":
+          worker.expired += 1
+          continue
+        request = self._requests.get(event.get("request_id"))
+        if request is not None:
+          getattr(self, f"_on_{event['kind']}")(request, event, worker)
+    return bool(events)
+
+  def _emit(self, request: _Request, tokens: list[int], wall: float) -> None:
+    now = _perf(wall)
+    for token in tokens:
+      request.state.output_ids.append(token)
+      request.state.metrics.token_times.append(now)
+      request.state.stream.put(token)
+
+  def _on_prefilled(self, request, event, worker) -> None:
+    worker.requests.discard(request.state.request_id)
+    m = request.state.metrics
+    m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
+    m.first_token = m.first_token or _perf(event["first_token"])
+    self._emit(request, event["output_ids"][len(request.state.output_ids):], event["time"])
+    if request.state.aborted:
+      self._finish(request, "abort")
+      return
+    self._send_to_decode(request, event, worker)
+
+  def _on_finished(self, request, event, worker) -> None:
+    m = request.state.metrics
+    if worker.kind == "prefill":
+      m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
+      m.first_token = m.first_token or _perf(event["first_token"])
+      self._emit(request, event["output_ids"][len(request.state.output_ids):], event["time"])
+    self._finish(request, event["finish_reason"])
+
+  def _on_token(self, request, event, worker) -> None:
+    del worker
+    self._emit(request, [event["token"]], event["time"])
+
+  def _on_pulled(self, request, event, worker) -> None:
+    del worker
+    m = request.state.metrics
+    m.transfer_start, m.transfer_end = _perf(event["transfer_start"]), _perf(event["transfer_end"])
+    self._to_release.setdefault(event["prefill_id"], []).append(event["uuid"])
+
+  def _on_preempted(self, request, event, worker) -> None:
+    worker.requests.discard(request.state.request_id)
+    request.state.metrics.preemptions += 1
+    request.attempts -= 1  # preemption is not a failure
+    self._send_to_prefill(request, front=True)
+
+  def _on_pull_failed(self, request, event, worker) -> None:
+    worker.requests.discard(request.state.request_id)
+    request.state.error = f"KV pull failed on {worker.name}: {event['error']}"
+    self._send_to_prefill(request, front=True)
+
+  def _worker_died(self, worker: _Worker, error: Exception) -> None:
+    with self._lock:
+      worker.alive = False
+      logging.warning("%s died: %s", worker.name, type(error).__name__)
+      for request_id in list(worker.requests):
+        request = self._requests.get(request_id)
+        if request is None:
+          continue
+        if worker.kind == "prefill":
+          self._send_to_prefill(request, front=True)
+        elif self.on_decode_failure == "reprefill":
+          self._send_to_prefill(request, front=True)
+        else:
+          request.state.error = f"{worker.name} died while decoding this request"
+          self._finish(request, "error")
+      worker.requests.clear()
+
+  def _expire_requests(self) -> None:
+    now = time.perf_counter()
+    for request in list(self._requests.values()):
+      if now - request.state.metrics.arrival > self.request_timeout_s:
+        request.state.error = f"not finished within request_timeout_s={self.request_timeout_s}"
+        self._finish(request, "error")

@@ -1,0 +1,314 @@
+"""Prefill and decode workers that run in their own processes (Ray actors), each owning a mesh
+over its local devices and reusing the engine's step functions and schedulers unchanged.
+
+KV moves directly between workers with `jax.experimental.transfer`: a prefill worker offers each
+request's KV blocks (`await_pull`), the decode worker pulls them onto its devices. Only small
+control messages (ids, token lists, timestamps) go through Ray. Timestamps are wall-clock
+(`time.time()`), comparable across processes on one host; the driver converts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+  """Everything a worker process needs to build its mesh, model and scheduler."""
+  worker_id: str
+  model_path: str | None
+  dtype: str
+  num_devices: int
+  tp: int
+  engine: dict  # EngineConfig fields
+  decode_blocks: int  # KV-head blocks of the decode meshes (prefill packs for that layout)
+  cpu_cores: tuple[int, ...] = ()  # pin the process (and its XLA threads) to these cores
+  host: str = "127.0.0.1"
+  kv_lease_s: float = 30.0  # offered KV not pulled by then is dropped (prefill)
+  pull_timeout_s: float = 30.0  # a pull that does not complete by then fails (decode)
+
+
+def _setup_process(spec: WorkerSpec):
+  """Before JAX starts: pin cores, simulate devices on CPU, keep logs quiet."""
+  if spec.cpu_cores:
+    os.sched_setaffinity(0, set(spec.cpu_cores))
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_num_cpu_devices", spec.num_devices)
+  return jax
+
+
+def _build(spec: WorkerSpec):
+  jax = _setup_process(spec)
+  from disagg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.engine import EngineConfig  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.steps import ModelSteps  # pylint: disable=g-import-not-at-top
+  from disagg_jax.models import loading  # pylint: disable=g-import-not-at-top
+  import jax.experimental.transfer as jax_transfer  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()[:spec.num_devices]
+  mesh = parallel.make_mesh(devices, spec.tp)
+  model = loading.load_model(spec.model_path, mesh, spec.dtype)
+  config = EngineConfig(**spec.engine)
+  limits = Limits.for_model(model.cfg, config.max_seq_len, config.max_prefill_length)
+  steps = ModelSteps(model, page_size=config.page_size, attention_impl=config.attention_impl)
+  server = jax_transfer.start_transfer_server(devices[0].client, f"{spec.host}:0",
+                                              [f"{spec.host}:0"] * 2)
+  return model, config, limits, steps, server
+
+
+class _Outbox:
+  """Events for the driver, taken in batches by `poll`."""
+
+  def __init__(self):
+    self._items = []
+    self._lock = threading.Lock()
+
+  def add(self, item: dict) -> None:
+    with self._lock:
+      self._items.append(item)
+
+  def take(self) -> list[dict]:
+    with self._lock:
+      items, self._items = self._items, []
+    return items
+
+
+class _TokenSink:
+  """Stands in for a TokenStream inside a worker: tokens go to the driver via the outbox."""
+
+  def __init__(self, request_id: str, outbox: _Outbox):
+    self.request_id, self.outbox = request_id, outbox
+
+  def put(self, token: int) -> None:
+    self.outbox.add({"kind": "token", "request_id": self.request_id, "token": int(token),
+                     "time": time.time()})
+
+
+def _state(item: dict, outbox: _Outbox):
+  """A RequestState rebuilt from the driver's description of the request."""
+  from disagg_jax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.state import RequestMetrics, RequestState  # pylint: disable=g-import-not-at-top
+  state = RequestState(item["request_id"], list(item["prompt_ids"]),
+                       SamplingParams(**item["sampling"]), frozenset(item["stop_ids"]),
+                       _TokenSink(item["request_id"], outbox),
+                       metrics=RequestMetrics(arrival=item.get("arrival", time.time())))
+  state.output_ids = list(item.get("output_ids", ()))
+  # For prefill: everything so far; for decode: the `computed` tokens whose KV arrives.
+  state.tokens_to_compute = (list(item["prompt_ids"]) + state.output_ids)[:item.get("computed")]
+  return state
+
+
+class PrefillServer:
+  """A prefill worker: length-bucketed prefill batches; each request's KV offered for pulling."""
+
+  def __init__(self, spec: WorkerSpec):
+    import jax  # pylint: disable=g-import-not-at-top
+    model, config, limits, steps, server = _build(spec)
+    from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.disagg import PrefillWorker  # pylint: disable=g-import-not-at-top
+    from disagg_jax.transfer.plan import TransferPlan  # pylint: disable=g-import-not-at-top
+    self.spec, self.jax, self.server = spec, jax, server
+    self.plan = TransferPlan(model.cfg, model.mesh, decode_blocks=spec.decode_blocks)
+    self.outbox = _Outbox()
+    self.offers: dict[int, tuple[float, list, int]] = {}  # uuid -> (time, blocks, bucket)
+    self._uuids = itertools.count(1)
+    self._lock = threading.Lock()
+    self.worker = PrefillWorker(
+        steps, model.params, self.plan,
+        length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
+        max_batch=config.prefill_batch, handoff=self._offer, finish=self._finished,
+        backlog=threading.Semaphore(10**6))
+    for _, thunk in self.worker.warmup_steps():
+      thunk()
+    threading.Thread(target=self.worker.run, daemon=True).start()
+    threading.Thread(target=self._expire_loop, daemon=True).start()
+
+  # ------------------------------------------------------------------ driver calls
+
+  def ready(self) -> dict:
+    return {"address": self.server.address(), "pid": os.getpid()}
+
+  def submit(self, items: list[dict]) -> None:
+    for item in items:
+      state = _state(item, self.outbox)
+      self.worker.put(state, front=item.get("front", False))
+
+  def abort(self, request_id: str) -> None:
+    with self.worker.cv:
+      for state in self.worker.queue:
+        if state.request_id == request_id:
+          state.aborted = True
+    self.worker.wake()
+
+  def release(self, uuids: list[int]) -> None:
+    """The decode side pulled these: forget them."""
+    with self._lock:
+      for uuid in uuids:
+        self.offers.pop(uuid, None)
+
+  def poll(self) -> dict:
+    with self._lock:
+      offered = len(self.offers)
+    return {"events": self.outbox.take(), "offers": offered,
+            "queued_tokens": sum(len(s.tokens_to_compute) for s in list(self.worker.queue))}
+
+  # ------------------------------------------------------------------ worker callbacks
+
+  def _offer(self, request, packed, bucket: int) -> None:
+    blocks = self.plan.source_blocks(packed)
+    uuid = next(self._uuids)
+    with self._lock:
+      self.offers[uuid] = (time.time(), blocks, bucket)
+    self.server.await_pull(uuid, blocks)
+    self.worker.backlog.release()
+    m = request.metrics
+    self.outbox.add({"kind": "prefilled", "request_id": request.request_id, "uuid": uuid,
+                     "bucket": bucket, "computed": len(request.tokens_to_compute),
+                     "output_ids": list(request.output_ids), "time": time.time(),
+                     "prefill_start": m.prefill_start and _wall(m.prefill_start),
+                     "first_token": m.first_token and _wall(m.first_token)})
+
+  def _finished(self, request) -> None:
+    m = request.metrics
+    self.outbox.add({"kind": "finished", "request_id": request.request_id,
+                     "output_ids": list(request.output_ids),
+                     "finish_reason": request.finish_reason or ("abort" if request.aborted
+                                                                 else "error"),
+                     "time": time.time(), "prefill_start": m.prefill_start and _wall(
+                         m.prefill_start), "first_token": m.first_token and _wall(
+                             m.first_token)})
+
+  def _expire_loop(self) -> None:
+    """Offers never pulled within the lease are pulled by this worker itself, which takes them
+    off the transfer server so their memory is freed."""
+    connection = None
+    while True:
+      time.sleep(min(1.0, self.spec.kv_lease_s / 4))
+      now = time.time()
+      with self._lock:
+        expired = [(u, o) for u, o in self.offers.items() if now - o[0] > self.spec.kv_lease_s]
+        for uuid, _ in expired:
+          del self.offers[uuid]
+      for uuid, (_, blocks, _) in expired:
+        connection = connection or self.server.connect(self.server.address())
+        specs = [self.jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=b.sharding)
+                 for b in blocks]
+        self.jax.block_until_ready(connection.pull(uuid, specs))
+        self.outbox.add({"kind": "expired", "uuid": uuid, "time": time.time()})
+
+
+class DecodeServer:
+  """A decode worker: pulls arrived requests' KV and runs the continuous-batching decode loop."""
+
+  def __init__(self, spec: WorkerSpec):
+    import jax  # pylint: disable=g-import-not-at-top
+    model, config, limits, steps, server = _build(spec)
+    from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.decode_core import DecodeCore  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.disagg import DisaggDecodeLoop  # pylint: disable=g-import-not-at-top
+    from disagg_jax.transfer.plan import DecodeLayout  # pylint: disable=g-import-not-at-top
+    self.spec, self.jax, self.server, self.model = spec, jax, server, model
+    self.layout = DecodeLayout(model.cfg, model.mesh)
+    if self.layout.d != spec.decode_blocks:
+      raise ValueError(f"decode mesh holds {self.layout.d} KV blocks, the plan expects "
+                       f"{spec.decode_blocks}")
+    pages_per_seq = -(-limits.max_seq_len // config.page_size)
+    num_pages = config.num_pages or config.decode_batch * pages_per_seq + 1
+    self.core = DecodeCore(steps, num_slots=config.decode_batch, num_pages=num_pages,
+                           pages_per_seq=pages_per_seq)
+    self.core.params = model.params
+    self.outbox = _Outbox()
+    self.loop = DisaggDecodeLoop(
+        self.core, length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
+        finish=self._finished, requeue=self._preempted, backlog=threading.Semaphore(10**6))
+    zeros = lambda s: jax.jit(lambda: jax.numpy.zeros(self.layout.shape(s), model.dtype),
+                              out_shardings=self.layout.sharding)()
+    for _, thunk in self.loop.warmup_steps(zeros):
+      thunk()
+    self._connections: dict[str, Any] = {}
+    self._pulls: queue.Queue = queue.Queue()
+    threading.Thread(target=self.loop.run, daemon=True).start()
+    threading.Thread(target=self._pull_loop, daemon=True).start()
+
+  # ------------------------------------------------------------------ driver calls
+
+  def ready(self) -> dict:
+    return {"address": self.server.address(), "pid": os.getpid()}
+
+  def accept(self, item: dict) -> None:
+    """A prefilled request: pull its KV from `item["address"]` and start decoding it."""
+    self._pulls.put(item)
+
+  def abort(self, request_id: str) -> None:
+    for state in [s for s in self.core.slots.requests if s is not None] + [
+        entry[0] for entry in list(self.loop.queue)]:
+      if state.request_id == request_id:
+        state.aborted = True
+    self.loop.wake()
+
+  def poll(self) -> dict:
+    slots = self.core.slots
+    return {"events": self.outbox.take(), "free_pages": slots.allocator.num_free,
+            "total_pages": slots.allocator.capacity, "running": len(slots.occupied()),
+            "waiting": len(self.loop.queue) + self._pulls.qsize()}
+
+  # ------------------------------------------------------------------ internals
+
+  def _pull_loop(self) -> None:
+    while True:
+      item = self._pulls.get()
+      started = time.time()
+      try:
+        blocks = self._pull(item)
+      except Exception as e:  # pylint: disable=broad-except
+        self.outbox.add({"kind": "pull_failed", "request_id": item["request_id"],
+                         "error": f"{type(e).__name__}: {e}", "time": time.time()})
+        continue
+      state = _state(item, self.outbox)
+      state.metrics.transfer_start, state.metrics.transfer_end = started, time.time()
+      self.outbox.add({"kind": "pulled", "request_id": item["request_id"],
+                       "uuid": item["uuid"], "prefill_id": item["prefill_id"],
+                       "transfer_start": started, "transfer_end": time.time()})
+      self.loop.deliver(state, blocks, item["bucket"])
+
+  def _pull(self, item: dict):
+    address = item["address"]
+    if address not in self._connections:
+      self._connections[address] = self.server.connect(address)
+    specs = self.layout.pull_specs(item["bucket"], self.model.dtype)
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(
+        self.jax.block_until_ready(self._connections[address].pull(item["uuid"], specs))),
+                              daemon=True)
+    thread.start()
+    thread.join(self.spec.pull_timeout_s)
+    if not result:
+      raise TimeoutError(f"pull {item['uuid']} from {address} took over "
+                         f"{self.spec.pull_timeout_s} s")
+    return self.layout.assemble(result[0])
+
+  def _finished(self, request) -> None:
+    self.outbox.add({"kind": "finished", "request_id": request.request_id,
+                     "finish_reason": request.finish_reason or ("abort" if request.aborted
+                                                                 else "error"),
+                     "time": time.time()})
+
+  def _preempted(self, request) -> None:
+    """No prefill here: hand the request back to the driver to recompute elsewhere."""
+    self.outbox.add({"kind": "preempted", "request_id": request.request_id,
+                     "output_ids": list(request.output_ids), "time": time.time()})
+
+
+def _wall(perf_time: float) -> float:
+  """A time.perf_counter() stamp of this process as wall-clock time."""
+  return perf_time - time.perf_counter() + time.time()
+
+
