@@ -42,7 +42,7 @@ def main(argv):
   default_sampling = cli.sampling_from_flags()
   start = time.perf_counter()
   generator = cli.build_generator(FLAGS.config)
-  tokenizer = generator.model.tokenizer
+  tokenizer = generator.tokenizer
   load_s = time.perf_counter() - start
 
   if FLAGS.prompts_file:

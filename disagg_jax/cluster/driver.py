@@ -30,7 +30,7 @@ from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
 from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
-from disagg_jax.engine.state import RequestMetrics, RequestState, TokenStream
+from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import DEMO_MODEL_DIR
 from disagg_jax.models.tokenizer import load_tokenizer

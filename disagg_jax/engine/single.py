@@ -43,6 +43,10 @@ class StaticGenerator:
     self._kv_pages = None
     self.times = PhaseTimes()
 
+  @property
+  def tokenizer(self):
+    return self.model.tokenizer
+
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
     """One output per prompt, in order; a prompt that fails validation gets finish_reason "error"

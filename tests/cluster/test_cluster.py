@@ -1,0 +1,134 @@
+"""Prefill and decode workers in separate processes (Ray actors) over loopback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from disagg_jax.cluster.driver import ClusterEngine
+from disagg_jax.engine.engine import EngineConfig
+from disagg_jax.engine.sampling import SamplingParams
+from disagg_jax.models import loading
+from disagg_jax.testing import helpers, tiny_hf
+
+CONFIG = EngineConfig(max_seq_len=128, decode_batch=4, prefill_batch=2)
+SAMPLING = SamplingParams(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_checkpoint):
+  return hf_checkpoint("llama3")[0]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return helpers.random_prompts((1, 17, 40, 100, 5, 33, 64, 2), tiny_hf.VOCAB, seed=41)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, prompts):
+  model = loading.load_model(model_dir, helpers.mesh())
+  return [o.output_token_ids for o in helpers.static_generator(model).generate(prompts, SAMPLING)]
+
+
+def run_script(repo_root, script, *flags):
+  result = subprocess.run([sys.executable, os.path.join(repo_root, "launch", script), *flags],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.mark.parametrize("prefill_workers, decode_workers", [(1, 1), (2, 1), (1, 2)])
+def test_generate_script_matches_single(prefill_workers, decode_workers, model_dir, prompts,
+                                        expected, tmp_path, repo_root):
+  in_path, out_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  in_path.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
+  run_script(repo_root, "generate.py", f"--model_path={model_dir}", "--mode=disagg",
+             "--cluster=ray", f"--num_prefill_workers={prefill_workers}",
+             f"--num_decode_workers={decode_workers}", f"--prompts_file={in_path}",
+             f"--output_file={out_path}", "--max_new_tokens=12", "--config.engine.max_seq_len=128",
+             "--config.engine.decode_batch=4")
+  outputs = [json.loads(l)["output_token_ids"] for l in out_path.read_text().splitlines()]
+  assert outputs == expected
+
+
+def test_benchmark_script_matches_single(model_dir, tmp_path, repo_root):
+  out = tmp_path / "result.json"
+  flags = [f"--model_path={model_dir}", "--num_prompts=24", "--request_rate=30",
+           "--random_input_len=30", "--random_output_len=10", "--random_range_ratio=0.5",
+           "--config.engine.max_seq_len=128", "--config.engine.decode_batch=4",
+           "--progress=false", "--seed=5"]
+  run_script(repo_root, "benchmark.py", *flags, "--mode=disagg", "--cluster=ray",
+             "--num_prefill_workers=2", "--num_decode_workers=1", f"--output_json={out}")
+  result = json.loads(out.read_text())
+  assert result["completed"] == 24 and result["failed"] == 0 and result["mean_transfer_ms"] > 0
+  records = [json.loads(l) for l in (tmp_path / "result.json.requests.jsonl").read_text()
+             .splitlines()]
+  local = tmp_path / "local.json"
+  run_script(repo_root, "benchmark.py", *flags, "--mode=colocated", f"--output_json={local}")
+  local_records = [json.loads(l) for l in (tmp_path / "local.json.requests.jsonl").read_text()
+                   .splitlines()]
+  assert [r["output_token_ids"] for r in records] == [r["output_token_ids"] for r in local_records]
+
+
+def wait_for(predicate, timeout=60, what="condition"):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("policy", ["error", "reprefill"])
+def test_decode_worker_killed_mid_stream(policy, model_dir, prompts, expected):
+  long = SamplingParams(max_new_tokens=80, ignore_eos=True)
+  chosen = prompts[:2] + prompts[4:6]  # <= 33 tokens: 80 more fit in max_seq_len
+  reference = helpers.static_generator(loading.load_model(model_dir, helpers.mesh())).generate(
+      chosen, long)
+  with ClusterEngine(model_dir, CONFIG, num_prefill_workers=1, num_decode_workers=2,
+                     on_decode_failure=policy, progress=False) as engine:
+    streams = [engine.add_request(p, long) for p in chosen]
+    wait_for(lambda: all(len(s._queue.queue) >= 3 for s in streams), what="tokens streaming")
+    victim = engine.decode_workers[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    start = time.time()
+    outputs = [s.result(timeout=120) for s in streams]
+    assert time.time() - start < 60  # ended or recomputed within the deadline, nothing hung
+    hit = [o for o in outputs if o.finish_reason == "error"]
+    if policy == "error":
+      assert hit and all("decode worker 0" in o.error and "died" in o.error for o in hit)
+    else:
+      # Recomputed from prompt + tokens so far on the surviving worker: the same tokens.
+      assert not hit
+      assert [o.output_token_ids for o in outputs] == [r.output_token_ids for r in reference]
+    # The cluster keeps serving on the surviving decode worker.
+    fresh = engine.generate(prompts, SAMPLING)
+    assert [o.output_token_ids for o in fresh] == expected
+    assert engine.stats()["decode_workers_alive"] == 1
+
+
+def test_prefill_worker_killed_with_a_queue(model_dir, prompts, expected):
+  with ClusterEngine(model_dir, CONFIG, num_prefill_workers=2, num_decode_workers=1,
+                     progress=False) as engine:
+    streams = [engine.add_request(p, SAMPLING) for p in prompts * 3]
+    os.kill(engine.prefill_workers[0].pid, signal.SIGKILL)
+    outputs = [s.result(timeout=120) for s in streams]
+    assert [o.output_token_ids for o in outputs] == expected * 3
+    assert engine.stats()["prefill_workers_alive"] == 1
+
+
+def test_unpulled_kv_expires_and_is_freed(model_dir, prompts):
+  with ClusterEngine(model_dir, CONFIG, num_prefill_workers=1, num_decode_workers=1,
+                     kv_lease_s=1.0, on_decode_failure="error", progress=False) as engine:
+    os.kill(engine.decode_workers[0].pid, signal.SIGKILL)
+    wait_for(lambda: engine.stats()["decode_workers_alive"] == 0, what="decode worker death")
+    outputs = engine.generate(prompts[:3], SAMPLING)  # prefilled, offered, never pulled
+    assert all(o.finish_reason == "error" and "no decode worker is alive" in o.error
+               for o in outputs)
+    wait_for(lambda: engine.stats()["kv_offers_expired"] == 3
+             and engine.stats()["kv_offers"] == 0, timeout=30, what="leases to expire")
