@@ -1,6 +1,8 @@
 """Serving metrics with vLLM's definitions, DistServe's SLO attainment, and per-phase times.
 
   TTFT   submission -> first token;            ITL   gaps between consecutive tokens, pooled;
+  decode ITL  ITL without each request's first gap (which, disaggregated, holds the KV
+         transfer): the cadence of the decode loop alone — an extension of ours;
   TPOT   (E2EL - TTFT) / (output tokens - 1), per request with more than one token;
   E2EL   submission -> last token;             throughputs over the run's duration;
   goodput  requests per second meeting every given SLO (a one-token request's TPOT counts as 0);
@@ -118,6 +120,7 @@ def compute(records: list[RequestRecord], duration: float,
   out.update(_stats("ttft", [r.ttft for r in done]))
   out.update(_stats("tpot", [r.tpot for r in done if r.tpot is not None]))
   out.update(_stats("itl", [gap for r in done for gap in r.itl]))
+  out.update(_stats("decode_itl", [gap for r in done for gap in r.itl[1:]]))
   out.update(_stats("e2el", [r.e2el for r in done]))
   for phase in PHASES:
     values = np.asarray([r.phases.get(phase, 0.0) for r in done] or [0.0]) * 1e3

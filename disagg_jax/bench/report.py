@@ -7,7 +7,8 @@ import json
 from disagg_jax.bench.metrics import LATENCIES, PHASES
 
 _NAMES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
-          "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
+          "itl": "Inter-token Latency", "decode_itl": "Decode ITL (excl. each first gap)",
+          "e2el": "End-to-end Latency"}
 
 
 def format_table(result: dict, title: str = "Serving Benchmark Result") -> str:
@@ -26,7 +27,7 @@ def format_table(result: dict, title: str = "Serving Benchmark Result") -> str:
   row("SLO attainment:", result["slo_attainment"], "{:.1%}")
   row("Output token throughput (tok/s):", result["output_throughput"])
   row("Total token throughput (tok/s):", result["total_token_throughput"])
-  for key in LATENCIES:
+  for key in LATENCIES + ("decode_itl",):
     lines.append(f"{_NAMES[key]:-^60}")
     for stat in ("mean", "median", "p90", "p99"):
       row(f"{stat.capitalize()} {key.upper()} (ms):", result[f"{stat}_{key}_ms"])

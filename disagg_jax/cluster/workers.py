@@ -34,10 +34,20 @@ class WorkerSpec:
   pull_timeout_s: float = 30.0  # a pull that does not complete by then fails (decode)
 
 
+def _pin_process(cores) -> None:
+  """Pins every thread of this process (Ray started several before us) and so everything they
+  start later. A thread left on another core would hold the GIL while that core is busy."""
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), set(cores))
+    except OSError:  # the thread exited meanwhile
+      pass
+
+
 def _setup_process(spec: WorkerSpec):
   """Before JAX starts: pin cores, simulate devices on CPU, keep logs quiet."""
   if spec.cpu_cores:
-    os.sched_setaffinity(0, set(spec.cpu_cores))
+    _pin_process(spec.cpu_cores)
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)

@@ -27,6 +27,9 @@ class ColocatedScheduler(Worker):
     self.core = core
     self.chunk_size = chunk_size
     self.chunk_batches = buckets.batch_buckets(chunk_batch)
+    # A step's chunks are padded to the smallest of these that fits its longest chunk, so a
+    # short prompt does not pay for a full chunk.
+    self.chunk_lens = buckets.length_buckets(chunk_size, page_size=1, smallest=16)
     self.finish = finish
     self.prefilling: list[int] = []  # slots whose prompt is still being computed, FIFO
 
@@ -34,7 +37,9 @@ class ColocatedScheduler(Worker):
     """(description, thunk) for every shape this scheduler will run, to compile ahead."""
     out = [("decode", lambda: self.core.decode([]))]
     for bc in self.chunk_batches:
-      out.append((f"mixed chunk_batch={bc}", lambda bc=bc: self._run_mixed([], [], bc)))
+      for c in self.chunk_lens:
+        out.append((f"mixed chunk_batch={bc} chunk_len={c}",
+                    lambda bc=bc, c=c: self._run_mixed([], [], bc, c)))
     return out
 
   # ------------------------------------------------------------------ scheduler thread
@@ -68,7 +73,8 @@ class ColocatedScheduler(Worker):
     chunks = [c for c in chunks if core.slots.requests[c[0]] is not None]
     decoding = [s for s in decoding if core.slots.requests[s] is not None]
     if chunks:
-      return self._run_mixed(chunks, decoding, buckets.pick(len(chunks), self.chunk_batches))
+      return self._run_mixed(chunks, decoding, buckets.pick(len(chunks), self.chunk_batches),
+                             buckets.pick(max(n for _, _, n in chunks), self.chunk_lens))
     if decoding:
       return core.decode(decoding)
     return None
@@ -118,10 +124,10 @@ class ColocatedScheduler(Worker):
     with self.cv:
       self.queue.appendleft(request)
 
-  def _run_mixed(self, chunks, decoding, batch: int):
+  def _run_mixed(self, chunks, decoding, batch: int, length: int):
     core = self.core
     b = core.slots.num_slots
-    chunk_tokens = np.zeros((batch, self.chunk_size), np.int32)
+    chunk_tokens = np.zeros((batch, length), np.int32)
     chunk_slots = np.full(batch, b, np.int32)
     context = np.zeros(batch, np.int32)
     lengths = np.zeros(batch, np.int32)
