@@ -122,7 +122,7 @@ class ClusterEngine:
     if not ray.is_initialized():
       ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
                configure_logging=False, ignore_reinit_error=True,
-               num_cpus=None if ray_address else os.cpu_count())
+               num_cpus=None if ray_address or os.environ.get("RAY_ADDRESS") else os.cpu_count())
     self._ray = ray
     engine_fields = dataclasses.asdict(config)
 
