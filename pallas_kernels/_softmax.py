@@ -54,16 +54,20 @@ def ungroup_rows(out, seq_len: int, num_heads: int):
   return out.reshape(b, s, num_heads, d)[:, :seq_len]
 
 
-def update(scores, mask, v, m_prev, l_prev, acc_prev):
+def update(scores, mask, v, m_prev, l_prev, acc_prev, *, exp=jnp.exp):
   """Folds one block of keys into the running (max, denominator, accumulator).
 
-  scores float32 [R, N] (already scaled), mask bool [R, N], v [N, D];
-  m_prev, l_prev float32 [R, 1], acc_prev float32 [R, D] -> (m, l, acc).
+  scores float32 [R, N] (already scaled; in log2 units when `exp` is jnp.exp2), mask bool [R, N]
+  or None (every key visible), v [N, D]; m_prev, l_prev float32 [R, 1], acc_prev float32 [R, D]
+  -> (m, l, acc).
   """
-  scores = jnp.where(mask, scores, MASK_VALUE)
+  if mask is not None:
+    scores = jnp.where(mask, scores, MASK_VALUE)
   m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-  p = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
-  alpha = jnp.exp(m_prev - m_new)
+  p = exp(scores - m_new)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  alpha = exp(m_prev - m_new)
   l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
   acc_new = alpha * acc_prev + dot_nn(p.astype(v.dtype), v)
   return m_new, l_new, acc_new

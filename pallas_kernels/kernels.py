@@ -22,10 +22,14 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, interpret
   backend = backend or default_backend()
   _, s, hq, d = q.shape
   blocks = blocks or tuning.prefill_blocks(s, d, hq // k.shape[2], backend)
-  impl = gpu_kernels if backend == "gpu" else tpu_prefill
-  return impl.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=sm_scale,
-                                block_q=blocks.block_q, block_k=blocks.block_k,
-                                interpret=interpret)
+  if backend == "gpu":
+    return gpu_kernels.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=sm_scale,
+                                         block_q=blocks.block_q, block_k=blocks.block_k,
+                                         num_warps=blocks.num_warps,
+                                         num_stages=blocks.num_stages, interpret=interpret)
+  return tpu_prefill.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=sm_scale,
+                                       block_q=blocks.block_q, block_k=blocks.block_k,
+                                       interpret=interpret)
 
 
 def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, *, sm_scale=None,
@@ -37,10 +41,15 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, *, sm_scale
   hkv, _, page_size, _ = k_pages.shape
   blocks = blocks or tuning.paged_blocks(page_size, page_table.shape[1], q.shape[0] * hkv,
                                          backend)
-  impl = gpu_kernels if backend == "gpu" else tpu_paged
-  return impl.paged_decode_attention(q, k_pages, v_pages, lengths, page_table, sm_scale=sm_scale,
-                                     pages_per_block=blocks.pages_per_block,
-                                     num_splits=blocks.num_splits, interpret=interpret)
+  if backend == "gpu":
+    return gpu_kernels.paged_decode_attention(
+        q, k_pages, v_pages, lengths, page_table, sm_scale=sm_scale,
+        pages_per_block=blocks.pages_per_block, num_splits=blocks.num_splits,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
+  return tpu_paged.paged_decode_attention(q, k_pages, v_pages, lengths, page_table,
+                                          sm_scale=sm_scale,
+                                          pages_per_block=blocks.pages_per_block,
+                                          num_splits=blocks.num_splits, interpret=interpret)
 
 
 def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, page_table, *,
@@ -59,8 +68,12 @@ def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, pag
   blocks = blocks or tuning.paged_blocks(page_size, page_table.shape[1], q.shape[0] * hkv,
                                          backend)
   block_q = tuning.chunk_block_q(q.shape[1], q.shape[3], group, backend)
-  impl = gpu_kernels if backend == "gpu" else tpu_paged
-  return impl.chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens,
-                                        page_table, sm_scale=sm_scale, block_q=block_q,
-                                        pages_per_block=blocks.pages_per_block,
-                                        interpret=interpret)
+  if backend == "gpu":
+    return gpu_kernels.chunked_prefill_attention(
+        q, k_pages, v_pages, context_lens, chunk_lens, page_table, sm_scale=sm_scale,
+        block_q=block_q, pages_per_block=blocks.pages_per_block, num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages, interpret=interpret)
+  return tpu_paged.chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens,
+                                             page_table, sm_scale=sm_scale, block_q=block_q,
+                                             pages_per_block=blocks.pages_per_block,
+                                             interpret=interpret)

@@ -69,10 +69,11 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, *refs, scale, page_size, pages
     acc_out[...], m_out[...], l_out[...] = acc_ref[...], m_ref[...], l_ref[...]
 
 
-def combine_splits(acc, m, l):
-  """Partials acc [..., S, G, D], m/l [..., S, G, 1] over S splits -> float32 [..., G, D]."""
+def combine_splits(acc, m, l, *, exp=jnp.exp):
+  """Partials acc [..., S, G, D], m/l [..., S, G, 1] over S splits -> float32 [..., G, D]
+  (`exp` is jnp.exp2 where the kernel kept m in log2 units)."""
   m_max = jnp.max(m, axis=-3, keepdims=True)
-  weight = jnp.exp(m - m_max)  # splits that saw no key have l == 0 and contribute nothing
+  weight = exp(m - m_max)  # splits that saw no key have l == 0 and contribute nothing
   l_total = jnp.sum(weight * l, axis=-3)
   return _softmax.finish(l_total, jnp.sum(weight * acc, axis=-3))
 

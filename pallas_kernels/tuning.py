@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 
+GPU_PREFILL_WARPS, GPU_PREFILL_STAGES = 4, 2
+GPU_DECODE_WARPS, GPU_DECODE_STAGES = 4, 2
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefillBlocks:
-  block_q: int  # query positions per block (each carrying Hq/Hkv heads)
+  block_q: int  # query positions per block (TPU: each carrying the Hq/Hkv heads of a KV head)
   block_k: int  # key positions per block
+  num_warps: int = 4  # GPU only
+  num_stages: int = 2  # GPU only: software-pipelined loads in flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +26,15 @@ class PagedBlocks:
   pages_per_block: int  # pages fetched and processed per step
   num_splits: int  # independent partitions of the context (flash-decoding), combined after
   block_q: int = 16  # chunked prefill: query positions per block
+  num_warps: int = 4  # GPU only
+  num_stages: int = 2  # GPU only
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+  out = floor
+  while out < n:
+    out *= 2
+  return out
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -32,20 +46,21 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 def prefill_blocks(seq_len: int, head_dim: int, group: int, backend: str) -> PrefillBlocks:
   """Query tiles carry `group` heads each, so block_q shrinks as the group grows."""
-  if backend == "gpu":
+  if backend == "gpu":  # one query head per program; tensor-core dots need >= 16 rows
     rows = 128 if head_dim <= 128 else 64
-    block_q = max(16 // group, 1) if group > 8 else max(rows // group, 16)
-    return PrefillBlocks(_pow2_at_most(seq_len, block_q), _pow2_at_most(seq_len, 64))
+    fit = lambda cap: min(cap, _pow2_at_least(seq_len, 16))
+    return PrefillBlocks(fit(rows), fit(64), num_warps=GPU_PREFILL_WARPS,
+                         num_stages=GPU_PREFILL_STAGES)
   block_q = max(512 // group, 8)
   return PrefillBlocks(_pow2_at_most(seq_len, block_q), _pow2_at_most(seq_len, 512))
 
 
 def chunk_block_q(chunk_len: int, head_dim: int, group: int, backend: str) -> int:
   """Query positions per block for chunked prefill; GPU tensor-core dots need >= 16 rows."""
-  block_q = prefill_blocks(chunk_len, head_dim, group, backend).block_q
-  if backend == "gpu":
-    block_q = max(block_q, -(-16 // group))
-  return block_q
+  if backend == "gpu":  # rows of a block are block_q positions x group heads
+    rows = 128 if head_dim <= 128 else 64
+    return max(_pow2_at_most(chunk_len, max(rows // group, 1)), -(-16 // group))
+  return prefill_blocks(chunk_len, head_dim, group, backend).block_q
 
 
 def paged_blocks(page_size: int, max_pages: int, batch_heads: int, backend: str) -> PagedBlocks:
@@ -58,4 +73,7 @@ def paged_blocks(page_size: int, max_pages: int, batch_heads: int, backend: str)
   splits = 1
   while batch_heads * splits < target_programs and splits * 2 <= steps:
     splits *= 2
+  if backend == "gpu":
+    return PagedBlocks(pages_per_block=pages, num_splits=splits, num_warps=GPU_DECODE_WARPS,
+                       num_stages=GPU_DECODE_STAGES)
   return PagedBlocks(pages_per_block=pages, num_splits=splits)

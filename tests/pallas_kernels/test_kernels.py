@@ -117,9 +117,34 @@ def _has_gpu():
   return jax.default_backend() in ("gpu", "cuda")
 
 
+# Compiled on a GPU: shapes with ragged lengths and the block configurations the tuner tries.
+GPU_PREFILL_CASES = [
+    # (batch, seq, Hq, Hkv, D, lengths, blocks)
+    (3, 300, 32, 8, 128, (300, 1, 0), None),
+    (2, 1000, 8, 1, 64, (1000, 517), None),
+    (2, 512, 32, 8, 128, (512, 129), tuning.PrefillBlocks(128, 64, 8, 3)),
+    (2, 512, 16, 16, 128, (511, 64), tuning.PrefillBlocks(64, 32, 4, 2)),
+    (2, 512, 32, 8, 128, (512, 200), tuning.PrefillBlocks(128, 128, 8, 4)),
+]
+GPU_DECODE_CASES = [
+    # (Hq, Hkv, D, page_size, max_pages, lengths, blocks)
+    (32, 8, 128, 16, 64, (1, 15, 16, 17, 1000, 0), None),
+    (8, 1, 64, 32, 40, (31, 32, 33, 1280, 0), tuning.PagedBlocks(8, 1, num_warps=4,
+                                                                 num_stages=3)),
+    (32, 8, 128, 16, 256, (4096, 4000, 17), tuning.PagedBlocks(16, 4, num_warps=8,
+                                                                num_stages=2)),
+    (16, 4, 128, 64, 20, (1280, 63, 65), tuning.PagedBlocks(4, 2, num_warps=4, num_stages=4)),
+]
+GPU_CHUNK_CASES = [
+    # (Hq, Hkv, D, page_size, max_pages, chunk, context_lens, chunk_lens)
+    (32, 8, 128, 16, 32, 64, (0, 100, 256, 448), (64, 1, 17, 0)),
+    (8, 1, 64, 32, 12, 200, (31, 0, 100), (200, 128, 5)),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("case", GPU_DECODE_CASES)
 def test_compiled_gpu_decode(case):
   hq, hkv, d, page_size, max_pages, lengths, blocks = case
   rng = np.random.default_rng(0)
@@ -134,7 +159,7 @@ def test_compiled_gpu_decode(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("case", PREFILL_CASES)
+@pytest.mark.parametrize("case", GPU_PREFILL_CASES)
 def test_compiled_gpu_prefill(case):
   b, s, hq, hkv, d, lengths, blocks = case
   rng = np.random.default_rng(0)
@@ -142,3 +167,18 @@ def test_compiled_gpu_prefill(case):
   lengths = jnp.asarray(lengths, jnp.int32)
   out = kernels.prefill_attention(q, k, v, lengths, blocks=blocks)
   check(out, reference.prefill_attention(*upcast(q, k, v), lengths), jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("case", GPU_CHUNK_CASES)
+def test_compiled_gpu_chunked_prefill(case):
+  hq, hkv, d, page_size, max_pages, c, context, chunk = case
+  rng = np.random.default_rng(1)
+  b = len(context)
+  k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, jnp.bfloat16)
+  q = randn(rng, (b, c, hq, d), jnp.bfloat16)
+  context, chunk = jnp.asarray(context, jnp.int32), jnp.asarray(chunk, jnp.int32)
+  out = kernels.chunked_prefill_attention(q, k_pages, v_pages, context, chunk, table)
+  check(out, reference.chunked_prefill_attention(*upcast(q, k_pages, v_pages), context, chunk,
+                                                 table), jnp.bfloat16)
