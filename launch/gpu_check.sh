@@ -3,7 +3,8 @@
 #   1. the compiled-kernel tests (`pytest -m gpu`) against the pure-JAX references,
 #   2. launch/bench_kernels.py --tune --sweep (our kernels beside cuDNN, XLA and JAX's own paged
 #      kernel, plus the card's read bandwidth, in the same run),
-#   3. generate.py on the demo model with --attention_impl=pallas and xla, compared token by token.
+#   3. generate.py on the demo model with --attention_impl=pallas and xla, compared token by token
+#      (float32 with full-precision dots everywhere, so the two differ only in summation order).
 # Results land in $OUT (default /tmp/gpu_check). Usage: bash launch/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -26,7 +27,8 @@ grep -v '^{' "$OUT/bench.txt" | grep -v -E '^[IW][0-9]{4} ' | tail -30
 
 echo "== generate.py, pallas vs xla"
 for impl in xla pallas; do
-  timeout 90 python3 launch/generate.py --mode=colocated --dtype=bfloat16 --max_new_tokens=48 \
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 python3 launch/generate.py --mode=colocated \
+    --dtype="${GENERATE_DTYPE:-float32}" --max_new_tokens=48 \
     --attention_impl=$impl --output_file="$OUT/generate_$impl.jsonl" > "$OUT/generate_$impl.log" 2>&1 \
     || tail -5 "$OUT/generate_$impl.log"
 done

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 GPU_PREFILL_WARPS, GPU_PREFILL_STAGES = 4, 2
-GPU_DECODE_WARPS, GPU_DECODE_STAGES = 4, 2
+GPU_DECODE_WARPS, GPU_DECODE_STAGES = 4, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +66,13 @@ def chunk_block_q(chunk_len: int, head_dim: int, group: int, backend: str) -> in
 def paged_blocks(page_size: int, max_pages: int, batch_heads: int, backend: str) -> PagedBlocks:
   """Enough pages per step to make each fetch worthwhile (~128+ tokens), and context splits when
   batch x kv-heads alone cannot fill the machine."""
-  pages = max(1, min(max_pages, 128 // page_size if page_size < 128 else 1))
+  tokens = 64 if backend == "gpu" else 128
+  pages = max(1, min(max_pages, tokens // page_size if page_size < tokens else 1))
   pages = _pow2_at_most(pages, pages)
   steps = -(-max_pages // pages)
-  target_programs = 264 if backend == "gpu" else 2  # 2 x 132 SMs; TPU: two cores at most
+  # GPU: ~8 programs per SM (132 SMs on an H100/H200) keep enough loads in flight; TPU: two
+  # cores at most.
+  target_programs = 1024 if backend == "gpu" else 2
   splits = 1
   while batch_heads * splits < target_programs and splits * 2 <= steps:
     splits *= 2

@@ -124,7 +124,7 @@ GPU_PREFILL_CASES = [
     (2, 1000, 8, 1, 64, (1000, 517), None),
     (2, 512, 32, 8, 128, (512, 129), tuning.PrefillBlocks(128, 64, 8, 3)),
     (2, 512, 16, 16, 128, (511, 64), tuning.PrefillBlocks(64, 32, 4, 2)),
-    (2, 512, 32, 8, 128, (512, 200), tuning.PrefillBlocks(128, 128, 8, 4)),
+    (2, 512, 32, 8, 128, (512, 200), tuning.PrefillBlocks(128, 128, 8, 3)),
 ]
 GPU_DECODE_CASES = [
     # (Hq, Hkv, D, page_size, max_pages, lengths, blocks)
@@ -142,43 +142,59 @@ GPU_CHUNK_CASES = [
 ]
 
 
+def _highest(fn):
+  """The reference in full float32 (XLA's GPU default for float32 dots is TF32)."""
+  def run(*args):
+    import jax
+    with jax.default_matmul_precision("highest"):
+      return fn(*args)
+  return run
+
+
+def _with_dtypes(cases):
+  """Every case in bfloat16, the first two in float32 too (full-precision dots on the GPU)."""
+  return ([pytest.param(c, jnp.bfloat16, id=f"bf16-{i}") for i, c in enumerate(cases)]
+          + [pytest.param(c, jnp.float32, id=f"f32-{i}") for i, c in enumerate(cases[:2])])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("case", GPU_DECODE_CASES)
-def test_compiled_gpu_decode(case):
+@pytest.mark.parametrize("case,dtype", _with_dtypes(GPU_DECODE_CASES))
+def test_compiled_gpu_decode(case, dtype):
   hq, hkv, d, page_size, max_pages, lengths, blocks = case
   rng = np.random.default_rng(0)
   b = len(lengths)
-  k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, jnp.bfloat16)
-  q = randn(rng, (b, hq, d), jnp.bfloat16)
+  k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, dtype)
+  q = randn(rng, (b, hq, d), dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
   out = kernels.paged_decode_attention(q, k_pages, v_pages, lengths, table, blocks=blocks)
-  check(out, reference.paged_decode_attention(*upcast(q, k_pages, v_pages), lengths, table),
-        jnp.bfloat16)
+  ref = _highest(reference.paged_decode_attention)(*upcast(q, k_pages, v_pages), lengths, table)
+  check(out, ref, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("case", GPU_PREFILL_CASES)
-def test_compiled_gpu_prefill(case):
+@pytest.mark.parametrize("case,dtype", _with_dtypes(GPU_PREFILL_CASES))
+def test_compiled_gpu_prefill(case, dtype):
   b, s, hq, hkv, d, lengths, blocks = case
   rng = np.random.default_rng(0)
-  q, k, v = (randn(rng, (b, s, h, d), jnp.bfloat16) for h in (hq, hkv, hkv))
+  q, k, v = (randn(rng, (b, s, h, d), dtype) for h in (hq, hkv, hkv))
   lengths = jnp.asarray(lengths, jnp.int32)
   out = kernels.prefill_attention(q, k, v, lengths, blocks=blocks)
-  check(out, reference.prefill_attention(*upcast(q, k, v), lengths), jnp.bfloat16)
+  check(out, _highest(reference.prefill_attention)(*upcast(q, k, v), lengths), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("case", GPU_CHUNK_CASES)
-def test_compiled_gpu_chunked_prefill(case):
+@pytest.mark.parametrize("case,dtype", _with_dtypes(GPU_CHUNK_CASES))
+def test_compiled_gpu_chunked_prefill(case, dtype):
   hq, hkv, d, page_size, max_pages, c, context, chunk = case
   rng = np.random.default_rng(1)
   b = len(context)
-  k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, jnp.bfloat16)
-  q = randn(rng, (b, c, hq, d), jnp.bfloat16)
+  k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, dtype)
+  q = randn(rng, (b, c, hq, d), dtype)
   context, chunk = jnp.asarray(context, jnp.int32), jnp.asarray(chunk, jnp.int32)
   out = kernels.chunked_prefill_attention(q, k_pages, v_pages, context, chunk, table)
-  check(out, reference.chunked_prefill_attention(*upcast(q, k_pages, v_pages), context, chunk,
-                                                 table), jnp.bfloat16)
+  ref = _highest(reference.chunked_prefill_attention)(*upcast(q, k_pages, v_pages), context,
+                                                      chunk, table)
+  check(out, ref, dtype)
