@@ -28,6 +28,22 @@ MIN_DOT_ROWS = 16
 LOG2E = 1.4426950408889634  # scores are kept in log2 units: exp2 is one instruction
 
 
+# Shared memory a Hopper block may use (227 KB). Triton keeps up to `num_stages` K/V tiles in
+# flight there; measured on an H200, 128x128 bf16 tiles (64 KB of K+V) with 4 stages asked for
+# 288 KB and failed to launch.
+SMEM_BYTES = 232448
+
+
+def fit_stages(num_stages: int, kv_tile_bytes: int, resident_bytes: int) -> int:
+  """The most pipeline stages (at most `num_stages`, at least 1) whose K+V tiles plus the
+  resident query tile fit in SMEM_BYTES, so float32 inputs or large tiles degrade to fewer
+  stages instead of failing to launch."""
+  stages = num_stages
+  while stages > 1 and stages * kv_tile_bytes + resident_bytes > SMEM_BYTES:
+    stages -= 1
+  return stages
+
+
 def _compiler_params(num_warps, num_stages):
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -100,7 +116,9 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, block_q, 
                 pl.BlockSpec((None, padded, None, d), kv_map)],
       out_specs=pl.BlockSpec((None, block_q, None, d), q_map),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(num_warps, num_stages),
+      compiler_params=_compiler_params(
+          num_warps, fit_stages(num_stages, 2 * block_k * d * k.dtype.itemsize,
+                                block_q * d * q.dtype.itemsize)),
       interpret=interpret,
   )(lengths.astype(jnp.int32), q, k, v)
   return out[:, :s]
@@ -174,7 +192,9 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, *, sm_scale
       out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, num_splits, rows, 1), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, num_splits, rows, 1), jnp.float32)],
-      compiler_params=_compiler_params(num_warps, num_stages),
+      compiler_params=_compiler_params(
+          num_warps, fit_stages(num_stages, 2 * pages_per_block * page_size * d
+                                * k_pages.dtype.itemsize, rows * d * q.dtype.itemsize)),
       interpret=interpret,
   )(lengths.astype(jnp.int32), table, q_rows, k_pages, v_pages)
   out = combine_splits(acc, m, l, exp=jnp.exp2)[:, :, :group]
@@ -229,7 +249,9 @@ def chunked_prefill_attention(q, k_pages, v_pages, context_lens, chunk_lens, pag
                 pl.BlockSpec((None, num_pages, page_size, d), lambda bi, h, i: (h, 0, 0, 0))],
       out_specs=pl.BlockSpec((None, None, rows, d), lambda bi, h, i: (bi, h, i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, hkv, padded * group, d), q.dtype),
-      compiler_params=_compiler_params(num_warps, num_stages),
+      compiler_params=_compiler_params(
+          num_warps, fit_stages(num_stages, 2 * pages_per_block * page_size * d
+                                * k_pages.dtype.itemsize, rows * d * q.dtype.itemsize)),
       interpret=interpret,
   )(context_lens.astype(jnp.int32), chunk_lens.astype(jnp.int32), table,
     _softmax.group_rows(q, hkv), k_pages, v_pages)

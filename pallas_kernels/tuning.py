@@ -1,8 +1,10 @@
 """Block sizes per backend and shape. Every kernel asks here, so tuning results live in one place.
 
-The GPU figures follow the usual Hopper starting points (128-row query tiles, 64-key tiles for
-D=128); they have not yet been swept on hardware here (see docs/BENCHMARKS.md). TPU blocks follow
-the MXU: multiples of 128 rows where the sequence allows.
+GPU choices come from searches on an H200 (2026-11-27, `launch/bench_kernels.py --tune`, figures
+in docs/BENCHMARKS.md): prefill 128-query x 64-key tiles, 4 warps, 2 stages (best of 15
+configurations); decode 64-token page blocks, 4 warps, 3 stages, context splits until about 1024
+programs are in flight (within 5% of the best of 72). TPU blocks follow the MXU: multiples of 128
+rows where the sequence allows (not measured on a TPU here).
 """
 
 from __future__ import annotations

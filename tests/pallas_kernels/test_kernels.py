@@ -198,3 +198,16 @@ def test_compiled_gpu_chunked_prefill(case, dtype):
   ref = _highest(reference.chunked_prefill_attention)(*upcast(q, k_pages, v_pages), context,
                                                       chunk, table)
   check(out, ref, dtype)
+
+
+def test_gpu_stages_fit_shared_memory():
+  from pallas_kernels import gpu_kernels
+  tile = lambda rows, d, itemsize: rows * d * itemsize
+  # Seen on an H200: 128x128 bf16 prefill tiles launched with 3 stages and failed with 4.
+  assert gpu_kernels.fit_stages(3, 2 * tile(128, 128, 2), tile(128, 128, 2)) == 3
+  assert gpu_kernels.fit_stages(4, 2 * tile(128, 128, 2), tile(128, 128, 2)) == 3
+  # ... and float32 decode with 256-token blocks asked for 266 KB with 3 stages.
+  assert gpu_kernels.fit_stages(3, 2 * tile(256, 64, 4), tile(16, 64, 4)) == 1
+  # The tuned defaults keep their stages.
+  assert gpu_kernels.fit_stages(2, 2 * tile(64, 128, 2), tile(128, 128, 2)) == 2
+  assert gpu_kernels.fit_stages(3, 2 * tile(64, 128, 2), tile(16, 128, 2)) == 3
