@@ -159,3 +159,56 @@ def _build_cluster(config):
         driver_cpus=[c for group in _cores(f.driver_cpus) for c in group])
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+
+
+def define_workload_flags() -> None:
+  """vLLM's benchmark workload flags (benchmark.py, simulate.py)."""
+  flags.DEFINE_enum("dataset_name", "random", ["random", "sharegpt", "prefill_heavy",
+                                                "decode_heavy"], "Workload.")
+  flags.DEFINE_string("dataset_path", None, "ShareGPT JSON file (--dataset_name=sharegpt).")
+  flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
+  flags.DEFINE_float("request_rate", float("inf"), "Requests per second; inf sends all at once.")
+  flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the gaps: 1 Poisson, < 1 burstier.")
+  flags.DEFINE_integer("max_concurrency", None, "At most this many requests in flight.")
+  flags.DEFINE_integer("random_input_len", None,
+                       "Prompt tokens (random: default 256; presets have their own).")
+  flags.DEFINE_integer("random_output_len", None,
+                       "Output tokens (random: default 64; presets have their own).")
+  flags.DEFINE_float("random_range_ratio", None, "Lengths vary in [len*(1-r), len*(1+r)].")
+  flags.DEFINE_string("goodput", None, "SLOs for goodput, e.g. ttft:200,tpot:50 (milliseconds).")
+  flags.DEFINE_integer("seed", 0, "Seed of the workload and the arrivals.")
+
+
+def workload_from_flags(config, limits=None):
+  """(requests, arrival times, SLOs) of the workload flags, checked against the model's limits
+  (or `limits`); raises ValueError (WorkloadError, ConfigError) naming the bad value."""
+  from disagg_jax.bench import arrivals as arrivals_lib  # pylint: disable=g-import-not-at-top
+  from disagg_jax.bench import metrics, workloads  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
+  from disagg_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from disagg_jax.models.loading import DEMO_MODEL_DIR  # pylint: disable=g-import-not-at-top
+  from disagg_jax.models.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  model_dir = FLAGS.model_path or DEMO_MODEL_DIR
+  slos = metrics.parse_goodput(FLAGS.goodput)
+  arrivals = arrivals_lib.arrival_times(FLAGS.num_prompts, FLAGS.request_rate, FLAGS.burstiness,
+                                        FLAGS.seed)
+  model_cfg = ModelConfig.from_dir(model_dir)
+  if limits is None:
+    limits = Limits.for_model(model_cfg, config.engine.max_seq_len,
+                              config.engine.max_prefill_length)
+  tokenizer = load_tokenizer(model_dir, model_cfg.bos_token_id)
+  requests = workloads.build(
+      FLAGS.dataset_name, num_prompts=FLAGS.num_prompts, vocab_size=model_cfg.vocab_size,
+      tokenizer=tokenizer, seed=FLAGS.seed, dataset_path=FLAGS.dataset_path,
+      input_len=FLAGS.random_input_len, output_len=FLAGS.random_output_len,
+      range_ratio=FLAGS.random_range_ratio, first_id=_first_plain_id(model_cfg))
+  workloads.check_limits(requests, limits.max_seq_len, limits.max_prefill_length)
+  return requests, arrivals, slos
+
+
+def _first_plain_id(model_cfg) -> int:
+  """Random prompts avoid the special ids at the bottom of the vocabulary (byte tokenizer: 3)."""
+  specials = [t for t in (model_cfg.bos_token_id, model_cfg.pad_token_id,
+                          *model_cfg.eos_token_ids) if t is not None]
+  return max(specials) + 1 if specials and max(specials) < 16 else 0

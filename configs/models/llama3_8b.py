@@ -1,0 +1,10 @@
+"""Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json)."""
+
+from disagg_jax.models.config import ModelConfig, RopeConfig
+
+
+def get_model_config() -> ModelConfig:
+  return ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096,
+                     intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                     head_dim=128, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                     rope=RopeConfig(theta=500000.0))

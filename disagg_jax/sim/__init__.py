@@ -1,0 +1,1 @@
+"""Simulation and planning: step-time profiles and a discrete-event replay of the schedulers."""

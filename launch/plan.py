@@ -1,0 +1,165 @@
+"""Which configuration to run: the highest goodput per device under SLOs, from the performance
+model and the simulator.
+
+    python launch/plan.py --model_config=llama3_8b --hardware=v5e --num_devices=8 \
+        --dataset_name=prefill_heavy --goodput=ttft:500,tpot:50 --output_json=plan.json
+
+--model_config names a module in configs/models (llama3_8b, llama3_70b) or --model_path a Hugging
+Face / orbax directory (only its config.json is read). --hardware is one of v5e, v5p, v6e, h100,
+h200 (disagg_jax/sim/analytic.py: published figures and the calibration factors, printed with the
+plan). Every configuration of the space is screened, the best of each mode simulated
+(disagg_jax/sim/planner.py); prints the ranked list and how the prefill:decode split should move
+for the opposite workload mix, writes the JSON of DESIGN.md and a Pareto plot (--plot).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("model_config", None, "A module of configs/models, e.g. llama3_8b.")
+flags.DEFINE_string("model_path", None, "Or a checkpoint directory whose config.json to use.")
+flags.DEFINE_string("hardware", "v5e", "v5e, v5p, v6e, h100 or h200.")
+flags.DEFINE_integer("num_devices", 8, "Chips to plan for.")
+flags.DEFINE_enum("dataset_name", "random", ["random", "prefill_heavy", "decode_heavy"],
+                  "Workload (lengths only).")
+flags.DEFINE_integer("num_prompts", 200, "Requests simulated per rate.")
+flags.DEFINE_integer("random_input_len", None, "Prompt tokens (presets have their own).")
+flags.DEFINE_integer("random_output_len", None, "Output tokens (presets have their own).")
+flags.DEFINE_float("random_range_ratio", None, "Lengths vary in [len*(1-r), len*(1+r)].")
+flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the arrival gaps (1: Poisson).")
+flags.DEFINE_string("goodput", "ttft:500,tpot:50", "SLOs (milliseconds).")
+flags.DEFINE_integer("seed", 0, "Workload and arrivals seed.")
+flags.DEFINE_integer("simulate_top", 40, "Configurations simulated after the screen.")
+flags.DEFINE_integer("show", 10, "Configurations printed.")
+flags.DEFINE_string("output_json", None, "Ranked configurations (JSON).")
+flags.DEFINE_string("plot", None, "Pareto plot (PNG): tokens/s per device vs per user.")
+flags.DEFINE_bool("compare_mix", True, "Also plan the opposite workload mix's best split.")
+FLAGS = flags.FLAGS
+
+OPPOSITE = {"prefill_heavy": "decode_heavy", "decode_heavy": "prefill_heavy"}
+
+
+def _model_config():
+  from disagg_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  if bool(FLAGS.model_config) == bool(FLAGS.model_path):
+    raise app.UsageError("give one of --model_config (configs/models) or --model_path")
+  if FLAGS.model_path:
+    return ModelConfig.from_dir(FLAGS.model_path)
+  from disagg_jax.sim import analytic  # pylint: disable=g-import-not-at-top
+  try:
+    return analytic.model_preset(FLAGS.model_config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+def _workload(dataset_name: str):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from disagg_jax.bench import metrics, workloads  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sim import planner  # pylint: disable=g-import-not-at-top
+  requests = workloads.build(dataset_name, num_prompts=FLAGS.num_prompts, vocab_size=2,
+                             tokenizer=None, seed=FLAGS.seed, input_len=FLAGS.random_input_len,
+                             output_len=FLAGS.random_output_len,
+                             range_ratio=FLAGS.random_range_ratio)
+  return planner.Workload(np.array([len(r.prompt_token_ids) for r in requests]),
+                          np.array([r.output_len for r in requests]),
+                          metrics.parse_goodput(FLAGS.goodput), FLAGS.burstiness, FLAGS.seed)
+
+
+def _split(p) -> str:
+  c = p.candidate
+  if c.mode == "colocated":
+    return f"colocated (TP{c.decode_tp})"
+  return (f"{c.num_prefill_workers * c.prefill_tp}:{c.num_decode_workers * c.decode_tp} "
+          f"prefill:decode chips per group")
+
+
+def main(argv):
+  del argv
+  from disagg_jax.sim import analytic, planner  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  try:
+    cfg = _model_config()
+    hw = analytic.get_hardware(FLAGS.hardware)
+    if FLAGS.num_devices < 1:
+      raise ValueError(f"--num_devices={FLAGS.num_devices} must be >= 1")
+    workload = _workload(FLAGS.dataset_name)
+    if not workload.slos:
+      raise ValueError("--goodput needs at least one SLO, e.g. ttft:500,tpot:50")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"model: {cfg.num_params() / 1e9:.2f}B parameters, {cfg.num_layers} layers, "
+        f"{cfg.num_heads}/{cfg.num_kv_heads} heads; {FLAGS.num_devices} x {hw.name}")
+  print("assumptions: " + analytic.describe(hw))
+  print("  bf16 weights and KV; a step costs max(FLOPs / (TP x peak x MFU), bytes / (TP x HBM x "
+        "MBU)) + 2 ring all-reduces per layer + the per-step overhead; KV moves over the "
+        "interconnect; 90% of HBM for weights + KV; replicas of a unit split the load evenly")
+  print(f"workload: {FLAGS.dataset_name}, {FLAGS.num_prompts} requests, mean prompt "
+        f"{workload.prompt_lens.mean():.0f} / output {workload.output_lens.mean():.0f} tokens; "
+        f"SLOs {FLAGS.goodput}, goodput = highest rate with >= 90% attainment")
+  ranked, screened = planner.plan(cfg, hw, FLAGS.num_devices, workload,
+                                  simulate_top=FLAGS.simulate_top)
+  print(f"\n{screened} configurations screened, {len(ranked)} simulated, "
+        f"{time.perf_counter() - start:.1f} s\n")
+  print(f"{'#':>3} {'goodput/dev':>11} {'req/s':>7} {'TTFT p90':>9} {'TPOT p90':>9}  config")
+  for i, p in enumerate(ranked[:FLAGS.show]):
+    m = p.metrics or {}
+    print(f"{i + 1:>3} {p.goodput_per_device:>11.3f} {p.goodput:>7.2f} "
+          f"{m.get('p90_ttft_ms', float('nan')):>7.0f}ms {m.get('p90_tpot_ms', float('nan')):>7.1f}ms"
+          f"  {p.candidate.describe()}")
+  result = {"model": FLAGS.model_config or FLAGS.model_path, "hardware": hw.name,
+            "num_devices": FLAGS.num_devices, "dataset_name": FLAGS.dataset_name,
+            "goodput": FLAGS.goodput, "assumptions": analytic.describe(hw),
+            "configs_screened": screened, "configs": [p.to_json() for p in ranked]}
+  best_disagg = next((p for p in ranked if p.candidate.mode == "disagg"), None)
+  if FLAGS.compare_mix and FLAGS.dataset_name in OPPOSITE and best_disagg is not None:
+    other = OPPOSITE[FLAGS.dataset_name]
+    other_ranked, _ = planner.plan(cfg, hw, FLAGS.num_devices, _workload(other),
+                                   simulate_top=FLAGS.simulate_top // 2, modes=("disagg",))
+    if other_ranked:
+      advice = (f"for {FLAGS.dataset_name}: {_split(best_disagg)} "
+                f"({best_disagg.candidate.describe()}); for {other}: {_split(other_ranked[0])} "
+                f"({other_ranked[0].candidate.describe()})")
+      print("\nprefill:decode split as the mix shifts: " + advice)
+      result["mix_shift"] = advice
+  print(f"\ntotal {time.perf_counter() - start:.1f} s")
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
+      json.dump(result, f, indent=1)
+  if FLAGS.plot:
+    _plot(ranked, FLAGS.plot, f"{FLAGS.model_config or 'model'} on {FLAGS.num_devices} x "
+          f"{hw.name}, {FLAGS.dataset_name}")
+  return 0
+
+
+def _plot(ranked, path, title):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from disagg_jax.bench import plots  # pylint: disable=g-import-not-at-top
+  rows = [p.to_json() for p in ranked if p.metrics]
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for mode, color in (("colocated", "tab:blue"), ("disagg", "tab:orange")):
+    pts = [(r["tokens_per_s_per_user"], r["output_tokens_per_s_per_device"]) for r in rows
+           if r["mode"] == mode]
+    if pts:
+      ax.scatter(*zip(*pts), color=color, label=mode, alpha=0.7)
+  points = [(r["tokens_per_s_per_user"], r["output_tokens_per_s_per_device"]) for r in rows]
+  if points:
+    front = plots.pareto_frontier(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1,
+            label="Pareto frontier")
+  ax.set_xlabel("tokens/s per user (1 / median TPOT)")
+  ax.set_ylabel("output tokens/s per device (at goodput)")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,53 @@
+"""Measures the step-time table of an engine configuration, for launch/simulate.py.
+
+    python launch/profile.py --mode=colocated --num_cpu_devices=8 --devices=4 --output=col.json
+    python launch/profile.py --mode=disagg --num_cpu_devices=8 --prefill_devices=2 \
+        --decode_devices=2 --output=dis.json
+
+Takes the engine flags of generate.py / benchmark.py. Times every compiled step shape of the
+engine (the decode step, the colocated mixed steps per chunk bucket, the disaggregated prefill
+steps per batch x length bucket, KV transfers and inserts per length bucket) and, for the
+disaggregated engine, how much prefill and decode slow each other when they run at once
+(disagg_jax/sim/profile.py). Prints the table and writes it as JSON to --output.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from disagg_jax import cli
+
+cli.define_engine_flags()
+flags.FLAGS.set_default("mode", "colocated")
+flags.DEFINE_string("output", None, "Write the table here (JSON).")
+flags.DEFINE_integer("iters", 5, "Timed calls per step shape (the median is kept).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  cli.setup_jax()
+  if FLAGS.mode == "single":
+    raise app.UsageError("--mode=single is the offline reference path; profile --mode=colocated "
+                         "or --mode=disagg")
+  if FLAGS.iters < 1:
+    raise app.UsageError(f"--iters={FLAGS.iters} must be >= 1")
+  if FLAGS.cluster != "local":
+    raise app.UsageError("--cluster=ray: profile the in-process engine of the same meshes")
+  from disagg_jax.sim import profile as profile_lib  # pylint: disable=g-import-not-at-top
+  engine = cli.build_generator(FLAGS.config)
+  try:
+    table = profile_lib.measure(engine, iters=FLAGS.iters)
+  finally:
+    engine.shutdown()
+  data = table.to_json()
+  print(json.dumps({k: v for k, v in data.items() if k != "meta"}))
+  if FLAGS.output:
+    table.save(FLAGS.output)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

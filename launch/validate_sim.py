@@ -1,0 +1,80 @@
+"""The simulator against the engine on this machine: profile once, then run and simulate the same
+workload at several rates, and report the errors.
+
+    python launch/validate_sim.py --mode=colocated --num_cpu_devices=8 --devices=4 \
+        --rates=2,4,6 --dataset_name=random --num_prompts=160 --output_dir=docs/results/sim
+    python launch/validate_sim.py --mode=disagg --num_cpu_devices=8 --prefill_devices=2 \
+        --decode_devices=2 ...same flags...
+
+Each call appends one row per rate to OUTPUT_DIR/validation.jsonl (measured JSON, simulated JSON,
+errors) and rewrites validation.md (the table) and validation.png (the plot) from all rows there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from disagg_jax import cli
+
+cli.define_engine_flags()
+cli.define_workload_flags()
+flags.FLAGS.set_default("mode", "colocated")
+flags.DEFINE_list("rates", ["2", "4", "6"], "Request rates to run and simulate.")
+flags.DEFINE_string("output_dir", "sim_validation", "Where the rows, the table and the plot go.")
+flags.DEFINE_integer("profile_iters", 5, "Timed calls per step shape when profiling.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  cli.setup_jax()
+  if FLAGS.mode == "single":
+    raise app.UsageError("--mode=colocated or --mode=disagg")
+  from disagg_jax.bench import metrics, runner  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sim import profile as profile_lib  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sim import simulator, validate  # pylint: disable=g-import-not-at-top
+  try:
+    rates = [float(r) for r in FLAGS.rates]
+  except ValueError:
+    raise app.UsageError(f"--rates={','.join(FLAGS.rates)} must be numbers") from None
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  engine = cli.build_generator(FLAGS.config)
+  try:
+    table = profile_lib.measure(engine, iters=FLAGS.profile_iters)
+    table.save(os.path.join(FLAGS.output_dir, f"profile_{FLAGS.mode}.json"))
+    rows = []
+    for rate in rates:
+      FLAGS.request_rate = rate
+      requests, arrivals, slos = cli.workload_from_flags(FLAGS.config)
+      records, duration = runner.run(engine, requests, arrivals, seed=FLAGS.seed,
+                                     progress=False)
+      measured = metrics.compute(records, duration, slos)
+      sim = simulator.simulate(table, [len(r.prompt_token_ids) for r in requests],
+                               [r.output_len for r in requests], arrivals)
+      simulated = metrics.compute(sim.records, sim.duration, slos)
+      row = {"mode": FLAGS.mode, "request_rate": rate, "dataset_name": FLAGS.dataset_name,
+             "num_prompts": FLAGS.num_prompts, "goodput": FLAGS.goodput,
+             "measured": measured, "simulated": simulated,
+             "errors": validate.compare(measured, simulated)}
+      rows.append(row)
+      print(json.dumps({"mode": FLAGS.mode, "rate": rate, "errors": row["errors"]}), flush=True)
+  finally:
+    engine.shutdown()
+  path = os.path.join(FLAGS.output_dir, "validation.jsonl")
+  with open(path, "a") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  with open(path) as f:
+    all_rows = [json.loads(line) for line in f if line.strip()]
+  with open(os.path.join(FLAGS.output_dir, "validation.md"), "w") as f:
+    f.write("measured / simulated (error)\n\n" + validate.markdown_table(all_rows) + "\n")
+  validate.plot(all_rows, os.path.join(FLAGS.output_dir, "validation.png"))
+  print(validate.markdown_table(all_rows))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
