@@ -179,9 +179,10 @@ def define_workload_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the workload and the arrivals.")
 
 
-def workload_from_flags(config, limits=None):
+def workload_from_flags(config, limits=None, model_cfg=None):
   """(requests, arrival times, SLOs) of the workload flags, checked against the model's limits
-  (or `limits`); raises ValueError (WorkloadError, ConfigError) naming the bad value."""
+  (or `limits`); `model_cfg` replaces --model_path's config (a planning preset). Raises
+  ValueError (WorkloadError, ConfigError) naming the bad value."""
   from disagg_jax.bench import arrivals as arrivals_lib  # pylint: disable=g-import-not-at-top
   from disagg_jax.bench import metrics, workloads  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
@@ -193,11 +194,12 @@ def workload_from_flags(config, limits=None):
   slos = metrics.parse_goodput(FLAGS.goodput)
   arrivals = arrivals_lib.arrival_times(FLAGS.num_prompts, FLAGS.request_rate, FLAGS.burstiness,
                                         FLAGS.seed)
-  model_cfg = ModelConfig.from_dir(model_dir)
+  tokenizer_cfg = ModelConfig.from_dir(model_dir)
+  model_cfg = model_cfg or tokenizer_cfg
   if limits is None:
     limits = Limits.for_model(model_cfg, config.engine.max_seq_len,
                               config.engine.max_prefill_length)
-  tokenizer = load_tokenizer(model_dir, model_cfg.bos_token_id)
+  tokenizer = load_tokenizer(model_dir, tokenizer_cfg.bos_token_id)
   requests = workloads.build(
       FLAGS.dataset_name, num_prompts=FLAGS.num_prompts, vocab_size=model_cfg.vocab_size,
       tokenizer=tokenizer, seed=FLAGS.seed, dataset_path=FLAGS.dataset_path,

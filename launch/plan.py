@@ -99,8 +99,11 @@ def main(argv):
   print(f"workload: {FLAGS.dataset_name}, {FLAGS.num_prompts} requests, mean prompt "
         f"{workload.prompt_lens.mean():.0f} / output {workload.output_lens.mean():.0f} tokens; "
         f"SLOs {FLAGS.goodput}, goodput = highest rate with >= 90% attainment")
-  ranked, screened = planner.plan(cfg, hw, FLAGS.num_devices, workload,
-                                  simulate_top=FLAGS.simulate_top)
+  try:
+    ranked, screened = planner.plan(cfg, hw, FLAGS.num_devices, workload,
+                                    simulate_top=FLAGS.simulate_top)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   print(f"\n{screened} configurations screened, {len(ranked)} simulated, "
         f"{time.perf_counter() - start:.1f} s\n")
   print(f"{'#':>3} {'goodput/dev':>11} {'req/s':>7} {'TTFT p90':>9} {'TPOT p90':>9}  config")

@@ -209,6 +209,10 @@ def plan(cfg: ModelConfig, hw: analytic.Hardware, num_devices: int, workload: Wo
   max_seq_len = max_seq_len or workload.max_seq_len
   candidates = [c for c in enumerate_candidates(cfg, hw, num_devices, max_seq_len)
                 if c.mode in modes]
+  if not candidates:
+    raise ValueError(f"{cfg.num_params() / 1e9:.1f}B parameters leave no room for one "
+                     f"{max_seq_len}-token sequence on {num_devices} x {hw.name} "
+                     f"({hw.hbm_bytes / 1e9:.0f} GB each) with TP up to {max(TP_CHOICES)}")
   profiles = {}
   screened = []
   for c in candidates:

@@ -8,7 +8,9 @@ decode that share a host's cores (the in-process disaggregated engine on CPU) sl
 down; `contention` holds the measured factors.
 
 `measure(engine)` times the engine's own compiled step functions (the thunks it compiles ahead),
-so the table is exactly the code that serves.
+so the table is exactly the code that serves. Decode and mixed steps are timed back to back, as
+the engine's loops dispatch them one ahead; prefill steps one at a time, as the prefill worker
+waits for each step's first tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -52,6 +53,14 @@ class StepProfile:
   # step time with the other phase running at the same time / alone (1.0: no interference)
   contention: dict[str, float] = dataclasses.field(
       default_factory=lambda: {"prefill": 1.0, "decode": 1.0})
+  # CPU devices run one computation at a time: a KV copy onto the decode devices queues behind
+  # the decode step running there, and the loops read a step's tokens once the next step has run.
+  # GPUs and TPUs copy beside compute and dispatch asynchronously.
+  transfer_waits_for_decode: bool = False
+  read_lag_s: float = 0.0  # colocated: a step's end to its tokens reaching the requests
+  # Step-to-step variability: measured decode gaps over their median (empty: deterministic). The
+  # simulator scales each step by a draw from these.
+  jitter: list = dataclasses.field(default_factory=list)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
@@ -118,46 +127,89 @@ def _median_time(thunk, block, iters: int) -> float:
   return statistics.median(times)
 
 
-def _while_running(background, foreground, block_bg, block_fg, iters: int) -> float:
-  """Median foreground step time while `background` runs back to back on another thread."""
-  stop = threading.Event()
+def _pipelined_time(thunk, block, iters: int) -> float:
+  """Seconds per step when `iters` steps are dispatched back to back and waited for once, as the
+  engine's decode loops run them (step N+1 is dispatched before step N's tokens are read, so the
+  host's bookkeeping hides behind the device's work)."""
+  thunk()
+  block()
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(iters):
+      thunk()
+    block()
+    times.append((time.perf_counter() - start) / iters)
+  return statistics.median(times)
 
-  def loop():
-    while not stop.is_set():
-      background()
-      block_bg()
 
-  thread = threading.Thread(target=loop, daemon=True)
-  thread.start()
-  try:
-    time.sleep(0.05)
-    return _median_time(foreground, block_fg, iters)
-  finally:
-    stop.set()
-    thread.join()
+def _decode_cadence(engine, num_requests: int, new_tokens: int, during=None):
+  """Median gap between decode tokens (each request's first gap excluded) of `num_requests`
+  short-prompt requests served by the running engine; `during()` runs on this thread meanwhile
+  and its result is returned too. Returns (median gap, during's result, all gaps)."""
+  from disagg_jax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+  streams = [engine.add_request([10 + i % 50] * 8, sampling) for i in range(num_requests)]
+  extra = None
+  if during is not None:
+    time.sleep(0.2)  # let the decode loop fill up
+    extra = during()
+  gaps = []
+  for stream in streams:
+    times = stream.result().metrics.token_times
+    gaps += list(np.diff(times)[1:])
+  return float(np.median(gaps)), extra, gaps
+
+
+def _read_lag(engine, profile: StepProfile, iters: int) -> float:
+  """How long after its step ends the colocated loop hands out a token: a lone request's TTFT
+  minus its one mixed step (median of `iters` probes)."""
+  from disagg_jax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  chunk = min(profile.chunk_size, 64)
+  lags = []
+  for i in range(iters):
+    stream = engine.add_request([10 + i] * chunk, SamplingParams(max_new_tokens=2,
+                                                                   ignore_eos=True))
+    m = stream.result().metrics
+    lags.append(m.token_times[0] - m.arrival - profile.mixed(1, chunk))
+  return max(float(np.median(lags)), 0.0)
 
 
 def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> StepProfile:
-  """Times every compiled step of an idle `Engine` (no requests in flight)."""
+  """The step-time table of an idle `Engine` (no requests in flight): its compiled steps timed
+  directly, and the decode loop's cadence from a few probe requests it serves."""
   core = engine.core
   config = engine.config
   block_decode = lambda: jax.block_until_ready((core.tokens, core.kv_pages))
-  decode = lambda: core.decode([])
   profile = StepProfile(mode=engine.mode, page_size=config.page_size,
                         decode_batch=config.decode_batch,
                         num_pages=core.slots.allocator.num_pages - 1,
                         max_seq_len=engine.limits.max_seq_len,
-                        decode_s=_median_time(decode, block_decode, iters),
+                        decode_s=0.0,
                         meta={"date": time.strftime("%Y-%m-%d %H:%M"),
                               "device": jax.devices()[0].device_kind,
                               "num_devices": engine.num_devices, "iters": iters})
+  # CPU devices run one computation at a time: a dispatch returns once the previous one has run,
+  # and a copy onto the decode devices waits for their decode step.
+  profile.transfer_waits_for_decode = jax.devices()[0].platform == "cpu"
+  # The decode step as the engine's own loop achieves it (dispatch, sampling, streaming and all),
+  # from the token gaps of short requests: with 2 and with a full batch of them, so the host's
+  # per-sequence work gives decode_per_seq_s.
+  few, full = min(2, config.decode_batch), config.decode_batch
+  few_s, _, gaps = _decode_cadence(engine, few, 20 * iters + 8)
+  gaps = np.asarray(gaps)
+  profile.jitter = [float(q) for q in np.quantile(gaps / np.median(gaps), np.linspace(0, 1, 41))]
+  full_s, _, _ = _decode_cadence(engine, full, 6 * iters + 8)
+  profile.decode_per_seq_s = max(full_s - few_s, 0.0) / max(full - few, 1)
+  profile.decode_s = few_s - few * profile.decode_per_seq_s
   if engine.mode == "colocated":
     scheduler = engine.scheduler
     profile.chunk_size, profile.chunk_batch = config.chunk_size, config.chunk_batch
     for bc in scheduler.chunk_batches:
       for c in scheduler.chunk_lens:
-        profile.mixed_s[(bc, c)] = _median_time(
+        profile.mixed_s[(bc, c)] = _pipelined_time(
             lambda bc=bc, c=c: scheduler._run_mixed([], [], bc, c), block_decode, iters)  # pylint: disable=protected-access
+    profile.read_lag_s = _read_lag(engine, profile, iters)
     return profile
 
   prefill = engine.prefill
@@ -180,8 +232,10 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
     profile.transfer_s[s] = _median_time(transfer, lambda: jax.block_until_ready(moved), iters)
     profile.insert_s[s] = _median_time(lambda s=s: loop._insert_dummy(moved[s], s), block_decode,  # pylint: disable=protected-access
                                        iters)
-  # Interference: each phase's step while the other runs back to back. The prefill step used is
-  # a single request of `contention_bucket` tokens (default: the middle length bucket).
+  # Interference: a prefill step of one `contention_bucket`-token request (default: the middle
+  # length bucket) run back to back while the engine decodes two requests, against alone; and
+  # the decode cadence meanwhile against without. (The decode step's device work does not depend
+  # on how many slots are live; the host's per-sequence work is decode_per_seq_s.)
   bucket = contention_bucket or prefill.length_buckets[len(prefill.length_buckets) // 2]
   bucket = buckets.pick(bucket, prefill.length_buckets)
   background = {}
@@ -190,10 +244,23 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
     _, kv = prefill._prefill(np.zeros((1, bucket), np.int32), np.ones(1, np.int32), [None])  # pylint: disable=protected-access
     background["kv"] = kv
   block_prefill = lambda: jax.block_until_ready(background)
-  decode_busy = _while_running(prefill_one, decode, block_prefill, block_decode, iters * 4)
   prefill_alone = _median_time(prefill_one, block_prefill, iters)
-  prefill_busy = _while_running(decode, prefill_one, block_decode, block_prefill, iters)
-  profile.contention = {"decode": max(decode_busy / profile.decode_s, 1.0),
+  steps = max(int(0.5 / max(prefill_alone, 1e-3)), 2 * iters)
+
+  def spaced_prefills():
+    # As a serving prefill worker sees them: one at a time with idle gaps (a quarter duty
+    # cycle), each timed alone; back-to-back prefills would overstate the interference.
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      prefill_one()
+      block_prefill()
+      times.append(time.perf_counter() - start)
+      time.sleep(3 * prefill_alone)
+    return statistics.median(times)
+  decode_busy, prefill_busy, _ = _decode_cadence(engine, few, int(3.0 / few_s) + 8,
+                                                 during=spaced_prefills)
+  profile.contention = {"decode": max(decode_busy / few_s, 1.0),
                         "prefill": max(prefill_busy / prefill_alone, 1.0)}
   profile.meta["contention_bucket"] = bucket
   return profile

@@ -13,7 +13,10 @@ The policies are the engine's own, step for step:
   contention factors (they share the host's cores on CPU). xPyD clusters (`disagg_jax/cluster`):
   X prefill workers on one queue, Y decode workers, each prefilled request routed to the decode
   worker with the most free pages.
-Token times are step ends. Requests are never preempted here: the page pool is checked at
+Token times are step ends (colocated: plus the measured `read_lag_s`); every step is scaled by a
+draw from the profile's measured step-time variability (`jitter`, seeded), so latency tails are
+simulated and not only medians. On CPU profiles a KV copy waits for the decode steps queued on
+the destination devices. Requests are never preempted here: the page pool is checked at
 admission (with the engine's reserve), and a configuration whose pool would run dry mid-decode is
 reported through `SimResult.page_stalls` rather than simulated.
 
@@ -26,6 +29,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 from typing import Sequence
+
+import numpy as np
 
 from disagg_jax.bench.metrics import RequestRecord
 from disagg_jax.engine import buckets
@@ -60,6 +65,19 @@ class SimResult:
   records: list[RequestRecord]
   duration: float
   page_stalls: int = 0  # decode steps that would have needed a preemption in the engine
+
+
+class _Jitter:
+  """Scales step times by draws from the profile's measured variability (seeded)."""
+
+  def __init__(self, profile: StepProfile, seed: int = 0):
+    self.table = np.asarray(profile.jitter or [1.0])
+    self.rng = np.random.default_rng(seed)
+
+  def __call__(self, seconds: float) -> float:
+    if len(self.table) == 1:
+      return seconds * float(self.table[0])
+    return seconds * float(self.table[self.rng.integers(len(self.table))])
 
 
 def _pages(tokens: int, page_size: int) -> int:
@@ -121,7 +139,17 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
   chunk_batches = buckets.batch_buckets(profile.chunk_batch)
   now = 0.0
   remaining = len(requests)
-  while remaining:
+  lagging: list[tuple[_Request, float]] = []  # tokens produced by the last step, not yet read
+  finishing: list[_Request] = []
+  lag = profile.read_lag_s
+  jitter = _Jitter(profile)
+  while remaining or lagging:
+    if lagging:
+      for request, t in lagging:
+        request.times.append(t + lag)
+      lagging = []
+    if not remaining:
+      break
     while pending and pending[0].arrival <= now:
       queue.append(pending.popleft())
     while queue:  # admission
@@ -145,18 +173,20 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
     context = sum(r.prompt_len + len(r.times) for r in decoding)
     extra = profile.decode_time(len(decoding), context) - profile.decode_s
     if chunks:
-      end = now + profile.mixed(len(chunks), max(n for _, n in chunks)) + extra
+      end = now + jitter(profile.mixed(len(chunks), max(n for _, n in chunks)) + extra)
     elif decoding:
-      end = now + profile.decode_s + extra
+      end = now + jitter(profile.decode_s + extra)
     else:
-      now = pending[0].arrival
+      if pending:
+        now = pending[0].arrival
       continue
+    # Tokens reach their requests `read_lag_s` after the step ends (measured: the loop reads a
+    # step's tokens after dispatching the next one).
     still = []
     for request in decoding:
-      request.times.append(end)
-      if len(request.times) >= request.output_len:
-        pool.release(request)
-        remaining -= 1
+      lagging.append((request, end))
+      if len(request.times) + 1 >= request.output_len:
+        finishing.append(request)
       else:
         still.append(request)
     decoding = still
@@ -164,12 +194,15 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
       request.computed += n
       if request.computed == request.prompt_len:
         prefilling.remove(request)
-        request.times.append(end)
+        lagging.append((request, end))
         if request.output_len == 1:
-          pool.release(request)
-          remaining -= 1
+          finishing.append(request)
         else:
           decoding.append(request)
+    for request in finishing:
+      pool.release(request)
+      remaining -= 1
+    finishing = []
     now = end
   return _result(requests, pool)
 
@@ -206,6 +239,7 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
   remaining = len(requests)
   inf = float("inf")
   bucket_of = lambda n: buckets.pick(n, profile.length_buckets)
+  jitter = _Jitter(profile)
 
   while remaining:
     head = prefill_queue[0].arrival if prefill_queue else (pending[0].arrival if pending else inf)
@@ -229,7 +263,15 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
       w = workers[index]
       _, request, bucket = w.transfers.popleft()
       request.transfer_start = now
-      request.transfer_end = now + profile.transfer_s[bucket]
+      start = now
+      if profile.transfer_waits_for_decode:
+        # The copy queues behind the decode step running there and, while the loop keeps going,
+        # the one it has already dispatched.
+        start = max(now, w.busy_until)
+        if w.decoding:
+          start += profile.decode_time(len(w.decoding),
+                                       sum(r.prompt_len + len(r.times) for r in w.decoding))
+      request.transfer_end = start + profile.transfer_s[bucket]
       w.transfer_free = request.transfer_end
       w.arrived.append((request.transfer_end, request, bucket))
     elif action == 1:  # insert what arrived, then one decode step
@@ -255,7 +297,7 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
                                  sum(r.prompt_len + len(r.times) for r in w.decoding))
       if prefill_busy_until > now:
         step *= profile.contention["decode"]
-      end = now + step
+      end = now + jitter(step)
       still = []
       for request in w.decoding:
         request.times.append(end)
@@ -282,7 +324,7 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
       step = profile.prefill(len(chosen), bucket)
       if any(w.busy_until > now or w.decoding for w in workers):
         step *= profile.contention["prefill"]
-      end = now + step
+      end = now + jitter(step)
       prefill_free[index] = end
       prefill_busy_until = max(prefill_busy_until, end)
       for request in chosen:

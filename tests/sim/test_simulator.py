@@ -120,3 +120,12 @@ def test_xpyd_more_decode_workers_hold_more_sequences():
                                       num_prefill_workers=x) for x in (1, 2)]
   ttft = [np.mean([r.ttft for r in res.records]) for res in prefill_bound]
   assert ttft[1] < 0.6 * ttft[0]
+
+
+def test_colocated_read_lag_delays_every_token():
+  # Tokens reach requests read_lag_s after their step: TTFT and E2EL move, the cadence does not.
+  profile = colocated_profile(read_lag_s=0.004)
+  (record,) = simulator.simulate(profile, [100], [3], [0.0]).records
+  assert record.ttft == pytest.approx(0.054)
+  assert record.itl == pytest.approx([0.01, 0.01])
+  assert record.e2el == pytest.approx(0.074)
