@@ -145,27 +145,39 @@ def _pipelined_time(thunk, block, iters: int) -> float:
 
 def _decode_cadence(engine, num_requests: int, new_tokens: int, during=None):
   """Median gap between decode tokens (each request's first gap excluded) of `num_requests`
-  short-prompt requests served by the running engine; `during()` runs on this thread meanwhile
-  and its result is returned too. Returns (median gap, during's result, all gaps)."""
+  short-prompt requests served by the running engine, `new_tokens` tokens each (capped by the
+  engine's max_seq_len). With `during`, it runs on another thread while waves of such requests
+  keep the decode loop busy, and its result is returned too. Returns (median gap, during's
+  result, all gaps)."""
+  import threading  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-  streams = [engine.add_request([10 + i % 50] * 8, sampling) for i in range(num_requests)]
-  extra = None
+  prompt = 8
+  sampling = SamplingParams(max_new_tokens=max(min(new_tokens,
+                                                   engine.limits.max_seq_len - prompt), 3),
+                            ignore_eos=True)
+  result, done = {}, threading.Event()
   if during is not None:
-    time.sleep(0.2)  # let the decode loop fill up
-    extra = during()
+    def run():
+      time.sleep(0.2)  # let the decode loop fill up
+      result["value"] = during()
+      done.set()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
   gaps = []
-  for stream in streams:
-    times = stream.result().metrics.token_times
-    gaps += list(np.diff(times)[1:])
-  return float(np.median(gaps)), extra, gaps
+  while True:
+    streams = [engine.add_request([10 + i % 50] * prompt, sampling) for i in range(num_requests)]
+    for stream in streams:
+      gaps += list(np.diff(stream.result().metrics.token_times)[1:])
+    if during is None or done.is_set():
+      break
+  return float(np.median(gaps)), result.get("value"), gaps
 
 
 def _read_lag(engine, profile: StepProfile, iters: int) -> float:
   """How long after its step ends the colocated loop hands out a token: a lone request's TTFT
   minus its one mixed step (median of `iters` probes)."""
   from disagg_jax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  chunk = min(profile.chunk_size, 64)
+  chunk = min(profile.chunk_size, 64, profile.max_seq_len - 3)
   lags = []
   for i in range(iters):
     stream = engine.add_request([10 + i] * chunk, SamplingParams(max_new_tokens=2,

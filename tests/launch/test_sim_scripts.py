@@ -20,7 +20,7 @@ WORKLOAD = ["--dataset_name=random", "--num_prompts=30", "--request_rate=20",
 def test_profile_then_simulate_writes_benchmark_keys(tmp_path, repo_root):
   profile = tmp_path / "profile.json"
   done = _run(repo_root, "profile.py", "--mode=disagg", "--num_cpu_devices=2",
-              "--prefill_devices=0", "--decode_devices=1", "--config.engine.max_seq_len=64",
+              "--prefill_devices=1", "--decode_devices=1", "--config.engine.max_seq_len=64",
               "--config.engine.decode_batch=4", "--iters=1", f"--output={profile}")
   assert done.returncode == 0, done.stderr[-2000:]
   table = json.loads(profile.read_text())
