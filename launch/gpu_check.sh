@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything the kernels need checked and timed on one leased NVIDIA GPU, in one go (~8 minutes):
+# Everything the kernels need checked and timed on one leased NVIDIA GPU, in one go (~10 minutes;
+# on an H200 the tests took 3 min, the benchmark 4 and each float32 generate.py over 1.5):
 #   1. the compiled-kernel tests (`pytest -m gpu`) against the pure-JAX references,
 #   2. launch/bench_kernels.py --tune --sweep (our kernels beside cuDNN, XLA and JAX's own paged
 #      kernel, plus the card's read bandwidth, in the same run),
@@ -27,7 +28,7 @@ grep -v '^{' "$OUT/bench.txt" | grep -v -E '^[IW][0-9]{4} ' | tail -30
 
 echo "== generate.py, pallas vs xla"
 for impl in xla pallas; do
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 python3 launch/generate.py --mode=colocated \
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 launch/generate.py --mode=colocated \
     --dtype="${GENERATE_DTYPE:-float32}" --max_new_tokens=48 \
     --attention_impl=$impl --output_file="$OUT/generate_$impl.jsonl" > "$OUT/generate_$impl.log" 2>&1 \
     || tail -5 "$OUT/generate_$impl.log"
