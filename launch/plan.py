@@ -32,7 +32,7 @@ flags.DEFINE_float("random_range_ratio", None, "Lengths vary in [len*(1-r), len*
 flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the arrival gaps (1: Poisson).")
 flags.DEFINE_string("goodput", "ttft:500,tpot:50", "SLOs (milliseconds).")
 flags.DEFINE_integer("seed", 0, "Workload and arrivals seed.")
-flags.DEFINE_integer("simulate_top", 40, "Configurations simulated after the screen.")
+flags.DEFINE_integer("simulate_top", 100, "Configurations simulated after the screen.")
 flags.DEFINE_integer("show", 10, "Configurations printed.")
 flags.DEFINE_string("output_json", None, "Ranked configurations (JSON).")
 flags.DEFINE_string("plot", None, "Pareto plot (PNG): tokens/s per device vs per user.")

@@ -26,10 +26,10 @@ from disagg_jax.sim import analytic, simulator
 
 ATTAINMENT = 0.9
 TP_CHOICES = (1, 2, 4, 8)
-DECODE_BATCHES = (8, 16, 32, 64, 128, 256, 512)
-PREFILL_BATCHES = (1, 2, 4, 8)
-CHUNK_SIZES = (256, 512, 1024, 2048)
-CHUNK_BATCHES = (1, 2, 4)
+DECODE_BATCHES = (4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
+PREFILL_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16)
+CHUNK_SIZES = (128, 256, 512, 1024, 2048, 4096)
+CHUNK_BATCHES = (1, 2, 4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
