@@ -103,6 +103,35 @@ def meshes_from_flags():
           parallel.make_mesh(decode, f.decode_tp or len(decode)))
 
 
+# The flags that say which engine runs (recorded with a profile, so the planner can say how to
+# run each configuration it ranks, and set again to run it).
+ENGINE_FLAGS = ("model_path", "mode", "devices", "tp", "prefill_devices", "decode_devices",
+                "prefill_tp", "decode_tp", "dtype", "attention_impl")
+
+
+def engine_flag_values(config) -> dict:
+  """{flag: value} of ENGINE_FLAGS and every `config.engine.*` field, as now set."""
+  f = flags.FLAGS
+  out = {name: f[name].value for name in ENGINE_FLAGS}
+  out.update({f"config.engine.{k}": v for k, v in config.engine.items()})
+  return out
+
+
+def set_engine_flags(config, values: dict) -> None:
+  """Sets the flags and config fields of an engine_flag_values() dict (unknown keys raise
+  ValueError naming them)."""
+  unknown = [k for k in values
+             if k not in ENGINE_FLAGS and not (k.startswith("config.engine.")
+                                                and k[len("config.engine."):] in config.engine)]
+  if unknown:
+    raise ValueError(f"not engine flags: {', '.join(sorted(unknown))}")
+  for key, value in values.items():
+    if key.startswith("config.engine."):
+      config.engine[key[len("config.engine."):]] = value
+    else:
+      setattr(flags.FLAGS, key, value)
+
+
 def build_generator(config):
   """A StaticGenerator (--mode=single) or a running Engine, with the model of --model_path.
 

@@ -5,7 +5,12 @@ model and the simulator.
         --dataset_name=prefill_heavy --goodput=ttft:500,tpot:50 --output_json=plan.json
 
 --model_config names a module in configs/models (llama3_8b, llama3_70b) or --model_path a Hugging
-Face / orbax directory (only its config.json is read). --hardware is one of v5e, v5p, v6e, h100,
+Face / orbax directory (only its config.json is read). Or plan over configurations measured here:
+
+    python launch/plan.py --profiles=col_b16.json,dis_2p2d.json,... --dataset_name=random ...
+
+ranks every configuration those step-time tables (launch/profile.py) cover, by simulated goodput,
+and writes the engine flags that run each (launch/validate_plan.py runs the best for real). --hardware is one of v5e, v5p, v6e, h100,
 h200 (disagg_jax/sim/analytic.py: published figures and the calibration factors, printed with the
 plan). Every configuration of the space is screened, the best of each mode simulated
 (disagg_jax/sim/planner.py); prints the ranked list and how the prefill:decode split should move
@@ -37,6 +42,8 @@ flags.DEFINE_integer("show", 10, "Configurations printed.")
 flags.DEFINE_string("output_json", None, "Ranked configurations (JSON).")
 flags.DEFINE_string("plot", None, "Pareto plot (PNG): tokens/s per device vs per user.")
 flags.DEFINE_bool("compare_mix", True, "Also plan the opposite workload mix's best split.")
+flags.DEFINE_list("profiles", None, "Plan over these measured step-time tables (launch/"
+                  "profile.py) instead of the analytic model of --hardware.")
 FLAGS = flags.FLAGS
 
 OPPOSITE = {"prefill_heavy": "decode_heavy", "decode_heavy": "prefill_heavy"}
@@ -76,10 +83,62 @@ def _split(p) -> str:
           f"prefill:decode chips per group")
 
 
+def _workload_json(workload) -> dict:
+  return {"dataset_name": FLAGS.dataset_name, "prompt_lens": workload.prompt_lens.tolist(),
+          "output_lens": workload.output_lens.tolist(), "goodput": FLAGS.goodput,
+          "burstiness": workload.burstiness, "seed": workload.seed}
+
+
+def _print_ranked(ranked):
+  print(f"{'#':>3} {'goodput/dev':>11} {'req/s':>7} {'TTFT p90':>9} {'TPOT p90':>9}  config")
+  for i, p in enumerate(ranked[:FLAGS.show]):
+    m = p.metrics or {}
+    print(f"{i + 1:>3} {p.goodput_per_device:>11.3f} {p.goodput:>7.2f} "
+          f"{m.get('p90_ttft_ms', float('nan')):>7.0f}ms {m.get('p90_tpot_ms', float('nan')):>7.1f}ms"
+          f"  {p.candidate.describe()}")
+
+
+def _plan_measured(start):
+  """--profiles: every configuration the measured tables cover, simulated."""
+  from disagg_jax.sim import planner  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sim.profile import StepProfile  # pylint: disable=g-import-not-at-top
+  try:
+    profiles = [StepProfile.load(path) for path in FLAGS.profiles]
+    workload = _workload(FLAGS.dataset_name)
+    if not workload.slos:
+      raise ValueError("--goodput needs at least one SLO, e.g. ttft:100,tpot:20")
+    longest = workload.max_seq_len
+    short = [path for path, p in zip(FLAGS.profiles, profiles) if p.max_seq_len < longest]
+    if short:
+      raise ValueError(f"the workload's longest request ({longest} tokens) exceeds the "
+                       f"max_seq_len of {', '.join(short)}")
+    ranked, count = planner.plan_profiles(profiles, workload)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"workload: {FLAGS.dataset_name}, {FLAGS.num_prompts} requests, mean prompt "
+        f"{workload.prompt_lens.mean():.0f} / output {workload.output_lens.mean():.0f} tokens; "
+        f"SLOs {FLAGS.goodput}, goodput = highest rate with >= 90% attainment")
+  print(f"assumptions: step times measured here ({len(profiles)} tables: "
+        f"{', '.join(FLAGS.profiles)}); smaller chunk and prefill batches reuse their buckets")
+  print(f"\n{count} configurations simulated, {time.perf_counter() - start:.1f} s\n")
+  _print_ranked(ranked)
+  result = {"profiles": FLAGS.profiles, "dataset_name": FLAGS.dataset_name,
+            "goodput": FLAGS.goodput, "workload": _workload_json(workload),
+            "configs_screened": count, "configs": [p.to_json() for p in ranked]}
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
+      json.dump(result, f, indent=1)
+  if FLAGS.plot:
+    _plot(ranked, FLAGS.plot, f"{len(profiles)} measured tables, {FLAGS.dataset_name}")
+  return 0
+
+
 def main(argv):
   del argv
   from disagg_jax.sim import analytic, planner  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
+  if FLAGS.profiles:
+    return _plan_measured(start)
   try:
     cfg = _model_config()
     hw = analytic.get_hardware(FLAGS.hardware)
@@ -106,16 +165,12 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   print(f"\n{screened} configurations screened, {len(ranked)} simulated, "
         f"{time.perf_counter() - start:.1f} s\n")
-  print(f"{'#':>3} {'goodput/dev':>11} {'req/s':>7} {'TTFT p90':>9} {'TPOT p90':>9}  config")
-  for i, p in enumerate(ranked[:FLAGS.show]):
-    m = p.metrics or {}
-    print(f"{i + 1:>3} {p.goodput_per_device:>11.3f} {p.goodput:>7.2f} "
-          f"{m.get('p90_ttft_ms', float('nan')):>7.0f}ms {m.get('p90_tpot_ms', float('nan')):>7.1f}ms"
-          f"  {p.candidate.describe()}")
+  _print_ranked(ranked)
   result = {"model": FLAGS.model_config or FLAGS.model_path, "hardware": hw.name,
             "num_devices": FLAGS.num_devices, "dataset_name": FLAGS.dataset_name,
             "goodput": FLAGS.goodput, "assumptions": analytic.describe(hw),
-            "configs_screened": screened, "configs": [p.to_json() for p in ranked]}
+            "configs_screened": screened, "workload": _workload_json(workload),
+            "configs": [p.to_json() for p in ranked]}
   best_disagg = next((p for p in ranked if p.candidate.mode == "disagg"), None)
   if FLAGS.compare_mix and FLAGS.dataset_name in OPPOSITE and best_disagg is not None:
     other = OPPOSITE[FLAGS.dataset_name]

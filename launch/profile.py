@@ -40,6 +40,7 @@ def main(argv):
   engine = cli.build_generator(FLAGS.config)
   try:
     table = profile_lib.measure(engine, iters=FLAGS.iters)
+    table.meta["flags"] = cli.engine_flag_values(FLAGS.config)
   finally:
     engine.shutdown()
   data = table.to_json()

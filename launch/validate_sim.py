@@ -25,6 +25,10 @@ flags.FLAGS.set_default("mode", "colocated")
 flags.DEFINE_list("rates", ["2", "4", "6"], "Request rates to run and simulate.")
 flags.DEFINE_string("output_dir", "sim_validation", "Where the rows, the table and the plot go.")
 flags.DEFINE_integer("profile_iters", 5, "Timed calls per step shape when profiling.")
+flags.DEFINE_integer("repeats", 1, "Measured runs per rate (the same requests and arrivals "
+                     "each time): their differences are the measurement's own noise.")
+flags.DEFINE_multi_string("extra_goodput", [], "More SLO sets (as --goodput) whose attainment "
+                          "to compare on the same runs; repeatable.")
 FLAGS = flags.FLAGS
 
 
@@ -33,6 +37,8 @@ def main(argv):
   cli.setup_jax()
   if FLAGS.mode == "single":
     raise app.UsageError("--mode=colocated or --mode=disagg")
+  if FLAGS.repeats < 1:
+    raise app.UsageError(f"--repeats={FLAGS.repeats} must be >= 1")
   from disagg_jax.bench import metrics, runner  # pylint: disable=g-import-not-at-top
   from disagg_jax.sim import profile as profile_lib  # pylint: disable=g-import-not-at-top
   from disagg_jax.sim import simulator, validate  # pylint: disable=g-import-not-at-top
@@ -40,27 +46,39 @@ def main(argv):
     rates = [float(r) for r in FLAGS.rates]
   except ValueError:
     raise app.UsageError(f"--rates={','.join(FLAGS.rates)} must be numbers") from None
+  try:
+    extra_slos = {spec: metrics.parse_goodput(spec) for spec in FLAGS.extra_goodput}
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   engine = cli.build_generator(FLAGS.config)
   try:
     table = profile_lib.measure(engine, iters=FLAGS.profile_iters)
+    table.meta["flags"] = cli.engine_flag_values(FLAGS.config)
     table.save(os.path.join(FLAGS.output_dir, f"profile_{FLAGS.mode}.json"))
     rows = []
     for rate in rates:
       FLAGS.request_rate = rate
       requests, arrivals, slos = cli.workload_from_flags(FLAGS.config)
-      records, duration = runner.run(engine, requests, arrivals, seed=FLAGS.seed,
-                                     progress=False)
-      measured = metrics.compute(records, duration, slos)
       sim = simulator.simulate(table, [len(r.prompt_token_ids) for r in requests],
                                [r.output_len for r in requests], arrivals)
       simulated = metrics.compute(sim.records, sim.duration, slos)
-      row = {"mode": FLAGS.mode, "request_rate": rate, "dataset_name": FLAGS.dataset_name,
-             "num_prompts": FLAGS.num_prompts, "goodput": FLAGS.goodput,
-             "measured": measured, "simulated": simulated,
-             "errors": validate.compare(measured, simulated)}
-      rows.append(row)
-      print(json.dumps({"mode": FLAGS.mode, "rate": rate, "errors": row["errors"]}), flush=True)
+      for repeat in range(FLAGS.repeats):
+        records, duration = runner.run(engine, requests, arrivals, seed=FLAGS.seed,
+                                       progress=False)
+        measured = metrics.compute(records, duration, slos)
+        row = {"mode": FLAGS.mode, "request_rate": rate, "repeat": repeat,
+               "dataset_name": FLAGS.dataset_name, "num_prompts": FLAGS.num_prompts,
+               "goodput": FLAGS.goodput, "measured": measured, "simulated": simulated,
+               "errors": validate.compare(measured, simulated),
+               "attainment": {spec: [metrics.compute(records, duration,
+                                                     extra)["slo_attainment"],
+                                     metrics.compute(sim.records, sim.duration,
+                                                     extra)["slo_attainment"]]
+                              for spec, extra in extra_slos.items()}}
+        rows.append(row)
+        print(json.dumps({"mode": FLAGS.mode, "rate": rate, "repeat": repeat,
+                          "errors": row["errors"]}), flush=True)
   finally:
     engine.shutdown()
   path = os.path.join(FLAGS.output_dir, "validation.jsonl")
@@ -71,6 +89,13 @@ def main(argv):
     all_rows = [json.loads(line) for line in f if line.strip()]
   with open(os.path.join(FLAGS.output_dir, "validation.md"), "w") as f:
     f.write("measured / simulated (error)\n\n" + validate.markdown_table(all_rows) + "\n")
+    noise = validate.repeatability_table(all_rows)
+    if noise:
+      f.write("\nmeasured run against measured run (the same requests and arrivals), "
+              "second / first (difference)\n\n" + noise + "\n")
+    if any(row.get("attainment") for row in all_rows):
+      f.write("\nSLO attainment at other SLOs, measured / simulated (error)\n\n"
+              + validate.attainment_table(all_rows) + "\n")
   validate.plot(all_rows, os.path.join(FLAGS.output_dir, "validation.png"))
   print(validate.markdown_table(all_rows))
   return 0

@@ -21,8 +21,10 @@ import numpy as np
 
 from disagg_jax.bench import arrivals as arrivals_lib
 from disagg_jax.bench import metrics
+from disagg_jax.engine import buckets
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.sim import analytic, simulator
+from disagg_jax.sim.profile import StepProfile
 
 ATTAINMENT = 0.9
 TP_CHOICES = (1, 2, 4, 8)
@@ -44,31 +46,36 @@ class Candidate:
   prefill_batch: int = 4
   chunk_size: int = 0
   chunk_batch: int = 1
+  prefill_dp: int = 1  # data-parallel rows of a mesh (measured configurations only)
+  decode_dp: int = 1
 
   @property
   def unit_devices(self) -> int:
     if self.mode == "colocated":
-      return self.decode_tp
-    return self.num_prefill_workers * self.prefill_tp + self.num_decode_workers * self.decode_tp
+      return self.decode_tp * self.decode_dp
+    return (self.num_prefill_workers * self.prefill_tp * self.prefill_dp
+            + self.num_decode_workers * self.decode_tp * self.decode_dp)
 
   @property
   def devices(self) -> int:
     return self.unit_devices * self.replicas
 
   def describe(self) -> str:
+    mesh = lambda tp, dp: f"TP{tp}" + (f"xDP{dp}" if dp > 1 else "")
     if self.mode == "colocated":
-      return (f"colocated TP{self.decode_tp} x{self.replicas}, decode batch {self.decode_batch}, "
-              f"chunks {self.chunk_batch}x{self.chunk_size}")
-    return (f"disagg {self.num_prefill_workers}P(TP{self.prefill_tp})"
-            f"{self.num_decode_workers}D(TP{self.decode_tp}) x{self.replicas}, "
+      return (f"colocated {mesh(self.decode_tp, self.decode_dp)} x{self.replicas}, decode batch "
+              f"{self.decode_batch}, chunks {self.chunk_batch}x{self.chunk_size}")
+    return (f"disagg {self.num_prefill_workers}P({mesh(self.prefill_tp, self.prefill_dp)})"
+            f"{self.num_decode_workers}D({mesh(self.decode_tp, self.decode_dp)}) x{self.replicas}, "
             f"decode batch {self.decode_batch}, prefill batch {self.prefill_batch}")
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
     colocated = self.mode == "colocated"
-    out.update(prefill_devices=0 if colocated else self.num_prefill_workers * self.prefill_tp,
+    out.update(prefill_devices=0 if colocated
+               else self.num_prefill_workers * self.prefill_tp * self.prefill_dp,
                decode_devices=self.unit_devices if colocated
-               else self.num_decode_workers * self.decode_tp,
+               else self.num_decode_workers * self.decode_tp * self.decode_dp,
                devices=self.devices)
     return out
 
@@ -160,11 +167,16 @@ def attainment(c: Candidate, profile, workload: Workload, rate: float) -> tuple[
 
 def goodput(c: Candidate, profile, workload: Workload, estimate: float,
             steps: int = 7) -> tuple[float, dict | None]:
-  """The highest unit rate with >= 90% SLO attainment, by bisection below 2 x the estimate."""
+  """The highest unit rate with >= 90% SLO attainment, by bisection below 2 x the estimate (the
+  bracket doubles while its top still meets the SLOs, up to 16 x the estimate)."""
   lo, hi, best = 0.0, max(2.0 * estimate, 1e-3), None
-  ok, out = attainment(c, profile, workload, hi)
-  if ok >= ATTAINMENT:
-    return hi, out
+  for _ in range(4):
+    ok, out = attainment(c, profile, workload, hi)
+    if ok < ATTAINMENT:
+      break
+    lo, best, hi = hi, out, 2 * hi
+  else:
+    return lo, best
   for _ in range(steps):
     mid = (lo + hi) / 2
     ok, out = attainment(c, profile, workload, mid)
@@ -181,6 +193,7 @@ class Planned:
   screened_per_device: float
   goodput: float = 0.0  # req/s of all replicas
   metrics: dict | None = None
+  flags: dict | None = None  # measured configurations: the engine flags that run it
 
   @property
   def goodput_per_device(self) -> float:
@@ -190,6 +203,8 @@ class Planned:
     out = self.candidate.to_json()
     out.update(goodput=self.goodput, goodput_per_device=self.goodput_per_device,
                screened_goodput_per_device=self.screened_per_device)
+    if self.flags:
+      out["flags"] = self.flags
     if self.metrics:
       devices = self.candidate.devices
       out.update(output_tokens_per_s_per_device=self.metrics["output_throughput"]
@@ -237,3 +252,60 @@ def plan(cfg: ModelConfig, hw: analytic.Hardware, num_devices: int, workload: Wo
     p.goodput, p.metrics = unit_rate * c.replicas, out
   chosen.sort(key=lambda p: -p.goodput_per_device)
   return chosen, len(candidates)
+
+
+# ---------------------------------------------------------------- measured configurations
+
+
+def _device_count(spec) -> int:
+  return len([d for d in str(spec).split(",") if d.strip()]) if "," in str(spec) else int(spec)
+
+
+def profile_candidates(profiles: Sequence[StepProfile]
+                       ) -> list[tuple[Candidate, StepProfile, dict]]:
+  """The configurations that measured step-time tables cover: each profiled engine (its flags in
+  `meta["flags"]`, as launch/profile.py records them) with every smaller chunk size and chunk
+  batch (colocated) or prefill batch (disaggregated) of its buckets. Returns (candidate, its
+  table, the engine flags that run it)."""
+  out = []
+  for i, profile in enumerate(profiles):
+    flags = profile.meta.get("flags")
+    if not flags:
+      raise ValueError(f"profile {i} has no engine flags (meta.flags): measure it with "
+                       "launch/profile.py")
+    if profile.mode == "colocated":
+      devices = _device_count(flags["devices"])
+      tp = flags["tp"] or devices
+      for chunk_batch in buckets.batch_buckets(profile.chunk_batch):
+        for chunk in buckets.length_buckets(profile.chunk_size, page_size=1, smallest=16):
+          c = Candidate("colocated", tp, tp, 0, 0, 1, profile.decode_batch, chunk_size=chunk,
+                        chunk_batch=chunk_batch, decode_dp=devices // tp)
+          out.append((c, profile.restricted(chunk_size=chunk, chunk_batch=chunk_batch),
+                      {**flags, "config.engine.chunk_size": chunk,
+                       "config.engine.chunk_batch": chunk_batch}))
+    else:
+      pdev, ddev = _device_count(flags["prefill_devices"]), _device_count(flags["decode_devices"])
+      ptp, dtp = flags["prefill_tp"] or pdev, flags["decode_tp"] or ddev
+      for prefill_batch in buckets.batch_buckets(profile.prefill_batch):
+        c = Candidate("disagg", ptp, dtp, 1, 1, 1, profile.decode_batch,
+                      prefill_batch=prefill_batch, prefill_dp=pdev // ptp,
+                      decode_dp=ddev // dtp)
+        out.append((c, profile.restricted(prefill_batch=prefill_batch),
+                    {**flags, "config.engine.prefill_batch": prefill_batch}))
+  return out
+
+
+def plan_profiles(profiles: Sequence[StepProfile], workload: Workload, *,
+                  modes: Sequence[str] = ("colocated", "disagg")) -> tuple[list[Planned], int]:
+  """Every configuration the measured tables cover, simulated at a goodput bisection; best
+  first by goodput per device. Returns (ranked, number of configurations)."""
+  chosen = []
+  for c, profile, flags in profile_candidates(profiles):
+    if c.mode not in modes:
+      continue
+    estimate = screen(c, profile, workload)
+    p = Planned(c, estimate / c.devices, flags=flags)
+    p.goodput, p.metrics = goodput(c, profile, workload, estimate)
+    chosen.append(p)
+  chosen.sort(key=lambda p: -p.goodput_per_device)
+  return chosen, len(chosen)

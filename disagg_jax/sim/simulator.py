@@ -13,9 +13,9 @@ The policies are the engine's own, step for step:
   contention factors (they share the host's cores on CPU). xPyD clusters (`disagg_jax/cluster`):
   X prefill workers on one queue, Y decode workers, each prefilled request routed to the decode
   worker with the most free pages.
-Token times are step ends (colocated: plus the measured `read_lag_s`); every step is scaled by a
-draw from the profile's measured step-time variability (`jitter`, seeded), so latency tails are
-simulated and not only medians. On CPU profiles a KV copy waits for the decode steps queued on
+Token times are step ends plus the measured `read_lag_s` (colocated: every token; disaggregated:
+the first); every step is scaled by a draw from the profile's measured step-time variability
+(`jitter`, seeded), so latency tails are simulated and not only medians. On CPU profiles a KV copy waits for the decode steps queued on
 the destination devices. Requests are never preempted here: the page pool is checked at
 admission (with the engine's reserve), and a configuration whose pool would run dry mid-decode is
 reported through `SimResult.page_stalls` rather than simulated.
@@ -295,7 +295,10 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
         w.pool.grow(request, request.prompt_len + len(request.times) + 1)
       step = profile.decode_time(len(w.decoding),
                                  sum(r.prompt_len + len(r.times) for r in w.decoding))
-      if prefill_busy_until > now:
+      # Slowed while a prefill runs or a request is on its way here (on CPU the prefill and
+      # transfer threads' host work competes with the loop's).
+      if (prefill_busy_until > now or w.transfers or w.arrived
+          or (profile.transfer_waits_for_decode and w.transfer_free > now)):
         step *= profile.contention["decode"]
       end = now + jitter(step)
       still = []
@@ -323,19 +326,23 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
         request.prefill_start = now
       step = profile.prefill(len(chosen), bucket)
       if any(w.busy_until > now or w.decoding for w in workers):
-        step *= profile.contention["prefill"]
+        # On shared cores a prefill slows with the decode side's load: a base factor plus one
+        # per decoding sequence (their streaming and bookkeeping run on the same host).
+        step *= (profile.contention["prefill"] + profile.contention.get("prefill_per_seq", 0.0)
+                 * sum(len(w.decoding) for w in workers))
       end = now + jitter(step)
       prefill_free[index] = end
       prefill_busy_until = max(prefill_busy_until, end)
       for request in chosen:
-        request.times.append(end)
+        request.times.append(end + profile.read_lag_s)
         if request.output_len == 1:
           backlog += 1
           remaining -= 1
         else:
           target = max(workers, key=lambda w: w.free_pages())
           target.promised += _pages(request.prompt_len + 1, profile.page_size)
-          target.transfers.append((end, request, bucket))
+          # The KV leaves once the worker has read the first token.
+          target.transfers.append((end + profile.read_lag_s, request, bucket))
   pool = _Pool(profile)
   pool.stalls = sum(w.pool.stalls for w in workers)
   return _result(requests, pool)

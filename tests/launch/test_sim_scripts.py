@@ -78,3 +78,58 @@ def test_plan_llama3_8b_on_v5e(tmp_path, repo_root):
 def test_plan_bad_input(repo_root, args, message):
   done = _run(repo_root, "plan.py", *args, timeout=120)
   assert done.returncode != 0 and message in done.stderr
+
+
+def _profile_with_flags(path, mode):
+  from disagg_jax.testing.profiles import colocated_profile, disagg_profile
+  if mode == "colocated":
+    table = colocated_profile(meta={"flags": {"mode": "colocated", "devices": "2", "tp": 0}})
+  else:
+    table = disagg_profile(meta={"flags": {"mode": "disagg", "prefill_devices": "1",
+                                           "decode_devices": "1", "prefill_tp": 0,
+                                           "decode_tp": 0}})
+  table.save(str(path))
+  return str(path)
+
+
+def test_plan_over_measured_profiles(tmp_path, repo_root):
+  profiles = [_profile_with_flags(tmp_path / f"{m}.json", m) for m in ("colocated", "disagg")]
+  out = tmp_path / "plan.json"
+  done = _run(repo_root, "plan.py", f"--profiles={','.join(profiles)}", "--num_prompts=40",
+              "--random_input_len=100", "--random_output_len=8", "--goodput=ttft:500,tpot:50",
+              f"--output_json={out}", timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "step times measured here" in done.stdout
+  plan = json.loads(out.read_text())
+  assert plan["configs_screened"] == len(plan["configs"]) == 2 * 4 + 2
+  assert all("flags" in c for c in plan["configs"])
+  assert len(plan["workload"]["prompt_lens"]) == 40
+  # A workload longer than the tables' max_seq_len is refused, naming the file.
+  done = _run(repo_root, "plan.py", f"--profiles={profiles[0]}", "--random_input_len=600",
+              "--random_range_ratio=0", timeout=300)
+  assert done.returncode != 0 and "colocated.json" in done.stderr
+
+
+def test_validate_plan_runs_a_configuration_for_real(tmp_path, repo_root):
+  plan = {"configs": [{"mode": "colocated", "devices": 1, "goodput": 10.0,
+                       "flags": {"mode": "colocated", "devices": "1", "tp": 0,
+                                 "config.engine.max_seq_len": 64,
+                                 "config.engine.decode_batch": 4,
+                                 "config.engine.chunk_size": 32}}],
+          "workload": {"prompt_lens": [20, 30, 12, 40] * 5, "output_lens": [4, 6, 3, 5] * 5,
+                       "goodput": "ttft:5000,tpot:2000", "burstiness": 1.0, "seed": 0}}
+  path, out = tmp_path / "plan.json", tmp_path / "measured.json"
+  path.write_text(json.dumps(plan))
+  done = _run(repo_root, "validate_plan.py", f"--plan={path}", "--top=1", "--steps=0",
+              "--bracket=2", f"--output_json={out}", timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(out.read_text())
+  (config,) = result["configs"]
+  # Loose SLOs: every bracket meets them, up to 2**3 x the simulated goodput.
+  assert config["measured_goodput"] == pytest.approx(80.0)
+  assert [run["rate"] for run in config["runs"]] == pytest.approx([10, 20, 40, 80])
+  assert result["top_over_best"] == pytest.approx(1.0)
+  del plan["configs"][0]["flags"]
+  path.write_text(json.dumps(plan))
+  done = _run(repo_root, "validate_plan.py", f"--plan={path}", timeout=120)
+  assert done.returncode != 0 and "engine flags" in done.stderr

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from disagg_jax.sim import analytic, planner
+from disagg_jax.testing.profiles import colocated_profile, disagg_profile
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,28 @@ def test_prefill_heavy_gets_more_prefill_chips_than_decode_heavy(llama8b):
     c = ranked[0].candidate
     share[name] = c.num_prefill_workers * c.prefill_tp / c.unit_devices
   assert share["prefill"] > share["decode"]
+
+
+def test_plan_over_measured_tables_ranks_every_covered_configuration():
+  flags = {"mode": "colocated", "devices": "4", "tp": 2, "config.engine.decode_batch": 4}
+  col = colocated_profile(meta={"flags": flags})
+  dis = disagg_profile(meta={"flags": {"mode": "disagg", "prefill_devices": "1",
+                                       "decode_devices": "0,1,2", "prefill_tp": 0,
+                                       "decode_tp": 1}})
+  candidates = planner.profile_candidates([col, dis])
+  # colocated: chunk batches (1, 2) x chunk sizes (16, 32, 64, 128); disagg: prefill batches 1, 2
+  assert len(candidates) == 2 * 4 + 2
+  c, table, run_flags = candidates[0]
+  assert c.devices == 4 and c.decode_dp == 2
+  assert run_flags["config.engine.chunk_size"] == c.chunk_size == table.chunk_size
+  c, table, run_flags = candidates[-1]
+  assert (c.prefill_tp, c.decode_tp, c.decode_dp, c.devices) == (1, 1, 3, 4)
+  assert run_flags["config.engine.prefill_batch"] == 2
+  ranked, count = planner.plan_profiles([col, dis], _workload(100, 8, n=40))
+  assert count == 10
+  assert [p.goodput_per_device for p in ranked] == sorted(
+      (p.goodput_per_device for p in ranked), reverse=True)
+  assert ranked[0].goodput > 0 and ranked[0].to_json()["flags"]["mode"] in ("colocated",
+                                                                            "disagg")
+  with pytest.raises(ValueError, match="engine flags"):
+    planner.profile_candidates([colocated_profile()])

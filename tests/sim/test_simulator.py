@@ -6,24 +6,7 @@ import pytest
 from disagg_jax.bench import metrics
 from disagg_jax.sim import simulator
 from disagg_jax.sim.profile import StepProfile
-
-
-def colocated_profile(**kw):
-  base = dict(mode="colocated", page_size=16, decode_batch=4, num_pages=64, max_seq_len=512,
-              decode_s=0.01, chunk_size=128, chunk_batch=2,
-              mixed_s={(b, c): 0.05 for b in (1, 2) for c in (16, 32, 64, 128)})
-  base.update(kw)
-  return StepProfile(**base)
-
-
-def disagg_profile(**kw):
-  lb = (16, 32, 64, 128, 256, 512)
-  base = dict(mode="disagg", page_size=16, decode_batch=4, num_pages=128, max_seq_len=512,
-              decode_s=0.01, prefill_batch=2, length_buckets=lb,
-              prefill_s={(b, s): 0.05 * b for b in (1, 2) for s in lb},
-              insert_s={s: 0.005 for s in lb}, transfer_s={s: 0.02 for s in lb})
-  base.update(kw)
-  return StepProfile(**base)
+from disagg_jax.testing.profiles import colocated_profile, disagg_profile
 
 
 def test_colocated_single_request_timeline():
@@ -129,3 +112,64 @@ def test_colocated_read_lag_delays_every_token():
   assert record.ttft == pytest.approx(0.054)
   assert record.itl == pytest.approx([0.01, 0.01])
   assert record.e2el == pytest.approx(0.074)
+
+
+def test_disagg_read_lag_delays_the_first_token_and_the_handoff():
+  # The first token reaches the request read_lag_s after the prefill step, and the KV leaves
+  # then: every later token moves by the lag too.
+  (plain,) = simulator.simulate(disagg_profile(), [200], [3], [0.0]).records
+  (lagged,) = simulator.simulate(disagg_profile(read_lag_s=0.004), [200], [3], [0.0]).records
+  assert lagged.ttft == pytest.approx(plain.ttft + 0.004)
+  assert lagged.e2el == pytest.approx(plain.e2el + 0.004)
+  assert lagged.itl == pytest.approx(plain.itl)
+
+
+def test_prefill_contention_grows_with_decoding_sequences():
+  # A prefill that starts while 1 sequence decodes is slowed by 1.5 + 0.25; with the per-sequence
+  # term zero, by 1.5 alone.
+  base = {"prefill": 1.5, "decode": 1.0}
+  args = ([100, 100], [40, 1], [0.0, 0.1])
+  flat = simulator.simulate(disagg_profile(contention=base), *args).records[1]
+  grows = simulator.simulate(disagg_profile(contention={**base, "prefill_per_seq": 0.25}),
+                             *args).records[1]
+  assert flat.ttft == pytest.approx(1.5 * 0.05)
+  assert grows.ttft == pytest.approx(1.75 * 0.05)
+
+
+def test_restricted_profile_keeps_the_smaller_buckets():
+  col = colocated_profile()
+  small = col.restricted(chunk_size=32, chunk_batch=1)
+  assert small.chunk_size == 32 and small.chunk_batch == 1
+  assert set(small.mixed_s) == {(1, 16), (1, 32)}
+  assert small.mixed(1, 20) == col.mixed(1, 20)
+  with pytest.raises(ValueError, match="chunk_size=48"):
+    col.restricted(chunk_size=48)
+  with pytest.raises(ValueError, match="chunk_batch=3"):
+    col.restricted(chunk_batch=3)
+  dis = disagg_profile().restricted(prefill_batch=1)
+  assert dis.prefill_batch == 1 and {b for b, _ in dis.prefill_s} == {1}
+  with pytest.raises(ValueError, match="prefill_batch=4"):
+    disagg_profile().restricted(prefill_batch=4)
+
+
+def test_fit_contention_recovers_the_factors_of_a_simulated_run():
+  from disagg_jax.bench import arrivals as arrivals_lib
+  from disagg_jax.sim import profile as profile_lib
+  truth = {"prefill": 1.5, "prefill_per_seq": 0.1, "decode": 1.25}
+  served = []
+  rng = np.random.default_rng(3)
+  for rate in (3.0, 9.0):
+    prompts, outputs = rng.integers(16, 256, 64), np.full(64, 24)
+    arrivals = arrivals_lib.arrival_times(64, rate, 1.0, 0)
+    result = simulator.simulate(disagg_profile(decode_batch=16, contention=truth), prompts,
+                                outputs, arrivals)
+    measured = metrics.compute(result.records, result.duration)
+    measured["request_rate"] = rate
+    served.append((prompts, outputs, arrivals, measured))
+  factors, record = profile_lib.fit_contention(disagg_profile(decode_batch=16), served)
+  for row in record:
+    assert row["fitted_median_ttft_ms"] == pytest.approx(row["measured_median_ttft_ms"],
+                                                         rel=0.02)
+    assert row["fitted_median_tpot_ms"] == pytest.approx(row["measured_median_tpot_ms"],
+                                                         rel=0.02)
+  assert factors["decode"] == pytest.approx(1.25, abs=0.05)
