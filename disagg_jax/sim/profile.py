@@ -209,7 +209,7 @@ def _decode_cadence(engine, num_requests: int, new_tokens: int, during=None):
 def _read_lag(engine, profile: StepProfile, iters: int) -> float:
   """How long after its step ends the engine hands out a first token: a lone request's TTFT
   minus its one step alone (colocated: a mixed step; disaggregated: a prefill step), the median
-  of `iters` probes."""
+  of 4 x `iters` probes (one at a time; a few alone are noisy, 13-19 ms between profiles)."""
   from disagg_jax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   if profile.mode == "colocated":
     prompt = min(profile.chunk_size, 64, profile.max_seq_len - 3)
@@ -218,7 +218,7 @@ def _read_lag(engine, profile: StepProfile, iters: int) -> float:
     prompt = min(64, profile.max_seq_len - 3)
     step = profile.prefill(1, buckets.pick(prompt, profile.length_buckets))
   lags = []
-  for i in range(iters):
+  for i in range(4 * iters):
     stream = engine.add_request([10 + i] * prompt, SamplingParams(max_new_tokens=2,
                                                                     ignore_eos=True))
     m = stream.result().metrics
