@@ -1,5 +1,5 @@
 """Default engine configuration; override any field from the command line, e.g.
-`--config.engine.page_size=32 --config.engine.decode_batch=64`."""
+`--config.engine.page_size=32 --config.engine.decode_batch=64`. docs/CLI.md describes each."""
 
 import ml_collections
 
@@ -12,9 +12,16 @@ def get_config() -> ml_collections.ConfigDict:
       max_prefill_length=0,  # prompt tokens; 0: max_seq_len
       max_batch=32,  # --mode=single: rows of a static batch
       decode_batch=32,  # serving engine: decode slots (continuous batching)
-      num_pages=0,  # page pool incl. one scratch page; 0: every slot at max_seq_len
+      # Share of each device's free memory (after weights and the largest step's activations)
+      # for the KV page pool; 0: 0.9 on TPU/GPU, 0.05 of the host's available memory on CPU.
+      memory_fraction=0.0,
+      num_pages=0,  # page pool incl. one scratch page per dp shard; 0: sized by memory_fraction
       prefill_batch=4,  # disagg: prompts per prefill step (same length bucket)
+      max_prefill_tokens=8192,  # disagg: padded prompt tokens per prefill step (>= 1 prompt)
       chunk_size=128,  # colocated: prompt tokens per chunk
       chunk_batch=4,  # colocated: prompt chunks per step
+      # Step shapes for sequences up to this many tokens compile at start-up, longer ones on
+      # first use; -1: all at start-up.
+      precompile_len=256,
   ))
   return config

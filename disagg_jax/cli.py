@@ -53,6 +53,10 @@ def define_engine_flags() -> None:
   flags.DEFINE_string("decode_cpus", "", "--cluster=ray: the same for decode workers.")
   flags.DEFINE_string("driver_cpus", "", "--cluster=ray: pin this process and Ray's own "
                       "processes to these cores, e.g. '0'.")
+  flags.DEFINE_string("compilation_cache_dir", "",
+                      "JAX's persistent compilation cache, so later start-ups load compiled steps "
+                      "instead of compiling them. Empty: $XDG_CACHE_HOME/disagg_jax/"
+                      "jax_compilation_cache (else ~/.cache/...); 'none': off.")
 
 
 def define_sampling_flags() -> None:
@@ -69,11 +73,18 @@ def setup_jax() -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and friends log every file at INFO
+  from disagg_jax.engine import compiled  # pylint: disable=g-import-not-at-top
   n = flags.FLAGS.num_cpu_devices
   if n:
     if n < 0:
       raise app.UsageError(f"--num_cpu_devices={n} must be >= 0")
     jax.config.update("jax_num_cpu_devices", n)
+  if "compilation_cache_dir" in flags.FLAGS:
+    try:
+      compiled.enable_persistent_cache(flags.FLAGS.compilation_cache_dir)
+    except OSError as e:
+      raise app.UsageError(f"--compilation_cache_dir={flags.FLAGS.compilation_cache_dir!r}: "
+                           f"{e}") from None
 
 
 def sampling_from_flags() -> SamplingParams:
@@ -185,7 +196,8 @@ def _build_cluster(config):
         prefill_tp=f.prefill_tp, decode_tp=f.decode_tp, dtype=f.dtype,
         prefill_cpus=_cores(f.prefill_cpus), decode_cpus=_cores(f.decode_cpus),
         on_decode_failure=f.on_decode_failure, kv_lease_s=f.kv_lease_s,
-        driver_cpus=[c for group in _cores(f.driver_cpus) for c in group])
+        driver_cpus=[c for group in _cores(f.driver_cpus) for c in group],
+        compilation_cache_dir=f.compilation_cache_dir)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
 

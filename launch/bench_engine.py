@@ -64,14 +64,14 @@ def engine_decode_throughput(prefill, decode):
     table = np.zeros((batch, core.slots.pages_per_seq), np.int32)
     pages_needed = -(-(prompt_len + n) // config.page_size)
     table[:, :pages_needed] = 1 + np.arange(batch * pages_needed).reshape(batch, pages_needed)
-    table = jax.device_put(table, steps.replicated)
+    table = jax.device_put(table, steps.rows)
     sampling = jax.device_put(SamplingArrays.from_params([SamplingParams()] * batch, batch),
-                              steps.replicated)
+                              steps.rows)
     positions = np.full(batch, prompt_len, np.int32)
 
     def bare_step(tokens, pages, i):
       return steps.decode(core.params, pages, tokens,
-                          jax.device_put(positions + i, steps.replicated), table, sampling)
+                          jax.device_put(positions + i, steps.rows), table, sampling)
 
     for _ in range(FLAGS.rounds):
       outputs = engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -151,8 +151,8 @@ def decode_with_transfers(prefill, decode):
   pages_per_seq = FLAGS.max_seq_len // 16
   pages = steps.init_pages(batch * pages_per_seq + 1)
   table = 1 + np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq)
-  table = jax.device_put(table, steps.replicated)
-  tokens = jax.device_put(np.zeros(batch, np.int32), steps.replicated)
+  table = jax.device_put(table, steps.rows)
+  tokens = jax.device_put(np.zeros(batch, np.int32), steps.rows)
   sampling = SamplingArrays.from_params([SamplingParams()] * batch, batch)
   positions = np.full(batch, 64, np.int32)
   state = {"tokens": tokens, "pages": pages}

@@ -51,6 +51,7 @@ class _Worker:
   queued_tokens: int = 0  # prefill: prompt tokens queued (driver's count)
   free_pages: int = 0  # decode: as last reported, minus what was sent since
   total_pages: int = 0
+  seq_pages: int = 0  # decode: pages one sequence may hold (one dp shard of the pool)
   offers: int = 0  # prefill: KV offers not yet pulled (or expired)
   expired: int = 0  # prefill: offers dropped after their lease
   pending_poll: object = None
@@ -87,7 +88,7 @@ class ClusterEngine:
                kv_lease_s: float = 30.0, pull_timeout_s: float = 30.0,
                request_timeout_s: float = 600.0, ray_address: str | None = None,
                worker_gpus: bool = False, driver_cpus: Sequence[int] = (),
-               progress: bool = True):
+               compilation_cache_dir: str | None = None, progress: bool = True):
     import ray  # pylint: disable=g-import-not-at-top
     from ray.util.placement_group import placement_group  # pylint: disable=g-import-not-at-top
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # pylint: disable=g-import-not-at-top
@@ -107,8 +108,6 @@ class ClusterEngine:
       parallel.check_tp(self.model_cfg, tp)
     self.config = config
     self.limits = Limits.for_model(self.model_cfg, config.max_seq_len, config.max_prefill_length)
-    pages_per_seq = -(-self.limits.max_seq_len // config.page_size)
-    self.page_capacity = (config.num_pages or config.decode_batch * pages_per_seq + 1) - 1
     self.tokenizer = load_tokenizer(model_dir, self.model_cfg.bos_token_id,
                                     (self.model_cfg.eos_token_ids or (None,))[0])
     self.on_decode_failure = on_decode_failure
@@ -129,7 +128,8 @@ class ClusterEngine:
     def spec(kind, i, devices, tp, cores):
       return WorkerSpec(f"{kind}-{i}", model_path, dtype, devices, tp, engine_fields,
                         decode_blocks, tuple(cores[i]) if i < len(cores) else (),
-                        kv_lease_s=kv_lease_s, pull_timeout_s=pull_timeout_s)
+                        kv_lease_s=kv_lease_s, pull_timeout_s=pull_timeout_s,
+                        compilation_cache_dir=compilation_cache_dir)
 
     kinds = ([("prefill", i, prefill_devices, prefill_tp, prefill_cpus, PrefillServer)
               for i in range(num_prefill_workers)]
@@ -149,12 +149,14 @@ class ClusterEngine:
     start = time.perf_counter()
     for worker, info in zip(workers, ray.get([w.actor.ready.remote() for w in workers])):
       worker.address, worker.pid = info["address"], info["pid"]
+      worker.free_pages = worker.total_pages = info.get("total_pages", 0)
+      worker.seq_pages = info.get("pages_per_shard", 1) - 1
     if progress:
       print(f"{len(workers)} workers ready in {time.perf_counter() - start:.0f} s", flush=True)
     self.prefill_workers = [w for w in workers if w.kind == "prefill"]
     self.decode_workers = [w for w in workers if w.kind == "decode"]
-    for w in self.decode_workers:
-      w.free_pages = w.total_pages = self.page_capacity
+    # The longest sequence every decode worker can hold (pages of one dp shard of its pool).
+    self.page_capacity = min(w.seq_pages for w in self.decode_workers)
 
     self._requests: dict[str, _Request] = {}
     self._lock = threading.RLock()  # re-entrant: finishing happens inside routing
@@ -179,7 +181,8 @@ class ClusterEngine:
     if need > self.page_capacity:
       raise InvalidRequestError(
           f"prompt + max_new_tokens needs {need} pages of {self.config.page_size} tokens; a "
-          f"decode worker's pool holds {self.page_capacity} (--config.engine.num_pages)")
+          f"decode worker's pool holds {self.page_capacity} per dp shard "
+          "(--config.engine.memory_fraction, --config.engine.num_pages)")
     request_id = request_id or f"req-{next(self._ids)}"
     state = RequestState(request_id, prompt, sampling, stop_ids(sampling, self.model_cfg),
                          TokenStream(request_id, on_token))

@@ -32,6 +32,7 @@ class WorkerSpec:
   host: str = "127.0.0.1"
   kv_lease_s: float = 30.0  # offered KV not pulled by then is dropped (prefill)
   pull_timeout_s: float = 30.0  # a pull that does not complete by then fails (decode)
+  compilation_cache_dir: str | None = None  # JAX's persistent cache ("none": off)
 
 
 def _pin_process(cores) -> None:
@@ -50,8 +51,10 @@ def _setup_process(spec: WorkerSpec):
     _pin_process(spec.cpu_cores)
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine import compiled  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_num_cpu_devices", spec.num_devices)
+  compiled.enable_persistent_cache(spec.compilation_cache_dir)
   return jax
 
 
@@ -123,7 +126,7 @@ class PrefillServer:
     import jax  # pylint: disable=g-import-not-at-top
     model, config, limits, steps, server = _build(spec)
     from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
-    from disagg_jax.engine.disagg import PrefillWorker  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.disagg import PrefillWorker, StagingBudget  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.plan import TransferPlan  # pylint: disable=g-import-not-at-top
     self.spec, self.jax, self.server = spec, jax, server
     self.plan = TransferPlan(model.cfg, model.mesh, decode_blocks=spec.decode_blocks)
@@ -131,12 +134,13 @@ class PrefillServer:
     self.offers: dict[int, tuple[float, list, int]] = {}  # uuid -> (time, blocks, bucket)
     self._uuids = itertools.count(1)
     self._lock = threading.Lock()
+    # Offers wait on this worker until pulled or expired (the lease), not on decode devices.
     self.worker = PrefillWorker(
         steps, model.params, self.plan,
         length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
-        max_batch=config.prefill_batch, handoff=self._offer, finish=self._finished,
-        backlog=threading.Semaphore(10**6))
-    for _, thunk in self.worker.warmup_steps():
+        max_batch=config.prefill_batch, max_tokens=config.max_prefill_tokens,
+        handoff=self._offer, finish=self._finished, staging=StagingBudget(2**62))
+    for _, thunk in self.worker.shapes(config.precompile_tokens(limits.max_seq_len)):
       thunk()
     threading.Thread(target=self.worker.run, daemon=True).start()
     threading.Thread(target=self._expire_loop, daemon=True).start()
@@ -178,7 +182,7 @@ class PrefillServer:
     with self._lock:
       self.offers[uuid] = (time.time(), blocks, bucket)
     self.server.await_pull(uuid, blocks)
-    self.worker.backlog.release()
+    self.worker.staging.release(request)
     m = request.metrics
     self.outbox.add({"kind": "prefilled", "request_id": request.request_id, "uuid": uuid,
                      "bucket": bucket, "computed": len(request.tokens_to_compute),
@@ -221,27 +225,28 @@ class DecodeServer:
   def __init__(self, spec: WorkerSpec):
     import jax  # pylint: disable=g-import-not-at-top
     model, config, limits, steps, server = _build(spec)
-    from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine import buckets, memory  # pylint: disable=g-import-not-at-top
     from disagg_jax.engine.decode_core import DecodeCore  # pylint: disable=g-import-not-at-top
-    from disagg_jax.engine.disagg import DisaggDecodeLoop  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.disagg import DisaggDecodeLoop, StagingBudget  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.plan import DecodeLayout  # pylint: disable=g-import-not-at-top
     self.spec, self.jax, self.server, self.model = spec, jax, server, model
     self.layout = DecodeLayout(model.cfg, model.mesh)
     if self.layout.d != spec.decode_blocks:
       raise ValueError(f"decode mesh holds {self.layout.d} KV blocks, the plan expects "
                        f"{spec.decode_blocks}")
-    pages_per_seq = -(-limits.max_seq_len // config.page_size)
-    num_pages = config.num_pages or config.decode_batch * pages_per_seq + 1
-    self.core = DecodeCore(steps, num_slots=config.decode_batch, num_pages=num_pages,
-                           pages_per_seq=pages_per_seq)
+    self.pool = memory.plan_engine_pool(config, limits, "disagg", model)
+    self.core = DecodeCore(steps, num_slots=config.decode_batch,
+                           pages_per_shard=self.pool.pages_per_shard,
+                           max_seq_len=limits.max_seq_len)
     self.core.params = model.params
     self.outbox = _Outbox()
+    # Pulls are routed here only while pages are free (the driver's view): no staging limit.
     self.loop = DisaggDecodeLoop(
         self.core, length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
-        finish=self._finished, requeue=self._preempted, backlog=threading.Semaphore(10**6))
-    zeros = lambda s: jax.jit(lambda: jax.numpy.zeros(self.layout.shape(s), model.dtype),
-                              out_shardings=self.layout.sharding)()
-    for _, thunk in self.loop.warmup_steps(zeros):
+        finish=self._finished, requeue=self._preempted, staging=StagingBudget(2**62))
+    spec_of = lambda s: jax.ShapeDtypeStruct(self.layout.shape(s), model.dtype,
+                                             sharding=self.layout.sharding)
+    for _, thunk in self.loop.shapes(config.precompile_tokens(limits.max_seq_len), spec_of):
       thunk()
     self._connections: dict[str, Any] = {}
     self._pulls: queue.Queue = queue.Queue()
@@ -251,7 +256,9 @@ class DecodeServer:
   # ------------------------------------------------------------------ driver calls
 
   def ready(self) -> dict:
-    return {"address": self.server.address(), "pid": os.getpid()}
+    return {"address": self.server.address(), "pid": os.getpid(),
+            "total_pages": self.core.slots.capacity,
+            "pages_per_shard": self.pool.pages_per_shard}
 
   def accept(self, item: dict) -> None:
     """A prefilled request: pull its KV from `item["address"]` and start decoding it."""
@@ -266,8 +273,8 @@ class DecodeServer:
 
   def poll(self) -> dict:
     slots = self.core.slots
-    return {"events": self.outbox.take(), "free_pages": slots.allocator.num_free,
-            "total_pages": slots.allocator.capacity, "running": len(slots.occupied()),
+    return {"events": self.outbox.take(), "free_pages": slots.num_free,
+            "total_pages": slots.capacity, "running": len(slots.occupied()),
             "waiting": len(self.loop.queue) + self._pulls.qsize()}
 
   # ------------------------------------------------------------------ internals

@@ -5,24 +5,42 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def length_buckets(max_len: int, page_size: int, smallest: int = 16) -> tuple[int, ...]:
-  """Powers of two from `smallest` (at least one page) up to max_len rounded up to whole pages."""
+def length_buckets(max_len: int, page_size: int, smallest: int = 16,
+                   factor: int = 2) -> tuple[int, ...]:
+  """Powers of `factor` from `smallest` (at least one page) up to max_len rounded up to whole
+  pages."""
   top = -(-max_len // page_size) * page_size
   out, n = [], max(smallest, page_size)
   n = -(-n // page_size) * page_size
   while n < top:
     out.append(n)
-    n *= 2
+    n *= factor
   out.append(top)
   return tuple(out)
 
 
-def batch_buckets(max_batch: int) -> tuple[int, ...]:
+def width_buckets(max_seq_len: int, page_size: int, smallest: int = 64) -> tuple[int, ...]:
+  """Page-table widths (pages) of the paged steps: powers of two covering `smallest` tokens up to
+  max_seq_len. A step reads (and the XLA path gathers) a page-table row's every page, so a batch
+  of short sequences gets a narrow table instead of one sized for max_seq_len."""
+  return tuple(n // page_size for n in length_buckets(max_seq_len, page_size, smallest))
+
+
+def coarser(values: tuple[int, ...]) -> tuple[int, ...]:
+  """Every other bucket, and always the largest: a set with a quarter of the shapes per power of
+  four instead of per power of two."""
+  return tuple(sorted(set(values[::2]) | {values[-1]}))
+
+
+def batch_buckets(max_batch: int, multiple: int = 1) -> tuple[int, ...]:
+  """Powers of two up to max_batch; with `multiple` (a mesh's dp), multiples of it: powers of two
+  times `multiple` up to max_batch rounded up to one."""
+  top = -(-max_batch // multiple)
   out, n = [], 1
-  while n < max_batch:
-    out.append(n)
+  while n < top:
+    out.append(n * multiple)
     n *= 2
-  out.append(max_batch)
+  out.append(top * multiple)
   return tuple(out)
 
 
@@ -31,3 +49,13 @@ def pick(n: int, buckets: Sequence[int]) -> int:
     if n <= b:
       return b
   raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def chunk_rows(chunk_batch: int, dp: int = 1) -> tuple[int, ...]:
+  """Chunk rows per dp row of the colocated engine's mixed steps: one, or all chunk_batch / dp."""
+  return tuple(sorted({1, max(chunk_batch // dp, 1)}))
+
+
+def chunk_lens(chunk_size: int) -> tuple[int, ...]:
+  """Chunk lengths of the mixed steps: powers of four from 32 up to chunk_size."""
+  return length_buckets(chunk_size, page_size=1, smallest=32, factor=4)

@@ -4,6 +4,8 @@ Each iteration admits waiting requests into free slots, gives up to `chunk_batch
 requests a chunk of at most `chunk_size` prompt tokens, and runs them together with one decode
 token for every decoding slot in a single `mixed` step (or a plain `decode` step when no prompt is
 in flight). When the page pool runs dry, the youngest request is preempted and recomputed later.
+On a mesh with dp rows, each dp row computes its own slots' chunks: chunk_batch / dp chunk rows
+per dp row, each holding a chunk of one of that row's slots.
 """
 
 from __future__ import annotations
@@ -26,20 +28,28 @@ class ColocatedScheduler(Worker):
     super().__init__()
     self.core = core
     self.chunk_size = chunk_size
-    self.chunk_batches = buckets.batch_buckets(chunk_batch)
-    # A step's chunks are padded to the smallest of these that fits its longest chunk, so a
-    # short prompt does not pay for a full chunk.
-    self.chunk_lens = buckets.length_buckets(chunk_size, page_size=1, smallest=16)
+    self.dp = core.slots.num_shards
+    # The mixed step's shapes (compiled once each, so kept few; see docs/REAL_MODELS.md):
+    # chunk rows per dp row 1 or chunk_batch / dp; chunk lengths powers of four from 32 up to
+    # chunk_size (a short prompt does not pay for a full chunk); page-table widths every other
+    # decode width.
+    self.rows_per_shard = buckets.chunk_rows(chunk_batch, self.dp)
+    self.chunk_lens = buckets.chunk_lens(chunk_size)
+    self.widths = buckets.coarser(core.widths)
     self.finish = finish
     self.prefilling: list[int] = []  # slots whose prompt is still being computed, FIFO
 
-  def warmup_steps(self):
-    """(description, thunk) for every shape this scheduler will run, to compile ahead."""
-    out = [("decode", lambda: self.core.decode([]))]
-    for bc in self.chunk_batches:
-      for c in self.chunk_lens:
-        out.append((f"mixed chunk_batch={bc} chunk_len={c}",
-                    lambda bc=bc, c=c: self._run_mixed([], [], bc, c)))
+  def shapes(self, max_width: int):
+    """(description, thunk compiling it) for every step shape whose page table is at most
+    `max_width` pages wide, smallest first."""
+    out = [(f"decode width={w}", lambda w=w: self.core.precompile_decode(w))
+           for w in self.core.widths if w <= max_width]
+    for width in [w for w in self.widths if w <= max_width]:
+      for rows in self.rows_per_shard:
+        for c in self.chunk_lens:
+          out.append((f"mixed chunks={rows * self.dp}x{c} width={width}",
+                      lambda r=rows, c=c, w=width: self._run_mixed([], [], r, c, w,
+                                                                   precompile=True)))
     return out
 
   # ------------------------------------------------------------------ scheduler thread
@@ -73,8 +83,11 @@ class ColocatedScheduler(Worker):
     chunks = [c for c in chunks if core.slots.requests[c[0]] is not None]
     decoding = [s for s in decoding if core.slots.requests[s] is not None]
     if chunks:
-      return self._run_mixed(chunks, decoding, buckets.pick(len(chunks), self.chunk_batches),
-                             buckets.pick(max(n for _, _, n in chunks), self.chunk_lens))
+      per_shard = max(sum(1 for c in chunks if core.slots.shard_of(c[0]) == k)
+                      for k in range(self.dp))
+      return self._run_mixed(chunks, decoding, buckets.pick(per_shard, self.rows_per_shard),
+                             buckets.pick(max(n for _, _, n in chunks), self.chunk_lens),
+                             buckets.pick(core.width(), self.widths))
     if decoding:
       return core.decode(decoding)
     return None
@@ -102,15 +115,21 @@ class ColocatedScheduler(Worker):
           return
         request = self.queue[0]
         first = min(self.chunk_size, len(request.tokens_to_compute))
-        if not slots.can_admit(first, reserve=len(self.core.decoding_slots())):
+        if not slots.can_admit(first):
           return
         self.queue.popleft()
       self.prefilling.append(self.core.occupy(request, first))
 
   def _schedule_chunks(self) -> list[tuple[int, int, int]]:
-    """(slot, start, length) of this step's prompt chunks."""
+    """(slot, start, length) of this step's prompt chunks: the oldest prefilling slots, at most
+    `rows_per_shard[-1]` of each dp row."""
     chunks = []
-    for slot in self.prefilling[:self.chunk_batches[-1]]:
+    taken = [0] * self.dp
+    for slot in self.prefilling:
+      shard = self.core.slots.shard_of(slot)
+      if taken[shard] == self.rows_per_shard[-1]:
+        continue
+      taken[shard] += 1
       request = self.core.slots.requests[slot]
       n = min(self.chunk_size, len(request.tokens_to_compute) - request.num_computed)
       chunks.append((slot, request.num_computed, n))
@@ -124,23 +143,36 @@ class ColocatedScheduler(Worker):
     with self.cv:
       self.queue.appendleft(request)
 
-  def _run_mixed(self, chunks, decoding, batch: int, length: int):
+  def _run_mixed(self, chunks, decoding, rows_per_shard: int, length: int, width: int,
+                 precompile: bool = False):
+    """Dispatches a mixed step with chunk rows [dp * rows_per_shard, length] (each chunk in a
+    row of its slot's dp row) and a `width`-page table; with `precompile`, only compiles it."""
     core = self.core
-    b = core.slots.num_slots
+    b, batch = core.slots.num_slots, rows_per_shard * self.dp
     chunk_tokens = np.zeros((batch, length), np.int32)
     chunk_slots = np.full(batch, b, np.int32)
     context = np.zeros(batch, np.int32)
     lengths = np.zeros(batch, np.int32)
     final = np.zeros(batch, bool)
-    for i, (slot, start, n) in enumerate(chunks):
+    used = [0] * self.dp
+    rows = []
+    for slot, start, n in chunks:
+      shard = core.slots.shard_of(slot)
+      i = shard * rows_per_shard + used[shard]
+      used[shard] += 1
+      rows.append(i)
       request = core.slots.requests[slot]
       chunk_tokens[i, :n] = request.tokens_to_compute[start:start + n]
       chunk_slots[i], context[i], lengths[i] = slot, start, n
       final[i] = start + n == len(request.tokens_to_compute)
-    core.tokens, core.kv_pages = core.steps.mixed(
-        core.params, core.kv_pages, core.tokens, core.positions(), core.page_table(),
-        core.sampling_arrays(), chunk_tokens, chunk_slots, context, lengths, final)
-    step = core.in_flight(decoding, [slot for i, (slot, _, _) in enumerate(chunks) if final[i]])
+    args = (core.params, core.kv_pages, core.tokens, core.positions(), core.page_table(width),
+            core.sampling_arrays(), *core.steps.put_rows(chunk_tokens, chunk_slots, context,
+                                                          lengths, final))
+    if precompile:
+      core.steps.mixed.precompile(*args)
+      return None
+    core.tokens, core.kv_pages = core.steps.mixed(*args)
+    step = core.in_flight(decoding, [slot for (slot, _, _), i in zip(chunks, rows) if final[i]])
     for slot, start, n in chunks:
       request = core.slots.requests[slot]
       request.num_computed = start + n

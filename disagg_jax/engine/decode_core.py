@@ -2,7 +2,8 @@
 
 Device state is the page pool and each slot's next input token (`tokens`), both donated through
 every step; host state is `DecodeSlots` (pages, page table, positions) and per-slot sampling
-settings, uploaded only when they change.
+settings, uploaded only when they change. Each step reads a page table only as wide as the
+longest sequence in the batch needs (a width bucket, `buckets.width_buckets`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from disagg_jax.engine import buckets
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.slots import DecodeSlots
 from disagg_jax.engine.state import RequestState
@@ -22,19 +24,23 @@ from disagg_jax.engine.steps import ModelSteps
 class DecodeCore:
   """One decode batch of `num_slots` rows over a page pool, on the mesh of `steps`."""
 
-  def __init__(self, steps: ModelSteps, *, num_slots: int, num_pages: int, pages_per_seq: int):
+  def __init__(self, steps: ModelSteps, *, num_slots: int, pages_per_shard: int,
+               max_seq_len: int):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     self.steps = steps
     self.params = None  # set by the engine: the decode mesh's copy of the parameters
-    self.slots = DecodeSlots(num_slots, num_pages, steps.page_size, pages_per_seq)
-    self.kv_pages = steps.init_pages(num_pages)
+    ps = steps.page_size
+    self.widths = buckets.width_buckets(max_seq_len, ps)
+    self.slots = DecodeSlots(num_slots, pages_per_shard, ps, self.widths[-1],
+                             num_shards=steps.dp)
+    self.kv_pages = steps.init_pages(self.slots.num_pages)
     # Committed to the step outputs' sharding, so the first real step does not recompile.
-    self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.replicated)
+    self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.rows)
     self._sampling_rows = [None] * num_slots
     self._sampling = None
     self._sampling_dirty = True
-    self._table_version = -1
+    self._table_key = None
     self._table_dev = None
 
   # ------------------------------------------------------------------ host -> device inputs
@@ -48,7 +54,7 @@ class DecodeCore:
     import jax  # pylint: disable=g-import-not-at-top
     if self._sampling_dirty:
       host = SamplingArrays.from_params(self._sampling_rows, self.slots.num_slots)
-      self._sampling = jax.device_put(host, self.steps.replicated)
+      self._sampling = jax.device_put(host, self.steps.rows)
       self._sampling_dirty = False
     return self._sampling
 
@@ -57,14 +63,20 @@ class DecodeCore:
     call convert a NumPy argument)."""
     import jax  # pylint: disable=g-import-not-at-top
     # A copy: on CPU, device_put may alias the NumPy buffer, which the host mutates next.
-    return jax.device_put(self.slots.positions.copy(), self.steps.replicated)
+    return jax.device_put(self.slots.positions.copy(), self.steps.rows)
 
-  def page_table(self):
-    """The page table on device, re-uploaded only after it changed."""
+  def width(self) -> int:
+    """The page-table width (pages) this step needs: the bucket of the longest sequence."""
+    return buckets.pick(max(self.slots.max_pages_in_use(), 1), self.widths)
+
+  def page_table(self, width: int | None = None):
+    """The page table's first `width` columns on device, re-uploaded only after it changed."""
     import jax  # pylint: disable=g-import-not-at-top
-    if self._table_version != self.slots.table_version:
-      self._table_dev = jax.device_put(self.slots.page_table.copy(), self.steps.replicated)
-      self._table_version = self.slots.table_version
+    width = width or self.width()
+    key = (self.slots.table_version, width)
+    if self._table_key != key:
+      self._table_dev = jax.device_put(self.slots.page_table[:, :width].copy(), self.steps.rows)
+      self._table_key = key
     return self._table_dev
 
   # ------------------------------------------------------------------ slot lifecycle
@@ -91,7 +103,7 @@ class DecodeCore:
     for slot in order:
       while self.slots.requests[slot] is not None and not self.slots.grow(slot,
                                                                           need_tokens[slot]):
-        victim = self.slots.youngest()
+        victim = self.slots.youngest(self.slots.shard_of(slot))  # pages do not cross shards
         preempt(self.release(victim))
 
   # ------------------------------------------------------------------ steps
@@ -102,6 +114,11 @@ class DecodeCore:
         self.params, self.kv_pages, self.tokens, self.positions(), self.page_table(),
         self.sampling_arrays())
     return self.in_flight(decoding)
+
+  def precompile_decode(self, width: int) -> None:
+    """Compiles the decode step for page tables `width` pages wide (without running it)."""
+    self.steps.decode.precompile(self.params, self.kv_pages, self.tokens, self.positions(),
+                                 self.page_table(width), self.sampling_arrays())
 
   def in_flight(self, decoding: list[int], first_token_slots=()) -> "InFlight":
     """After a step was dispatched: remembers whose tokens it produces, and advances the decoding

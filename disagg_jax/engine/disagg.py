@@ -8,49 +8,111 @@ Three threads, joined by queues (JetStream's split, simplified):
              copy, so the decode loop only ever inserts KV that has arrived;
   decode   — inserts arrived requests into free slots (`insert_prefix`, donated page pool) and
              runs continuous-batching decode steps.
-At most `max_pending` prefilled requests wait for a decode slot (their KV holds decode memory), so
-prefill backs off instead of filling the decode mesh. Preempted requests go back to prefill.
+KV that is prefilled but not yet in the page pool waits in staging buffers on the decode devices.
+A `StagingBudget` of tokens bounds it: prefill reserves a request's length bucket before running
+it and the reservation is released when the KV is in the pool (or the request ends), so prefill
+backs off instead of filling the decode devices. Preempted requests go back to prefill.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from disagg_jax import parallel
 from disagg_jax.engine import buckets
 from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.engine.worker import Worker
+from disagg_jax.kv import cache as kv_cache
 from disagg_jax.transfer.plan import TransferPlan
 
 
+class StagingBudget:
+  """Tokens of prefilled KV allowed to wait for a decode slot. Each request holds its reservation
+  in `RequestState.staged`, so releasing twice (from whichever thread ends it) is harmless."""
+
+  def __init__(self, tokens: int):
+    self.capacity = tokens
+    self.free = tokens
+    self._cv = threading.Condition()
+
+  def reserve(self, request: RequestState, tokens: int, timeout: float | None = None) -> bool:
+    """Reserves `tokens` for `request`; waits up to `timeout` seconds (None: do not wait)."""
+    with self._cv:
+      if timeout:
+        self._cv.wait_for(lambda: self.free >= tokens, timeout)
+      if self.free < tokens:
+        return False
+      self.free -= tokens
+      request.staged += tokens
+      return True
+
+  def release(self, request: RequestState) -> None:
+    with self._cv:
+      self.free += request.staged
+      request.staged = 0
+      self._cv.notify_all()
+
+
 class PrefillWorker(Worker):
-  """Prefill thread: length-bucketed batches of waiting requests (`queue`) on the prefill mesh."""
+  """Prefill thread: length-bucketed batches of waiting requests (`queue`) on the prefill mesh.
+
+  A batch holds at most `max_batch` prompts and `max_tokens` padded tokens (one prompt per dp
+  row of the prefill mesh at least)."""
 
   def __init__(self, steps: ModelSteps, params, plan: TransferPlan, *, length_buckets,
-               max_batch: int, handoff, finish, backlog):
+               max_batch: int, max_tokens: int, handoff, finish, staging: StagingBudget):
     super().__init__()
     self.steps = steps
     self.params = params
     self.extract = steps.make_extract(plan)
     self.length_buckets = length_buckets
-    self.batch_buckets = buckets.batch_buckets(max_batch)
+    self.batch_buckets = buckets.batch_buckets(max_batch, steps.dp)
+    self.max_tokens = max_tokens
     self.handoff = handoff  # (request, prefix KV, bucket) -> None
     self.finish = finish
-    self.backlog = backlog  # a threading.Semaphore: slots for prefilled requests not yet decoding
+    self.staging = staging
 
-  def warmup_steps(self):
-    def run(b, s):
-      _, kv = self._prefill(np.zeros((b, s), np.int32), np.ones(b, np.int32), [None] * b)
-      self.extract(kv, np.int32(0))
-    return [(f"prefill batch={b} len={s}", lambda b=b, s=s: run(b, s))
-            for s in self.length_buckets for b in self.batch_buckets]
+  def batch_buckets_for(self, length: int) -> tuple[int, ...]:
+    """The batch sizes of `length`-token prefill steps within the token limit."""
+    fitting = tuple(b for b in self.batch_buckets if b * length <= self.max_tokens)
+    return fitting or self.batch_buckets[:1]
+
+  def shapes(self, max_len: int):
+    """(description, thunk compiling it) of every prefill shape up to `max_len` tokens."""
+    out = []
+    for s in [s for s in self.length_buckets if s <= max_len]:
+      for b in self.batch_buckets_for(s):
+        out.append((f"prefill batch={b} len={s}", lambda b=b, s=s: self._compile(b, s)))
+    return out
+
+  def _inputs(self, tokens, lengths, sampling):
+    sampling_arrays = SamplingArrays.from_params(sampling, tokens.shape[0])
+    return (self.params, *self.steps.put_rows(tokens, lengths, sampling_arrays))
+
+  def prefill_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling):
+    """Runs one prefill step: tokens int32[B, S] (B a batch bucket), lengths int32[B], sampling
+    settings of the first rows -> (first tokens int32[B] on the host, the batch's KV)."""
+    result = self.steps.prefill(*self._inputs(tokens, lengths, sampling))
+    return np.asarray(result.tokens), result.kv
+
+  def _compile(self, batch: int, length: int) -> None:
+    cfg, steps = self.steps.cfg, self.steps
+    self.steps.prefill.precompile(*self._inputs(np.zeros((batch, length), np.int32),
+                                                np.ones(batch, np.int32), []))
+    dense = parallel.dense_kv_sharding(cfg, steps.mesh)
+    layer = jax.ShapeDtypeStruct((batch, length, cfg.num_kv_heads, cfg.head_dim), steps.dtype,
+                                 sharding=dense)
+    kv = [kv_cache.LayerKV(layer, layer) for _ in range(cfg.num_layers)]
+    self.extract.precompile(kv, np.int32(0))
 
   def run(self) -> None:
     while True:
@@ -58,32 +120,28 @@ class PrefillWorker(Worker):
       if batch is None:
         return
       requests, bucket = batch
-      tokens = np.zeros((buckets.pick(len(requests), self.batch_buckets), bucket), np.int32)
-      lengths = np.zeros(tokens.shape[0], np.int32)
+      rows = buckets.pick(len(requests), self.batch_buckets_for(bucket))
+      tokens = np.zeros((rows, bucket), np.int32)
+      lengths = np.zeros(rows, np.int32)
       now = time.perf_counter()
       for i, request in enumerate(requests):
         tokens[i, :len(request.tokens_to_compute)] = request.tokens_to_compute
         lengths[i] = len(request.tokens_to_compute)
         request.metrics.prefill_start = request.metrics.prefill_start or now
-      first, kv = self._prefill(tokens, lengths, [r.sampling for r in requests])
+      first, kv = self.prefill_batch(tokens, lengths, [r.sampling for r in requests])
       now = time.perf_counter()
       for i, request in enumerate(requests):
         if request.metrics.first_token is None:
           request.metrics.first_token = now
         if request.aborted or request.emit(int(first[i]), now):
-          self.backlog.release()
+          self.staging.release(request)
           self.finish(request)
         else:
           self.handoff(request, self.extract(kv, np.int32(i)), bucket)
 
-  def _prefill(self, tokens, lengths, sampling):
-    sampling_arrays = SamplingArrays.from_params(sampling, tokens.shape[0])
-    result = self.steps.prefill(self.params, tokens, lengths, sampling_arrays)
-    return np.asarray(result.tokens), result.kv
-
   def _next_batch(self):
-    """The oldest waiting request plus others of its length bucket, as far as the backlog of
-    prefilled-but-not-decoding requests allows; None once stopped."""
+    """The oldest waiting request plus others of its length bucket, as far as the staging budget
+    allows; None once stopped."""
     while True:
       with self.cv:
         while not self.stopped and not self.queue:
@@ -95,20 +153,21 @@ class PrefillWorker(Worker):
           self.finish(request)
         if not self.queue:
           continue
-      if not self.backlog.acquire(timeout=0.05):
+        head = self.queue[0]
+      bucket = buckets.pick(len(head.tokens_to_compute), self.length_buckets)
+      if not self.staging.reserve(head, bucket, timeout=0.05):
         continue  # the decode side is full: re-check stop and aborts, then wait again
       with self.cv:
-        if not self.queue:
-          self.backlog.release()
+        if not self.queue or self.queue[0] is not head:
+          self.staging.release(head)
           continue
-        head = self.queue[0]
-        bucket = buckets.pick(len(head.tokens_to_compute), self.length_buckets)
         chosen = [head]
+        limit = self.batch_buckets_for(bucket)[-1]
         for request in list(self.queue)[1:]:
-          if len(chosen) == self.batch_buckets[-1]:
+          if len(chosen) == limit:
             break
           if (buckets.pick(len(request.tokens_to_compute), self.length_buckets) == bucket
-              and not request.aborted and self.backlog.acquire(blocking=False)):
+              and not request.aborted and self.staging.reserve(request, bucket)):
             chosen.append(request)
         for request in chosen:
           self.queue.remove(request)
@@ -119,11 +178,11 @@ class TransferWorker:
   """Transfer thread: each request's KV to the decode mesh, one device-to-device copy per decode
   device (see TransferPlan)."""
 
-  def __init__(self, plan: TransferPlan, deliver, finish, backlog):
+  def __init__(self, plan: TransferPlan, deliver, finish, staging: StagingBudget):
     self.plan = plan
     self.deliver = deliver
     self.finish = finish
-    self.backlog = backlog
+    self.staging = staging
     self.queue: queue.Queue = queue.Queue()
 
   def submit(self, request: RequestState, prefix: Any, bucket: int) -> None:
@@ -142,7 +201,7 @@ class TransferWorker:
         return
       request, prefix, bucket = item
       if request.aborted:
-        self.backlog.release()
+        self.staging.release(request)
         self.finish(request)
         continue
       request.metrics.transfer_start = time.perf_counter()
@@ -155,21 +214,27 @@ class DisaggDecodeLoop(Worker):
   """Decode thread: inserts arrived requests (`queue`: (request, KV, bucket)) and runs
   continuous-batching decode steps."""
 
-  def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue, backlog):
+  def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue,
+               staging: StagingBudget):
     super().__init__()
     self.core = core
     self.length_buckets = length_buckets
     self.finish = finish
     self.requeue = requeue  # a preempted request goes back to prefill
-    self.backlog = backlog
+    self.staging = staging
 
   def deliver(self, request: RequestState, prefix: Any, bucket: int) -> None:
     self.put((request, prefix, bucket))
 
-  def warmup_steps(self, prefix_for_bucket):
-    out = [("decode", lambda: self.core.decode([]))]
-    for s in self.length_buckets:
-      out.append((f"insert len={s}", lambda s=s: self._insert_dummy(prefix_for_bucket(s), s)))
+  def shapes(self, max_len: int, prefix_spec):
+    """(description, thunk compiling it) of the decode widths and insert buckets up to `max_len`
+    tokens; prefix_spec(bucket) is a ShapeDtypeStruct of a bucket's KV as it arrives."""
+    ps = self.core.steps.page_size
+    out = [(f"decode width={w}", lambda w=w: self.core.precompile_decode(w))
+           for w in self.core.widths if w * ps <= max(max_len, self.core.widths[0] * ps)]
+    out += [(f"insert len={s}", lambda s=s: self.insert_discarded(prefix_spec(s), s,
+                                                                  precompile=True))
+            for s in self.length_buckets if s <= max_len]
     return out
 
   def run(self) -> None:
@@ -202,7 +267,7 @@ class DisaggDecodeLoop(Worker):
       for item in aborted:
         self.queue.remove(item)
     for request, _, _ in aborted:
-      self.backlog.release()
+      self.staging.release(request)
       self.finish(request)
     for slot in self.core.slots.occupied():
       if self.core.slots.requests[slot].aborted:
@@ -215,26 +280,35 @@ class DisaggDecodeLoop(Worker):
         if not self.queue:
           return
         request, prefix, bucket = self.queue[0]
-        computed = len(request.tokens_to_compute)
-        # Pages for the prefix and the position of the first decoded token, with one page per
-        # decoding slot kept back so that insertions do not force preemptions next step.
-        if not core.slots.can_admit(computed + 1, reserve=len(core.decoding_slots())):
+        # Pages for the prefix and the position of the first decoded token.
+        if not core.slots.can_admit(len(request.tokens_to_compute) + 1):
           return
         self.queue.popleft()
-      self.backlog.release()
-      slot = core.occupy(request, computed + 1)
-      page_ids = core.slots.prompt_page_ids(slot, computed, bucket)
-      core.kv_pages, core.tokens = core.steps.insert_prefix(
-          core.kv_pages, core.tokens, prefix, page_ids, np.int32(slot),
-          np.int32(request.output_ids[-1]))
-      core.slots.positions[slot] = request.total_len - 1
+      self._insert(request, prefix, bucket)
+      self.staging.release(request)
 
-  def _insert_dummy(self, prefix, bucket: int) -> None:
+  def insert_discarded(self, prefix, bucket: int, precompile: bool = False) -> None:
+    """Runs (or with `precompile` only compiles) the insert step for a `bucket`-token prefix
+    whose writes are all dropped: for compiling ahead and for timing it."""
     core = self.core
-    page_ids = np.full(bucket // core.steps.page_size, core.slots.allocator.num_pages, np.int32)
+    args = (core.kv_pages, core.tokens, prefix,
+            np.full(bucket // core.steps.page_size, core.slots.num_pages, np.int32),
+            np.int32(core.slots.num_slots), np.int32(0))
+    if precompile:
+      core.steps.insert_prefix.precompile(*args)
+    else:
+      core.kv_pages, core.tokens = core.steps.insert_prefix(*args)
+
+  def _insert(self, request: RequestState, prefix, bucket: int) -> None:
+    """Writes `request`'s arrived KV into a free slot's pages."""
+    core = self.core
+    computed = len(request.tokens_to_compute)
+    slot = core.occupy(request, computed + 1)
+    page_ids = core.slots.prompt_page_ids(slot, computed, bucket)
     core.kv_pages, core.tokens = core.steps.insert_prefix(
-        core.kv_pages, core.tokens, prefix, page_ids, np.int32(core.slots.num_slots),
-        np.int32(0))
+        core.kv_pages, core.tokens, prefix, page_ids, np.int32(slot),
+        np.int32(request.output_ids[-1]))
+    core.slots.positions[slot] = request.total_len - 1
 
   def _preempt(self, request: RequestState) -> None:
     request.restart()

@@ -7,14 +7,17 @@
     engine.generate(prompts, sampling)        # many at once, outputs in order
     engine.abort(request_id); engine.shutdown()
 
-Every shape the schedulers use is compiled at start-up (with a progress bar) and never again while
-serving; `compile_counts()` exposes the jit caches so tests can check that.
+The page pool is sized from device memory at start-up (`engine.memory`, printed per device). The
+step shapes of sequences up to `precompile_len` tokens are compiled at start-up (lowered and
+compiled, never run), longer ones on first use, each exactly once; `recompiled()` lets tests
+check that. JAX's persistent compilation cache (`engine.compiled`) makes later start-ups warm.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 import traceback
@@ -24,12 +27,14 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from disagg_jax.engine import buckets
+from disagg_jax.engine import buckets, compiled, memory
 from disagg_jax.engine.colocated import ColocatedScheduler
 from disagg_jax.engine.decode_core import DecodeCore
-from disagg_jax.engine.disagg import DisaggDecodeLoop, PrefillWorker, TransferWorker
+from disagg_jax.engine.disagg import (DisaggDecodeLoop, PrefillWorker, StagingBudget,
+                                      TransferWorker)
 from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
+from disagg_jax.engine.slots import pages_for
 from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.models.loading import Model
@@ -40,16 +45,23 @@ MODES = ("colocated", "disagg")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-  """Serving knobs (configs/engine.py holds the defaults)."""
+  """Serving knobs (configs/engine.py holds the defaults and documents them)."""
   page_size: int = 16
   max_seq_len: int = 0  # 0: the model's limit
   max_prefill_length: int = 0  # 0: max_seq_len
   decode_batch: int = 32  # decode slots
-  num_pages: int = 0  # page pool size incl. one scratch page; 0: enough for every slot at full length
+  memory_fraction: float = 0.0  # share of free device memory for KV; 0: 0.9 (TPU/GPU), 0.05 (CPU)
+  num_pages: int = 0  # page pool incl. one scratch page per dp shard; 0: sized from memory
   prefill_batch: int = 4  # disagg: prompts per prefill step
+  max_prefill_tokens: int = 8192  # disagg: padded prompt tokens per prefill step (>= one prompt)
   chunk_size: int = 128  # colocated: prompt tokens per chunk
   chunk_batch: int = 4  # colocated: chunks per step
+  precompile_len: int = 256  # shapes up to this many tokens compile at start-up; -1: all
   attention_impl: str = "auto"
+
+  def precompile_tokens(self, max_seq_len: int) -> int:
+    """Sequences up to this many tokens have their step shapes compiled at start-up."""
+    return max_seq_len if self.precompile_len < 0 else min(self.precompile_len, max_seq_len)
 
   @classmethod
   def from_config(cls, engine_config, **overrides) -> "EngineConfig":
@@ -70,21 +82,23 @@ class Engine:
     self.config = config
     self.model = decode_model
     self.tokenizer = decode_model.tokenizer
+    self.progress = progress
     cfg = decode_model.cfg
     ps = config.page_size
     self.limits = Limits.for_model(cfg, config.max_seq_len, config.max_prefill_length)
-    pages_per_seq = -(-self.limits.max_seq_len // ps)
-    num_pages = config.num_pages or config.decode_batch * pages_per_seq + 1
-    if num_pages - 1 < pages_per_seq:
-      raise ValueError(
-          f"num_pages={num_pages} holds {num_pages - 1} usable pages of {ps} tokens, fewer than "
-          f"one max_seq_len={self.limits.max_seq_len} sequence needs ({pages_per_seq})")
-    self.page_capacity = num_pages - 1
-
     self.decode_steps = ModelSteps(decode_model, page_size=ps,
                                    attention_impl=config.attention_impl)
-    self.core = DecodeCore(self.decode_steps, num_slots=config.decode_batch, num_pages=num_pages,
-                           pages_per_seq=pages_per_seq)
+    self.length_buckets = buckets.length_buckets(self.limits.max_seq_len, ps)
+    if mode == "disagg":
+      self.prefill_steps = ModelSteps(prefill_model, page_size=ps,
+                                      attention_impl=config.attention_impl)
+    self.pool = self._plan_pool(prefill_model, decode_model)
+    for line in self._describe_pool(prefill_model):
+      self._say(line)
+    self.page_capacity = self.pool.usable_pages
+    self.core = DecodeCore(self.decode_steps, num_slots=config.decode_batch,
+                           pages_per_shard=self.pool.pages_per_shard,
+                           max_seq_len=self.limits.max_seq_len)
     self.core.params = decode_model.params
     self._requests: dict[str, RequestState] = {}
     self._lock = threading.Lock()
@@ -97,27 +111,26 @@ class Engine:
                                           chunk_batch=config.chunk_batch, finish=self._finish)
       self._workers = [self.scheduler]
       self._submit = self.scheduler.put
-      warmups = self.scheduler.warmup_steps()
+      shapes = self.scheduler.shapes(self._precompile_len() // ps)
     else:
-      self.prefill_steps = ModelSteps(prefill_model, page_size=ps,
-                                      attention_impl=config.attention_impl)
-      length_buckets = buckets.length_buckets(self.limits.max_seq_len, ps)
-      backlog = threading.Semaphore(config.decode_batch)
-      self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=length_buckets,
+      self.staging = StagingBudget(self.pool.staging_tokens)
+      self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=self.length_buckets,
                                           finish=self._finish, requeue=self._requeue,
-                                          backlog=backlog)
+                                          staging=self.staging)
       self.plan = TransferPlan(cfg, prefill_model.mesh, decode_model.mesh)
-      self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish, backlog)
+      self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish,
+                                     self.staging)
       self.prefill = PrefillWorker(self.prefill_steps, prefill_model.params, self.plan,
-                                   length_buckets=length_buckets,
-                                   max_batch=config.prefill_batch, handoff=self.transfer.submit,
-                                   finish=self._finish, backlog=backlog)
+                                   length_buckets=self.length_buckets,
+                                   max_batch=config.prefill_batch,
+                                   max_tokens=config.max_prefill_tokens,
+                                   handoff=self.transfer.submit, finish=self._finish,
+                                   staging=self.staging)
       self._workers = [self.prefill, self.transfer, self.decode_loop]
       self._submit = self.prefill.put
-      warmups = (self.prefill.warmup_steps()
-                 + self.decode_loop.warmup_steps(self._dummy_prefix))
-    self._compile_ahead(warmups, progress)
-    self._compiled = self.compile_counts()
+      shapes = (self.prefill.shapes(self._precompile_len())
+                + self.decode_loop.shapes(self._precompile_len(), self._prefix_spec))
+    self._compile_ahead(shapes)
     for worker in self._workers:
       thread = threading.Thread(target=self._guard, args=(worker,), daemon=True,
                                 name=f"disagg_jax-{type(worker).__name__}")
@@ -149,11 +162,12 @@ class Engine:
     sampling = sampling or SamplingParams()
     prompt = list(prompt_token_ids)
     validate(prompt, sampling, self.model.cfg, self.limits)
-    need = -(-(len(prompt) + sampling.max_new_tokens) // self.config.page_size)
-    if need > self.page_capacity:
+    need = pages_for(len(prompt) + sampling.max_new_tokens, self.config.page_size)
+    if need > self.pool.pages_per_shard - 1:
       raise InvalidRequestError(
           f"prompt + max_new_tokens needs {need} pages of {self.config.page_size} tokens; the "
-          f"page pool holds {self.page_capacity} (--config.engine.num_pages)")
+          f"page pool holds {self.pool.pages_per_shard - 1} per dp shard "
+          "(--config.engine.memory_fraction, --config.engine.num_pages)")
     request_id = request_id or f"req-{next(self._ids)}"
     stream = TokenStream(request_id, on_token)
     state = RequestState(request_id, prompt, sampling, stop_ids(sampling, self.model.cfg), stream)
@@ -204,7 +218,7 @@ class Engine:
     """Queue lengths and page use, for monitoring."""
     slots = self.core.slots
     out = {"mode": self.mode, "in_flight": len(self._requests),
-           "running": len(slots.occupied()), "free_pages": slots.allocator.num_free,
+           "running": len(slots.occupied()), "free_pages": slots.num_free,
            "total_pages": self.page_capacity}
     if self.mode == "colocated":
       out["waiting"] = len(self.scheduler.queue)
@@ -213,21 +227,23 @@ class Engine:
                  awaiting_slot=len(self.decode_loop.queue))
     return out
 
-  def compile_counts(self) -> dict[str, int]:
-    """Entries in each step function's jit cache (constant after start-up)."""
-    steps = [self.decode_steps] + ([self.prefill_steps] if self.mode == "disagg" else [])
-    counts = {}
-    for i, s in enumerate(steps):
-      for name in ("prefill", "insert_prefix", "decode", "mixed"):
-        counts[f"{i}.{name}"] = getattr(s, name)._cache_size()
+  def steps(self) -> list:
+    """Every compiled step function (`engine.compiled.Step`) of this engine."""
+    out = self.decode_steps.all_steps()
     if self.mode == "disagg":
-      counts["extract"] = self.prefill.extract._cache_size()
-    return counts
+      out += self.prefill_steps.all_steps() + [self.prefill.extract]
+    return out
 
-  def recompiled(self) -> dict[str, tuple[int, int]]:
-    """Step functions compiled again since start-up: {name: (at start-up, now)}."""
-    now = self.compile_counts()
-    return {k: (self._compiled[k], v) for k, v in now.items() if v != self._compiled[k]}
+  def compile_counts(self) -> dict[str, int]:
+    """Entries in each step function's jit cache (one per shape compiled so far)."""
+    return {f"{i}.{step.name}": step.jitted._cache_size()  # pylint: disable=protected-access
+            for i, step in enumerate(self.steps())}
+
+  def recompiled(self) -> dict[str, int]:
+    """Step functions that compiled some shape more than once: {name: extra compilations}.
+    Empty when healthy (shapes compiled on first use are expected, not recompilations)."""
+    return {f"{i}.{step.name}": step.unexpected_compiles()
+            for i, step in enumerate(self.steps()) if step.unexpected_compiles()}
 
   def shutdown(self) -> None:
     with self._lock:
@@ -277,17 +293,51 @@ class Engine:
       for other in self._workers:
         other.stop()
 
-  def _dummy_prefix(self, bucket: int):
-    """Zeros shaped like a `bucket`-token request's KV as it arrives on the decode mesh."""
-    shape = self.plan.layout.shape(bucket)
-    return jax.jit(lambda: jnp.zeros(shape, self.model.dtype),
-                   out_shardings=self.plan.decode_sharding)()
+  def _say(self, line: str) -> None:
+    """Start-up information: printed (stderr) when the engine shows progress, else logged."""
+    if self.progress:
+      print(line, file=sys.stderr, flush=True)
+    else:
+      logging.info(line)
 
-  def _compile_ahead(self, warmups, progress: bool) -> None:
+  def _precompile_len(self) -> int:
+    return self.config.precompile_tokens(self.limits.max_seq_len)
+
+  def _plan_pool(self, prefill_model: Model, decode_model: Model) -> memory.PoolPlan:
+    """Sizes the decode (or colocated) mesh's page pool; see `engine.memory`."""
+    try:
+      return memory.plan_engine_pool(
+          self.config, self.limits, self.mode, decode_model,
+          prefill_model if self.mode == "disagg" else None)
+    except memory.PoolSizeError as e:
+      raise ValueError(str(e)) from None
+
+  def _describe_pool(self, prefill_model: Model) -> list[str]:
+    lines = []
+    if self.mode == "disagg":
+      lines.append(memory.describe_prefill(self.config, self.limits, prefill_model))
+    name = "decode" if self.mode == "disagg" else "colocated"
+    return lines + self.pool.describe(name, self.model.mesh)
+
+  def _prefix_spec(self, bucket: int) -> jax.ShapeDtypeStruct:
+    """A `bucket`-token request's KV as it arrives on the decode mesh."""
+    return jax.ShapeDtypeStruct(self.plan.layout.shape(bucket), self.model.dtype,
+                                sharding=self.plan.decode_sharding)
+
+  def _compile_ahead(self, shapes) -> None:
+    """Compiles (without running) the step shapes of sequences up to precompile_len tokens."""
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    compiled.CacheStats.install()
+    hits, misses = compiled.CacheStats.snapshot()
     start = time.perf_counter()
-    for _, thunk in tqdm(warmups, desc=f"compiling {self.mode} steps", disable=not progress,
+    for _, thunk in tqdm(shapes, desc=f"compiling {self.mode} steps", disable=not self.progress,
                          leave=False):
       thunk()
-    jax.block_until_ready(self.core.kv_pages)
-    logging.info("compiled %d step shapes in %.1f s", len(warmups), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    hits2, misses2 = compiled.CacheStats.snapshot()
+    cached = f", {hits2 - hits} from the persistent cache" if hits2 - hits else ""
+    longer = ("" if self._precompile_len() >= self.limits.max_seq_len else
+              f"; longer ones compile on first use (--config.engine.precompile_len="
+              f"{self.config.precompile_len})")
+    self._say(f"compiled {len(shapes)} step shapes for sequences up to "
+              f"{self._precompile_len()} tokens in {seconds:.1f} s{cached}{longer}")

@@ -2,6 +2,27 @@
 
 Randomness is keyed by (request seed, position of the token being consumed), so a request samples
 the same tokens whatever batch, slot or mode it runs in.
+
+The rule (docs/SAMPLING.md): a row with temperature 0 takes the argmax. A sampling row scales its
+logits by 1 / temperature, ranks the vocabulary by scaled logit (ties: lower token id first), keeps
+rank r iff (top_k == 0 or r < top_k) and the probability mass of the ranks before r is below top_p
+(probabilities: the softmax over the ranks top_k keeps), and draws among the kept ranks with
+gumbel-max, the noise of rank r being `gumbel(fold_in(PRNGKey(seed), position), (V,))[r]`, as
+`jax.random.categorical` over the fully sorted vocabulary would.
+
+Nothing sorts the vocabulary. When no row samples, only the argmax runs (a batch-level
+`lax.cond`). Otherwise rows draw from a bounded candidate set, the K_MAX = 256 largest scaled
+logits (`lax.top_k`), with the rule's probabilities (normalised over the whole vocabulary, or
+over the top_k set), so a row draws the very token the full sort would whenever its kept set lies
+within the top K_MAX ranks: 0 < top_k <= K_MAX, or a top_p nucleus of at most K_MAX tokens.
+Where the bound is hit:
+  * top_p == 1 and top_k == 0 (plain temperature sampling) or top_k > K_MAX: gumbel-max over the
+    unsorted vocabulary (restricted to the exact top_k set, found by a 32-step bisection on the
+    logits' bits, for top_k > K_MAX): the exact distribution, other tokens than a sort would draw.
+  * top_p < 1 with a nucleus of more than K_MAX tokens (top_k 0 or > K_MAX): the nucleus is
+    truncated to its K_MAX most likely tokens, drawn in proportion to their probabilities.
+Rows choose between these with `jnp.where`; each path runs only when some row of the batch needs
+it (batch-level conds), so shapes never depend on the data and logits may stay sharded.
 """
 
 from __future__ import annotations
@@ -15,6 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_SEED = 2**32
+
+# The candidate set of a sampling row: its K_MAX largest scaled logits. 256 covers the usual top_k
+# settings and the nucleus of a confident distribution; lax.top_k(x, 256) costs about 2 argmaxes,
+# ~1/50 of the full sort, at V=49,152 on CPU (docs/SAMPLING.md has the figures and the bound).
+K_MAX = 256
 
 
 class InvalidRequestError(ValueError):
@@ -86,20 +112,121 @@ class SamplingArrays(NamedTuple):
 def sample(logits: jax.Array, sampling: SamplingArrays, positions: jax.Array) -> jax.Array:
   """logits float32[B, V]; positions int32[B] (the position each row just consumed) -> int32[B]."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  temperature = jnp.asarray(sampling.temperature)
+  return jax.lax.cond(jnp.any(temperature > 0),
+                      lambda: _sample_rows(logits, sampling, positions, greedy),
+                      lambda: greedy)
 
-  def sample_row(row_logits, temperature, top_k, top_p, seed, position):
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), position)
-    vocab = row_logits.shape[-1]
-    scaled = row_logits / jnp.where(temperature > 0, temperature, 1.0)
-    sorted_logits, order = jax.lax.top_k(scaled, vocab)
-    rank = jnp.arange(vocab)
-    keep = (top_k <= 0) | (rank < top_k)
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
-    # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
-    keep = keep & ((jnp.cumsum(probs) - probs) < top_p)
-    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
-    return order[choice].astype(jnp.int32)
 
-  sampled = jax.vmap(sample_row)(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                 sampling.seed, positions)
-  return jnp.where(sampling.temperature > 0, sampled, greedy)
+def _sample_rows(logits, sampling: SamplingArrays, positions, greedy):
+  batch, vocab = logits.shape
+  cands = min(K_MAX, vocab)
+  temperature = jnp.asarray(sampling.temperature)
+  top_k = jnp.asarray(sampling.top_k)
+  top_p = jnp.asarray(sampling.top_p)
+  sampling_row = temperature > 0
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  keys = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.PRNGKey(seed), position))(
+      sampling.seed, positions)
+
+  # top_k beyond the candidates: the exact top_k set, by bisection (only when some row asks).
+  wide_k = sampling_row & (top_k > cands) & (top_k < vocab)
+  in_top_k = jax.lax.cond(jnp.any(wide_k),
+                          lambda: _top_k_mask(scaled, jnp.where(wide_k, top_k, vocab)),
+                          lambda: jnp.ones(scaled.shape, bool))
+
+  full = sampling_row & (top_p >= 1) & ((top_k <= 0) | (top_k > cands))
+  ranked = sampling_row & ~full
+  none = jnp.zeros(batch, jnp.int32)
+  from_candidates = jax.lax.cond(
+      jnp.any(ranked),
+      lambda: _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands),
+      lambda: none)
+  from_vocab = jax.lax.cond(jnp.any(full), lambda: _sample_vocab(scaled, in_top_k, keys),
+                            lambda: none)
+  return jnp.where(sampling_row, jnp.where(full, from_vocab, from_candidates), greedy)
+
+
+def _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands):
+  """The rule on the first `cands` ranks: today's full-sort token whenever the kept set fits."""
+  vocab = scaled.shape[-1]
+  # The first `cands` ranks of the full sort. The barriers keep XLA:CPU from fusing the top_k's
+  # outputs into what follows, which turns it back into a full sort (50x slower at V=49,152); one
+  # barrier per output, as the SPMD partitioner (vocabulary sharded over "tp") expects.
+  values, order = jax.lax.top_k(scaled, cands)
+  values, order = jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(order)
+  rank = jnp.arange(cands)
+  keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+  # The softmax over the ranks top_k keeps, as jax.nn.softmax over the sorted vocabulary gives it:
+  # those ranks are all candidates when 0 < top_k <= cands; otherwise the sum runs over the whole
+  # vocabulary (or over the exact top_k set, in_top_k, when top_k > cands).
+  top = values[:, :1]
+  unnormalized = jnp.exp(values - top)
+  total = jnp.where((top_k > 0) & (top_k <= cands),
+                    jnp.sum(jnp.where(keep, unnormalized, 0), axis=-1),
+                    jnp.sum(jnp.where(in_top_k, jnp.exp(scaled - top), 0), axis=-1))
+  probs = jnp.where(keep, unnormalized / total[:, None], 0)
+  # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
+  keep = keep & ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+  noise = jax.vmap(lambda key: _rank_noise(key, vocab, cands, scaled.dtype))(keys)
+  choice = jnp.argmax(noise + jnp.where(keep, values, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _rank_noise(key, vocab, cands, dtype):
+  """gumbel(key, (vocab,), dtype)[:cands]: the noise jax.random.categorical adds to those ranks.
+
+  With the (default) partitionable threefry, element i of a random array depends only on the key
+  and i, so the first `cands` elements are drawn alone; otherwise all `vocab` are drawn and sliced.
+  """
+  if (getattr(jax.config, "jax_threefry_partitionable", False)
+      and getattr(jax.config, "jax_default_prng_impl", None) == "threefry2x32"):
+    return jax.random.gumbel(key, (cands,), dtype)
+  return jax.random.gumbel(key, (vocab,), dtype)[:cands]
+
+
+def _sample_vocab(scaled, in_top_k, keys):
+  """Gumbel-max over the unsorted vocabulary (within in_top_k): exact, without a sort."""
+  vocab = scaled.shape[-1]
+  noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), scaled.dtype))(keys)
+  noisy = jnp.where(in_top_k, noise + scaled, -jnp.inf)
+  # argmax as max + first index reaching it: jnp.argmax fused with the noise is ~5x slower on CPU.
+  best = jnp.max(noisy, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, noisy.shape, 1)
+  token = jnp.min(jnp.where(noisy == best, index, vocab), axis=-1)
+  return jnp.minimum(token, vocab - 1).astype(jnp.int32)
+
+
+def _order_keys(x):
+  """float32 -> uint32 keys ordered as the floats are (-0.0 and 0.0 alike; NaN above +inf)."""
+  bits = jax.lax.bitcast_convert_type(x + jnp.zeros((), x.dtype), jnp.uint32)
+  sign = jnp.uint32(1 << 31)
+  return jnp.where((bits & sign) != 0, ~bits, bits | sign)
+
+
+def _top_k_mask(x, k):
+  """bool[B, V]: the k[b] largest entries of each row x[b] (1 <= k <= V), ties to the lower index,
+  i.e. the first k ranks of lax.top_k(x[b], V), found without a sort.
+
+  The k-th largest order key is the largest t with count(key >= t) >= k; it is built bit by bit,
+  most significant first (32 passes over the row), then ties at it are kept by index.
+  """
+  keys = _order_keys(x.astype(jnp.float32))
+  k = k.astype(jnp.int32)
+
+  def add_bit(i, kth):
+    trial = kth | jax.lax.shift_left(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+    enough = jnp.sum((keys >= trial[:, None]).astype(jnp.int32), axis=-1) >= k
+    return jnp.where(enough, trial, kth)
+
+  kth = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros(x.shape[:1], jnp.uint32))
+  above = keys > kth[:, None]
+  tied = keys == kth[:, None]
+  room = k - jnp.sum(above.astype(jnp.int32), axis=-1)
+  crowded = jnp.sum(tied.astype(jnp.int32), axis=-1) > room  # more ties at the k-th than room
+
+  def first_ties():
+    tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=-1) - tied.astype(jnp.int32)
+    return tied & (tie_rank < room[:, None])
+
+  return above | jax.lax.cond(jnp.any(crowded), first_ties, lambda: tied)

@@ -38,8 +38,14 @@ class StaticGenerator:
     self.page_size = page_size
     self.max_batch = max_batch
     self.steps = ModelSteps(model, page_size=page_size, attention_impl=attention_impl)
+    self.dp = self.steps.dp
+    self.batch_buckets = buckets.batch_buckets(max_batch, self.dp)
     self.pages_per_seq = -(-limits.max_seq_len // page_size)
-    self.num_pages = max_batch * self.pages_per_seq
+    # Each dp row holds the pages of its own rows of the batch: a scratch page, then a run of
+    # pages_per_seq pages per row.
+    self.rows_per_shard = self.batch_buckets[-1] // self.dp
+    self.pages_per_shard = 1 + self.rows_per_shard * self.pages_per_seq
+    self.num_pages = self.dp * self.pages_per_shard
     self._kv_pages = None
     self.times = PhaseTimes()
 
@@ -74,7 +80,7 @@ class StaticGenerator:
   def _generate_batch(self, prompts: list[list[int]], sampling: list[SamplingParams]):
     cfg, ps = self.model.cfg, self.page_size
     n = len(prompts)
-    batch = buckets.pick(n, buckets.batch_buckets(self.max_batch))
+    batch = buckets.pick(n, self.batch_buckets)
     lengths = np.zeros(batch, np.int32)
     lengths[:n] = [len(p) for p in prompts]
     seq_bucket = buckets.pick(int(lengths.max()),
@@ -84,19 +90,26 @@ class StaticGenerator:
       tokens[i, :len(p)] = p
     sampling_arrays = SamplingArrays.from_params(sampling, batch)
 
-    # Each row gets a contiguous run of pages for its prompt plus everything it may generate.
+    # Each row gets a contiguous run of pages (of its dp row's block) for its prompt plus
+    # everything it may generate.
     totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling)]
-    width = buckets.pick(max(totals), buckets.length_buckets(self.limits.max_seq_len, ps)) // ps
+    width = buckets.pick(-(-max(totals) // ps),
+                         buckets.width_buckets(self.limits.max_seq_len, ps))
     page_table = np.zeros((batch, width), np.int32)
+    per_shard = batch // self.dp
     for i in range(n):
-      page_table[i] = np.arange(i * self.pages_per_seq, i * self.pages_per_seq + width)
+      first = (i // per_shard) * self.pages_per_shard + 1 + (i % per_shard) * self.pages_per_seq
+      page_table[i] = np.arange(first, first + width)
     insert_ids = np.full((batch, seq_bucket // ps), self.num_pages, np.int32)  # dropped
     for i in range(n):
       used = -(-int(lengths[i]) // ps)
       insert_ids[i, :used] = page_table[i, :used]
 
     t0 = time.perf_counter()
-    result = self.steps.prefill(self.model.params, tokens, lengths, sampling_arrays)
+    put = self.steps.put_rows
+    tokens, lengths_dev, sampling_arrays, page_table_dev, insert_ids = put(
+        tokens, lengths, sampling_arrays, page_table, insert_ids)
+    result = self.steps.prefill(self.model.params, tokens, lengths_dev, sampling_arrays)
     if self._kv_pages is None:
       self._kv_pages = self.steps.init_pages(self.num_pages)
     self._kv_pages = self.steps.insert(self._kv_pages, result.kv, insert_ids)
@@ -125,8 +138,8 @@ class StaticGenerator:
       if all(r is not None for r in reasons):
         break
       next_dev, self._kv_pages = self.steps.decode(
-          self.model.params, self._kv_pages, next_tokens.astype(np.int32), positions, page_table,
-          sampling_arrays)
+          self.model.params, self._kv_pages, *put(next_tokens.astype(np.int32), positions),
+          page_table_dev, sampling_arrays)
       next_tokens = np.asarray(next_dev)
       positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
       self.times.decode_steps += 1

@@ -110,6 +110,8 @@ class RequestState:
   aborted: bool = False
   # Colocated chunked prefill: how many of `tokens_to_compute` are already in the page pool.
   num_computed: int = 0
+  # Disaggregated: tokens of staging budget this request holds while its KV waits for a slot.
+  staged: int = 0
   tokens_to_compute: list[int] = dataclasses.field(default_factory=list)
 
   def __post_init__(self):

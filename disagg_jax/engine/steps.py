@@ -3,8 +3,6 @@
     prefill(params, tokens, lengths, sampling)                -> (first tokens, logits, prompt KV)
     insert(kv_pages*, prompt_kv, page_ids)                    -> kv_pages
     decode(params, kv_pages*, tokens, positions, page_table, sampling) -> (next tokens, kv_pages)
-    chunk(params, kv_pages*, tokens, context_lens, chunk_lens, page_table, sampling)
-                                                              -> (next tokens, logits, kv_pages)
   The serving engine's variants keep each slot's next input token on device:
     make_extract(plan)(prompt_kv, row)                        -> one request's KV, packed
     insert_prefix(kv_pages*, tokens, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
@@ -13,6 +11,9 @@
 
 (* donated: the page pool is updated in place.) Everything is an explicit pytree: `params` is the
 model's `nnx.State`, `kv_pages` a list of `LayerPages`, the prompt KV a list of `LayerKV`.
+Per-row arrays (tokens, positions, page tables, sampling settings) split over the mesh's dp axis
+with the page pool (`disagg_jax.kv.layout`); page tables are [B, W] with W a width bucket covering
+the step's longest sequence, so short contexts never pay for max_seq_len.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from disagg_jax import parallel
-from disagg_jax.engine.attention import MixedAttention, PagedAttention, PromptAttention
+from disagg_jax.engine.compiled import Step
+from disagg_jax.engine.attention import (MixedAttention, PagedAttention, PromptAttention,
+                                         rows_constraint)
 from disagg_jax.engine.sampling import SamplingArrays, sample
 from disagg_jax.kv import cache as kv_cache
+from disagg_jax.kv import layout as kv_layout
 from disagg_jax.models.loading import Model
 from disagg_jax.transfer.plan import TransferPlan
 
@@ -47,46 +51,60 @@ class ModelSteps:
     self.page_size = page_size
     self.attention_impl = attention_impl
     self.dtype = model.dtype
-    rep = parallel.replicated(self.mesh)
-    pages = parallel.kv_pages_sharding(self.cfg, self.mesh)
+    self.layout = kv_layout.PoolLayout.create(self.cfg, self.mesh)
+    self.dp = self.layout.dp
+    rows = parallel.batch_sharding(self.mesh)
+    pages = parallel.kv_pages_sharding(self.mesh)
     dense = parallel.dense_kv_sharding(self.cfg, self.mesh)
     self.pages_sharding = pages
-    self.replicated = rep
-    self.prefill = jax.jit(self._prefill, out_shardings=PrefillResult(rep, rep, dense))
-    self.insert = jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages)
-    self.decode = jax.jit(self._decode, donate_argnums=(1,), out_shardings=(rep, pages))
-    self.chunk = jax.jit(self._chunk, donate_argnums=(1,), out_shardings=(rep, rep, pages))
+    self.rows = rows
+    self.replicated = parallel.replicated(self.mesh)
+    self.prefill = Step("prefill", jax.jit(self._prefill,
+                                           out_shardings=PrefillResult(rows, rows, dense)))
+    self.insert = Step("insert", jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages))
+    self.decode = Step("decode", jax.jit(self._decode, donate_argnums=(1,),
+                                         out_shardings=(rows, pages)))
     # Only the page pool is donated: the engine keeps reading a step's token array after
     # dispatching the next step (it is tiny anyway).
-    self.insert_prefix = jax.jit(self._insert_prefix, donate_argnums=(0,),
-                                 out_shardings=(pages, rep))
-    self.mixed = jax.jit(self._mixed, donate_argnums=(1,), out_shardings=(rep, pages))
+    self.insert_prefix = Step("insert_prefix", jax.jit(self._insert_prefix, donate_argnums=(0,),
+                                                       out_shardings=(pages, rows)))
+    self.mixed = Step("mixed", jax.jit(self._mixed, donate_argnums=(1,),
+                                       out_shardings=(rows, pages)))
+
+  def all_steps(self) -> list[Step]:
+    return [self.prefill, self.insert, self.decode, self.insert_prefix, self.mixed]
+
+  def put_rows(self, *arrays):
+    """Host arrays -> device arrays with their rows over dp (what the steps expect)."""
+    return jax.device_put(arrays, self.rows)
 
   def init_pages(self, num_pages: int) -> kv_cache.KVPages:
-    """A zeroed page pool on this mesh."""
-    cfg = self.cfg
-    make = jax.jit(
-        lambda: kv_cache.init_pages(cfg.num_layers, cfg.num_kv_heads, num_pages, self.page_size,
-                                    cfg.head_dim, self.dtype),
-        out_shardings=self.pages_sharding)
-    return make()
+    """A zeroed page pool on this mesh (num_pages: a multiple of dp, one block per dp row)."""
+    return kv_layout.init_pages(self.cfg, self.layout, num_pages, self.page_size, self.dtype)
 
   def _model(self, params):
     return nnx.merge(self.graphdef, params)
 
+  def _paged(self, page_table, context_lens, chunk_lens) -> PagedAttention:
+    return PagedAttention(page_table, context_lens, chunk_lens, self.page_size,
+                          self.attention_impl, self.layout)
+
   def _prefill(self, params, tokens, lengths, sampling: SamplingArrays) -> PrefillResult:
     """tokens int32[B, S] right-padded, lengths int32[B] (0 for a padding row)."""
     model = self._model(params)
+    tokens = rows_constraint(tokens, self.layout)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, kv = model(tokens, positions, PromptAttention(lengths, self.attention_impl, self.mesh))
+    attention = PromptAttention(lengths, self.attention_impl, self.layout)
+    hidden, kv = model(tokens, positions, attention)
     last = jnp.maximum(lengths - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
     return PrefillResult(sample(logits, sampling, last), logits, kv)
 
   def _insert(self, kv_pages, prompt_kv, page_ids):
-    """page_ids int32[B, S // page_size]: the page of each prompt block, num_pages to skip it."""
-    return [kv_cache.write_prompt(pages, kv, page_ids) for pages, kv in zip(kv_pages, prompt_kv)]
+    """prompt_kv [B, S, Hkv, D] per layer, rows over dp; page_ids int32[B, S // page_size]: the
+    page of each prompt block (from the row's dp block), num_pages to skip it."""
+    return self.layout.write_prompts(kv_pages, prompt_kv, page_ids)
 
   def _decode(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays):
     """tokens int32[B]: the token at `positions` int32[B] (-1 for an idle row), appended to the
@@ -94,26 +112,11 @@ class ModelSteps:
     model = self._model(params)
     active = positions >= 0
     context = jnp.maximum(positions, 0)
-    attention = PagedAttention(page_table, context, active.astype(jnp.int32), self.page_size,
-                               self.attention_impl, self.mesh)
-    hidden, kv_pages = model(tokens[:, None], context[:, None], attention, kv_pages)
+    attention = self._paged(page_table, context, active.astype(jnp.int32))
+    hidden, kv_pages = model(rows_constraint(tokens[:, None], self.layout), context[:, None],
+                             attention, kv_pages)
     logits = model.logits(hidden[:, 0])
     return jnp.where(active, sample(logits, sampling, context), tokens), kv_pages
-
-  def _chunk(self, params, kv_pages, tokens, context_lens, chunk_lens, page_table,
-             sampling: SamplingArrays):
-    """tokens int32[B, C]: up to C new tokens per row at positions context_lens + [0, C); samples
-    after each row's last real token."""
-    model = self._model(params)
-    c = tokens.shape[1]
-    positions = context_lens[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-    attention = PagedAttention(page_table, context_lens, chunk_lens, self.page_size,
-                               self.attention_impl, self.mesh)
-    hidden, kv_pages = model(tokens, positions, attention, kv_pages)
-    last = jnp.maximum(chunk_lens - 1, 0)
-    hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    logits = model.logits(hidden_last)
-    return sample(logits, sampling, context_lens + last), logits, kv_pages
 
   # ------------------------------------------------------------------ serving-engine variants
 
@@ -123,44 +126,47 @@ class ModelSteps:
     def extract(prompt_kv, row):
       stacked = jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
       return plan.pack(stacked)  # [L, 2, S, Hkv, D] -> the plan's source layout
-    return jax.jit(extract, out_shardings=plan.source_shardings)
+    return Step("extract", jax.jit(extract, out_shardings=plan.source_shardings))
 
   def _insert_prefix(self, kv_pages, tokens, prefix_blocks, page_ids, slot, token):
-    """Writes one request's KV, as it arrives ([d, L, 2, S, Hkv/d, D], see TransferPlan), into
-    its pages (int32[S / ps], num_pages to skip) and sets its slot's next input token."""
+    """Writes one request's KV, as it arrives ([d, L, 2, S, Hkv/d, D], see TransferPlan; the same
+    on every dp row), into its pages (int32[S / ps], num_pages to skip; all from the dp block of
+    `slot`) and sets its slot's next input token."""
     prefix_kv = TransferPlan.unpack(prefix_blocks)
     batched = [kv_cache.LayerKV(layer[0][None], layer[1][None]) for layer in prefix_kv]
-    kv_pages = self._insert(kv_pages, batched, page_ids[None])
+    kv_pages = self.layout.write_prompts(kv_pages, batched, page_ids[None], rows_sharded=False)
     return kv_pages, tokens.at[slot].set(token)
 
   def _mixed(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays,
              chunk_tokens, chunk_slots, chunk_context, chunk_lens, chunk_final):
     """One continuous-batching step: every slot with positions >= 0 decodes one token, and
     chunk_tokens int32[Bc, C] extend the prompts of slots chunk_slots (B for a padding row) at
-    positions chunk_context + [0, chunk_lens). A chunk marked final samples its request's first
-    token into `tokens`; decode rows sample their next one. Idle slots keep their token."""
+    positions chunk_context + [0, chunk_lens). Chunk row i belongs to dp row i // (Bc / dp), as
+    its slot does. A chunk marked final samples its request's first token into `tokens`; decode
+    rows sample their next one. Idle slots keep their token."""
     model = self._model(params)
+    n = self.dp
     b, (bc, c) = tokens.shape[0], chunk_tokens.shape
     active = positions >= 0
     context = jnp.maximum(positions, 0)
     safe_slots = jnp.minimum(chunk_slots, b - 1)
     chunk_table = jnp.where((chunk_slots < b)[:, None], page_table[safe_slots], 0)
-    attention = MixedAttention(
-        decode=PagedAttention(page_table, context, active.astype(jnp.int32), self.page_size,
-                              self.attention_impl, self.mesh),
-        chunks=PagedAttention(chunk_table, chunk_context, chunk_lens, self.page_size,
-                              self.attention_impl, self.mesh),
-        num_decode=b)
+    attention = MixedAttention(decode=self._paged(page_table, context, active.astype(jnp.int32)),
+                               chunks=self._paged(chunk_table, chunk_context, chunk_lens))
     chunk_positions = chunk_context[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-    flat_tokens = jnp.concatenate([tokens, chunk_tokens.reshape(-1)])
-    flat_positions = jnp.concatenate([context, chunk_positions.reshape(-1)])
+    flat_tokens = rows_constraint(MixedAttention.join(tokens, chunk_tokens, n), self.layout)
+    flat_positions = MixedAttention.join(context, chunk_positions, n)
     hidden, kv_pages = model(flat_tokens, flat_positions, attention, kv_pages)
-    decode_next = sample(model.logits(hidden[:b]), sampling, context)
-    tokens = jnp.where(active, decode_next, tokens)
+    decode_hidden, chunk_hidden = attention.split(hidden)
     last = jnp.maximum(chunk_lens - 1, 0)
-    chunk_hidden = jnp.take_along_axis(hidden[b:].reshape(bc, c, -1), last[:, None, None],
-                                       axis=1)[:, 0]
-    chunk_sampling = jax.tree.map(lambda x: x[safe_slots], sampling)
-    first = sample(model.logits(chunk_hidden), chunk_sampling, chunk_context + last)
+    chunk_last = jnp.take_along_axis(chunk_hidden, last[:, None, None], axis=1)[:, 0]
+    # One logits matmul and one sampler for the decode rows and the chunks' last tokens.
+    rows = jnp.concatenate([decode_hidden, chunk_last])
+    row_sampling = jax.tree.map(lambda x, y: jnp.concatenate([x, y[safe_slots]]), sampling,
+                                sampling)
+    sampled = sample(model.logits(rows), row_sampling,
+                     jnp.concatenate([context, chunk_context + last]))
+    tokens = jnp.where(active, sampled[:b], tokens)
+    first = sampled[b:]
     write_to = jnp.where(chunk_final, chunk_slots, b)  # b: dropped
     return tokens.at[write_to].set(first, mode="drop"), kv_pages

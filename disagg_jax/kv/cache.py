@@ -1,9 +1,10 @@
-"""The paged KV cache as pure functions over explicit arrays.
+"""The paged KV cache as pure functions over explicit arrays (one device's part of it).
 
 Per layer the pool is `LayerPages(k, v)`, each `[Hkv, num_pages, page_size, D]` (the kernel
 contract's layout). A sequence's tokens live in the pages its page-table row names, in order:
 position p is page `page_table[b, p // page_size]`, offset `p % page_size`. Writes for padding or
 inactive rows are aimed one past the last page and dropped by the scatter, so no slot is reserved.
+How a mesh splits the pool, and which of these run per shard, is `disagg_jax.kv.layout`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def token_slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array,
   page_ids = jnp.take_along_axis(page_table, flat_index, axis=1).reshape(positions.shape)
   page_ids = jnp.where(valid, page_ids, num_pages)
   return page_ids, positions % page_size
+
+
+def localize(page_ids: jax.Array, num_local_pages: int, offset) -> jax.Array:
+  """Global page ids -> ids within a shard holding pages [offset, offset + num_local_pages);
+  ids outside it (another shard's pages, the drop marker) become num_local_pages (dropped)."""
+  local = page_ids - offset
+  return jnp.where((local >= 0) & (local < num_local_pages), local, num_local_pages)
 
 
 def write_tokens(pages: LayerPages, k: jax.Array, v: jax.Array, page_ids: jax.Array,

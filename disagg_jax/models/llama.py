@@ -39,6 +39,14 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _project(x, w):
+  """x [..., hidden] @ w [hidden, N, D] -> [..., N, D], as one plain matmul: flattening the head
+  axes of a row-major weight is free, where an einsum over them made XLA:CPU copy the weight into
+  another layout at every step."""
+  h, n, d = w.shape
+  return (x @ w.reshape(h, n * d)).reshape(*x.shape[:-1], n, d)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, dtype):
@@ -72,9 +80,7 @@ class SelfAttention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x, cos, sin, layer: int, attention: Attention, layer_cache):
-    q = jnp.einsum("...h,hnd->...nd", x, self.wq[...])
-    k = jnp.einsum("...h,hnd->...nd", x, self.wk[...])
-    v = jnp.einsum("...h,hnd->...nd", x, self.wv[...])
+    q, k, v = (_project(x, w[...]) for w in (self.wq, self.wk, self.wv))
     if self.cfg.qkv_bias:
       q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
     if self.cfg.qk_norm:
@@ -82,7 +88,8 @@ class SelfAttention(nnx.Module):
     q = rope_lib.apply_rotary(q, cos, sin)
     k = rope_lib.apply_rotary(k, cos, sin)
     out, layer_cache = attention(layer, q, k, v, layer_cache)
-    out = jnp.einsum("...nd,ndh->...h", out.astype(x.dtype), self.wo[...])
+    wo = self.wo[...]
+    out = out.astype(x.dtype).reshape(*out.shape[:-2], -1) @ wo.reshape(-1, wo.shape[-1])
     if self.cfg.o_bias:
       out = out + self.bo[...]
     return out, layer_cache

@@ -249,6 +249,19 @@ def load_orbax_params(path: str, cfg: ModelConfig, mesh: Mesh, dtype
 
 # ------------------------------------------------------------------ entry points
 
+def abstract_on_mesh(cfg: ModelConfig, mesh, dtype="bfloat16") -> Model:
+  """The model on `mesh` (a Mesh or an AbstractMesh) with its parameters as ShapeDtypeStructs in
+  their shardings: nothing is allocated. For lowering or exporting the steps (`jax.export`), also
+  for a platform this process does not run."""
+  dtype = resolve_dtype(dtype)
+  parallel.check_tp(cfg, parallel.tp_size(mesh))
+  graphdef, abstract = abstract_model(cfg, dtype)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=parallel.param_sharding(_keys(p), x.shape, mesh)), abstract)
+  return Model(cfg, graphdef, params, mesh, dtype, load_tokenizer(None))
+
+
 def init_random(cfg: ModelConfig, mesh: Mesh, dtype="float32", seed: int = 0,
                 tokenizer: Tokenizer | None = None) -> Model:
   """A randomly initialised model placed on `mesh` (tests, training from scratch)."""

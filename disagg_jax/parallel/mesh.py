@@ -1,8 +1,9 @@
 """Device meshes and the sharding rules of each phase (Megatron-style tensor parallelism).
 
-A mesh has axes ("dp", "tp"): "tp" shards attention heads and the MLP's hidden dimension, "dp"
-replicates the model and splits the batch. Rules are keyed by parameter name, so a new parameter
-gets a sharding by adding one line.
+A mesh has axes ("dp", "tp"): "tp" shards attention heads and the MLP's hidden dimension; "dp"
+replicates the model and splits the batch, and with it the page pool: each dp row owns the pages
+of its own rows of the batch (see `disagg_jax.kv.layout`). Rules are keyed by parameter name, so a
+new parameter gets a sharding by adding one line.
 """
 
 from __future__ import annotations
@@ -50,9 +51,21 @@ def tp_size(mesh: Mesh) -> int:
   return mesh.shape[TP]
 
 
+def dp_size(mesh: Mesh) -> int:
+  return mesh.shape[DP]
+
+
 def kv_heads_sharded(cfg: ModelConfig, mesh: Mesh) -> bool:
-  """KV heads split over tp when they divide evenly; otherwise every tp shard keeps all of them."""
+  """Dense K/V (the projections' output, what prefill hands over) split their heads over tp when
+  they divide evenly; otherwise every tp shard computes all of them."""
   return cfg.num_kv_heads % tp_size(mesh) == 0
+
+
+def pool_kv_heads(cfg: ModelConfig, mesh: Mesh) -> int:
+  """KV heads of the page pool: the model's, or tp of them when tp exceeds them, each KV head
+  then stored once per tp shard that needs it (tp / Hkv copies), as vLLM does. Either way the
+  pool's heads split evenly over tp, so every device keeps only the heads its queries read."""
+  return max(cfg.num_kv_heads, tp_size(mesh))
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -92,14 +105,27 @@ def param_sharding(path, shape, mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, param_spec(tuple(str(p) for p in path), tuple(shape), mesh))
 
 
-def kv_pages_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-  """Page pools [Hkv, P, page_size, D]: heads over tp when they divide, else replicated."""
-  return NamedSharding(mesh, P(TP if kv_heads_sharded(cfg, mesh) else None))
+POOL_SPEC = P(TP, DP)  # page pools [pool heads, pages, page_size, D]
+
+
+def kv_pages_sharding(mesh: Mesh) -> NamedSharding:
+  """Page pools [pool_kv_heads, P, page_size, D]: heads over tp, pages over dp (each dp row
+  holds its own block of pages)."""
+  return NamedSharding(mesh, POOL_SPEC)
+
+
+def dense_kv_spec(cfg: ModelConfig, mesh: Mesh) -> P:
+  """Prefilled KV [B, S, Hkv, D]: rows over dp, heads over tp when they divide."""
+  return P(DP, None, TP if kv_heads_sharded(cfg, mesh) else None)
 
 
 def dense_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-  """Prefilled KV [B, S, Hkv, D]."""
-  return NamedSharding(mesh, P(None, None, TP if kv_heads_sharded(cfg, mesh) else None))
+  return NamedSharding(mesh, dense_kv_spec(cfg, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Per-row arrays (tokens, positions, page tables, sampling settings): rows over dp."""
+  return NamedSharding(mesh, P(DP))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -16,10 +16,9 @@ reports the same factors for the CPU this machine has, from a launch/profile.py 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
 from disagg_jax.engine import buckets
+from disagg_jax.models import presets
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.sim.profile import StepProfile
 
@@ -75,22 +74,7 @@ HARDWARE = {
 }
 DTYPE_BYTES = 2  # bf16 weights and KV
 
-
-MODEL_PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "models")
-
-
-def model_preset(name: str) -> ModelConfig:
-  """The ModelConfig of configs/models/NAME.py (published shapes, e.g. llama3_8b)."""
-  known = sorted(f[:-3] for f in os.listdir(MODEL_PRESETS_DIR) if f.endswith(".py"))
-  if name not in known:
-    raise ValueError(f"--model_config={name!r} is not one of {', '.join(known)} "
-                     f"(configs/models)")
-  spec = importlib.util.spec_from_file_location(f"model_preset_{name}",
-                                                os.path.join(MODEL_PRESETS_DIR, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_model_config()
+model_preset = presets.model_preset  # configs/models/NAME.py
 
 
 def get_hardware(name: str) -> Hardware:
@@ -185,8 +169,8 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
                         meta={"hardware": hw.name, "tp": tp, "analytic": True})
   if mode == "colocated":
     profile.chunk_size, profile.chunk_batch = chunk_size, chunk_batch
-    for bc in buckets.batch_buckets(chunk_batch):
-      for c in buckets.length_buckets(chunk_size, page_size=1, smallest=16):
+    for bc in buckets.chunk_rows(chunk_batch):
+      for c in buckets.chunk_lens(chunk_size):
         # The chunk's compute rides on the decode step's weight read: only the excess counts.
         chunk = step_time(prefill_cost(cfg, bc, c), cfg, hw, tp)
         profile.mixed_s[(bc, c)] = max(chunk, base)

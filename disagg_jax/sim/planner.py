@@ -276,8 +276,8 @@ def profile_candidates(profiles: Sequence[StepProfile]
     if profile.mode == "colocated":
       devices = _device_count(flags["devices"])
       tp = flags["tp"] or devices
-      for chunk_batch in buckets.batch_buckets(profile.chunk_batch):
-        for chunk in buckets.length_buckets(profile.chunk_size, page_size=1, smallest=16):
+      for chunk_batch in buckets.chunk_rows(profile.chunk_batch):
+        for chunk in buckets.chunk_lens(profile.chunk_size):
           c = Candidate("colocated", tp, tp, 0, 0, 1, profile.decode_batch, chunk_size=chunk,
                         chunk_batch=chunk_batch, decode_dp=devices // tp)
           out.append((c, profile.restricted(chunk_size=chunk, chunk_batch=chunk_batch),

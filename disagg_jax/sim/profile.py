@@ -112,13 +112,13 @@ class StepProfile:
     if self.mode == "colocated":
       chunk_size = chunk_size or self.chunk_size
       chunk_batch = chunk_batch or self.chunk_batch
-      lens = buckets.length_buckets(self.chunk_size, page_size=1, smallest=16)
+      lens = buckets.chunk_lens(self.chunk_size)
       if chunk_size not in lens:
         raise ValueError(f"chunk_size={chunk_size} is not one of this profile's chunk buckets "
                          f"{lens}")
-      if chunk_batch not in buckets.batch_buckets(self.chunk_batch):
+      if chunk_batch not in buckets.chunk_rows(self.chunk_batch):
         raise ValueError(f"chunk_batch={chunk_batch} is not one of this profile's batch buckets "
-                         f"{buckets.batch_buckets(self.chunk_batch)}")
+                         f"{buckets.chunk_rows(self.chunk_batch)}")
       changes.update(chunk_size=chunk_size, chunk_batch=chunk_batch,
                      mixed_s={(b, c): t for (b, c), t in self.mixed_s.items()
                               if b <= chunk_batch and c <= chunk_size})
@@ -138,8 +138,8 @@ class StepProfile:
             + self.decode_per_token_s * context_tokens)
 
   def mixed(self, num_chunks: int, longest: int) -> float:
-    chunk_batches = buckets.batch_buckets(self.chunk_batch)
-    chunk_lens = buckets.length_buckets(self.chunk_size, page_size=1, smallest=16)
+    chunk_batches = buckets.chunk_rows(self.chunk_batch)
+    chunk_lens = buckets.chunk_lens(self.chunk_size)
     return self.mixed_s[(buckets.pick(num_chunks, chunk_batches),
                          buckets.pick(longest, chunk_lens))]
 
@@ -235,7 +235,7 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None,
   block_decode = lambda: jax.block_until_ready((core.tokens, core.kv_pages))
   profile = StepProfile(mode=engine.mode, page_size=config.page_size,
                         decode_batch=config.decode_batch,
-                        num_pages=core.slots.allocator.num_pages - 1,
+                        num_pages=core.slots.capacity,
                         max_seq_len=engine.limits.max_seq_len,
                         decode_s=0.0,
                         meta={"date": time.strftime("%Y-%m-%d %H:%M"),
@@ -262,10 +262,12 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None,
   if engine.mode == "colocated":
     scheduler = engine.scheduler
     profile.chunk_size, profile.chunk_batch = config.chunk_size, config.chunk_batch
-    for bc in scheduler.chunk_batches:
+    # At the widest page table (contexts up to max_seq_len), as the profile always measured.
+    for rows in scheduler.rows_per_shard:
       for c in scheduler.chunk_lens:
-        profile.mixed_s[(bc, c)] = _pipelined_time(
-            lambda bc=bc, c=c: scheduler._run_mixed([], [], bc, c), block_decode, iters)  # pylint: disable=protected-access
+        profile.mixed_s[(rows * scheduler.dp, c)] = _pipelined_time(
+            lambda r=rows, c=c: scheduler._run_mixed([], [], r, c, core.widths[-1]),  # pylint: disable=protected-access
+            block_decode, iters)
     profile.read_lag_s = _read_lag(engine, profile, iters)
     return profile
 
@@ -274,9 +276,9 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None,
   profile.length_buckets = tuple(prefill.length_buckets)
   extracted = {}
   for s in prefill.length_buckets:
-    for b in prefill.batch_buckets:
+    for b in prefill.batch_buckets_for(s):
       def run(b=b, s=s):
-        _, kv = prefill._prefill(np.zeros((b, s), np.int32), np.ones(b, np.int32), [None] * b)  # pylint: disable=protected-access
+        _, kv = prefill.prefill_batch(np.zeros((b, s), np.int32), np.ones(b, np.int32), [])
         extracted[s] = prefill.extract(kv, np.int32(0))
       profile.prefill_s[(b, s)] = _median_time(run, lambda: jax.block_until_ready(extracted),
                                                iters)
@@ -287,8 +289,8 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None,
     def transfer(s=s):
       moved[s] = engine.plan.transfer(extracted[s])
     profile.transfer_s[s] = _median_time(transfer, lambda: jax.block_until_ready(moved), iters)
-    profile.insert_s[s] = _median_time(lambda s=s: loop._insert_dummy(moved[s], s), block_decode,  # pylint: disable=protected-access
-                                       iters)
+    profile.insert_s[s] = _median_time(lambda s=s: loop.insert_discarded(moved[s], s),
+                                       block_decode, iters)
   # Interference: a prefill step of one `contention_bucket`-token request (default: the middle
   # length bucket) run back to back while the engine decodes two requests, against alone; and
   # the decode cadence meanwhile against without. (The decode step's device work does not depend
@@ -298,7 +300,7 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None,
   background = {}
 
   def prefill_one():
-    _, kv = prefill._prefill(np.zeros((1, bucket), np.int32), np.ones(1, np.int32), [None])  # pylint: disable=protected-access
+    _, kv = prefill.prefill_batch(np.zeros((1, bucket), np.int32), np.ones(1, np.int32), [])
     background["kv"] = kv
   block_prefill = lambda: jax.block_until_ready(background)
   prefill_alone = _median_time(prefill_one, block_prefill, iters)

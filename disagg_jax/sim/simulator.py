@@ -136,7 +136,7 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
   prefilling: list[_Request] = []
   decoding: list[_Request] = []
   pool = _Pool(profile)
-  chunk_batches = buckets.batch_buckets(profile.chunk_batch)
+  chunk_batches = buckets.chunk_rows(profile.chunk_batch)
   now = 0.0
   remaining = len(requests)
   lagging: list[tuple[_Request, float]] = []  # tokens produced by the last step, not yet read

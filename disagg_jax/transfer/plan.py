@@ -49,12 +49,9 @@ class TransferPlan:
       raise ValueError(f"prefill KV blocks ({self.p}) and decode KV blocks ({self.d}) must "
                        "divide one another")
     self.decode_mesh = decode_mesh
-    devices = prefill_mesh.devices  # [dp, tp]
     if self.p >= self.d:
       # Same devices as the prefill mesh, with tp split into (decode block, replica in group).
-      grouped = Mesh(devices.reshape(devices.shape[0], self.d, devices.shape[1] // self.d),
-                     ("dp", "block", "replica"))
-      self.source_shardings = [NamedSharding(grouped, P("block"))]
+      self.source_shardings = [NamedSharding(_grouped(prefill_mesh, self.d), P("block"))]
     else:
       spec = P(parallel.TP) if self.p > 1 else P()
       self.source_shardings = [NamedSharding(prefill_mesh, spec)] * (self.d // self.p)
@@ -119,6 +116,17 @@ class TransferPlan:
       routes.append(replicas[n % len(replicas)] + (device,))
     return routes
 
+
+
+def _grouped(mesh, blocks: int):
+  """`mesh` [dp, tp] seen as [dp, blocks, tp / blocks] ("dp", "block", "replica"). An abstract
+  mesh (for lowering to another platform) gives an abstract one."""
+  dp, tp = mesh.shape[parallel.DP], mesh.shape[parallel.TP]
+  names = ("dp", "block", "replica")
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.sharding.AbstractMesh((dp, blocks, tp // blocks), names,
+                                     abstract_device=mesh.abstract_device)
+  return Mesh(mesh.devices.reshape(dp, blocks, tp // blocks), names)
 
 
 class DecodeLayout:

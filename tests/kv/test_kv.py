@@ -30,7 +30,7 @@ def test_prompt_and_token_writes_land_where_the_page_table_says():
   pages = write_prompt(pages, LayerKV(jnp.asarray(k), jnp.asarray(k)),
                        jnp.array([[4, 1]], jnp.int32))
   page_table = jnp.array([[4, 1, 2]], jnp.int32)
-  gathered = np.asarray(reference.gather_pages(pages.k, page_table))[0]  # [Hkv, 12, D]
+  gathered = np.asarray(reference.gather_pages(pages.k, page_table))[:, 0]  # [Hkv, 12, D]
   np.testing.assert_array_equal(gathered[:, :8], k[0].transpose(1, 0, 2))
   # Append token 6, token 8 (first slot of page 2) and an invalid one that must vanish.
   positions = jnp.array([[6, 8, 9]], jnp.int32)
@@ -39,7 +39,7 @@ def test_prompt_and_token_writes_land_where_the_page_table_says():
   assert page_ids.tolist() == [[1, 2, num_pages]] and offsets.tolist() == [[2, 0, 1]]
   new = rng.normal(size=(1, 3, hkv, d)).astype(np.float32)
   pages = write_tokens(pages, jnp.asarray(new), jnp.asarray(new), page_ids, offsets)
-  gathered = np.asarray(reference.gather_pages(pages.k, page_table))[0]
+  gathered = np.asarray(reference.gather_pages(pages.k, page_table))[:, 0]
   np.testing.assert_array_equal(gathered[:, 6], new[0, 0])
   np.testing.assert_array_equal(gathered[:, 8], new[0, 1])
   assert not gathered[:, 9].any()

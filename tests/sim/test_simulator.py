@@ -140,7 +140,7 @@ def test_restricted_profile_keeps_the_smaller_buckets():
   col = colocated_profile()
   small = col.restricted(chunk_size=32, chunk_batch=1)
   assert small.chunk_size == 32 and small.chunk_batch == 1
-  assert set(small.mixed_s) == {(1, 16), (1, 32)}
+  assert set(small.mixed_s) == {(1, 32)}
   assert small.mixed(1, 20) == col.mixed(1, 20)
   with pytest.raises(ValueError, match="chunk_size=48"):
     col.restricted(chunk_size=48)
