@@ -51,6 +51,7 @@ def engine_decode_throughput(prefill, decode):
   alternated for --rounds rounds (this machine's speed drifts); medians of each."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.sampling import SamplingArrays, SamplingParams  # pylint: disable=g-import-not-at-top
   batch, n = FLAGS.decode_batch, FLAGS.decode_tokens
@@ -61,17 +62,19 @@ def engine_decode_throughput(prefill, decode):
   with Engine.create("disagg", prefill, decode, config=config, progress=False) as engine:
     steps, core = engine.decode_steps, engine.core
     # The bare loop: the same compiled step, batch and page-table shape, tokens on device.
-    table = np.zeros((batch, core.slots.pages_per_seq), np.int32)
     pages_needed = -(-(prompt_len + n) // config.page_size)
+    table = np.zeros((batch, buckets.pick(pages_needed, core.widths)), np.int32)
     table[:, :pages_needed] = 1 + np.arange(batch * pages_needed).reshape(batch, pages_needed)
     table = jax.device_put(table, steps.rows)
     sampling = jax.device_put(SamplingArrays.from_params([SamplingParams()] * batch, batch),
                               steps.rows)
     positions = np.full(batch, prompt_len, np.int32)
 
+    all_rows = jax.device_put(np.arange(batch, dtype=np.int32), steps.rows)
+
     def bare_step(tokens, pages, i):
       return steps.decode(core.params, pages, tokens,
-                          jax.device_put(positions + i, steps.rows), table, sampling)
+                          jax.device_put(positions + i, steps.rows), table, sampling, all_rows)
 
     for _ in range(FLAGS.rounds):
       outputs = engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -156,10 +159,11 @@ def decode_with_transfers(prefill, decode):
   sampling = SamplingArrays.from_params([SamplingParams()] * batch, batch)
   positions = np.full(batch, 64, np.int32)
   state = {"tokens": tokens, "pages": pages}
+  all_rows = jax.device_put(np.arange(batch, dtype=np.int32), steps.rows)
 
   def step():
     state["tokens"], state["pages"] = steps.decode(decode.params, state["pages"], state["tokens"],
-                                                   positions, table, sampling)
+                                                   positions, table, sampling, all_rows)
     jax.block_until_ready(state["tokens"])
 
   step()

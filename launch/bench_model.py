@@ -21,11 +21,17 @@ The ratios engine / bare loop and engine / transformers are the figures of docs/
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
 
-from absl import app, flags
+# This directory holds launch/profile.py, which would shadow the standard library's `profile`
+# (torch imports cProfile, which imports it): keep it off the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string("model_path", None, "A Hugging Face checkpoint directory.")
 flags.DEFINE_string("model_config", "smollm2_135m",
@@ -139,9 +145,10 @@ def run_bare_loop(steps, params, kv_pages, batch, prompt_len, width, max_new_tok
     shard, local = divmod(i, batch // steps.dp)
     first = shard * (kv_pages[0].k.shape[1] // steps.dp) + 1 + local * per_row
     table[i, :per_row] = np.arange(first, first + per_row)
-  tokens, positions, table, sampling = steps.put_rows(
+  tokens, positions, table, sampling, rows = steps.put_rows(
       np.zeros(batch, np.int32), np.full(batch, prompt_len, np.int32), table,
-      SamplingArrays.from_params([SamplingParams()] * batch, batch))
+      SamplingArrays.from_params([SamplingParams()] * batch, batch),
+      np.arange(batch, dtype=np.int32))
   position_steps = [steps.put_rows(np.full(batch, prompt_len + i, np.int32))[0]
                     for i in range(min(max_new_tokens, per_row * ps - prompt_len))]
   state = {"tokens": tokens, "pages": kv_pages}
@@ -149,7 +156,7 @@ def run_bare_loop(steps, params, kv_pages, batch, prompt_len, width, max_new_tok
   def loop():
     for pos in position_steps:
       state["tokens"], state["pages"] = steps.decode(params, state["pages"], state["tokens"],
-                                                     pos, table, sampling)
+                                                     pos, table, sampling, rows)
     jax.block_until_ready(state["tokens"])
 
   loop()

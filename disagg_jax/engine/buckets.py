@@ -59,3 +59,9 @@ def chunk_rows(chunk_batch: int, dp: int = 1) -> tuple[int, ...]:
 def chunk_lens(chunk_size: int) -> tuple[int, ...]:
   """Chunk lengths of the mixed steps: powers of four from 32 up to chunk_size."""
   return length_buckets(chunk_size, page_size=1, smallest=32, factor=4)
+
+
+def decode_rows(slots_per_shard: int) -> tuple[int, ...]:
+  """Rows per dp row that a decode step computes: a quarter of the slots, or all of them (the
+  slots in use are a prefix: requests take the lowest free slot)."""
+  return tuple(sorted({max(slots_per_shard // 4, 1), slots_per_shard}))

@@ -42,8 +42,8 @@ class ColocatedScheduler(Worker):
   def shapes(self, max_width: int):
     """(description, thunk compiling it) for every step shape whose page table is at most
     `max_width` pages wide, smallest first."""
-    out = [(f"decode width={w}", lambda w=w: self.core.precompile_decode(w))
-           for w in self.core.widths if w <= max_width]
+    out = [(f"decode rows={r} width={w}", lambda w=w, r=r: self.core.precompile_decode(w, r))
+           for w in self.core.widths if w <= max_width for r in self.core.row_buckets]
     for width in [w for w in self.widths if w <= max_width]:
       for rows in self.rows_per_shard:
         for c in self.chunk_lens:
@@ -165,7 +165,8 @@ class ColocatedScheduler(Worker):
       chunk_tokens[i, :n] = request.tokens_to_compute[start:start + n]
       chunk_slots[i], context[i], lengths[i] = slot, start, n
       final[i] = start + n == len(request.tokens_to_compute)
-    args = (core.params, core.kv_pages, core.tokens, core.positions(), core.page_table(width),
+    table = core.table_for_compiling(width) if precompile else core.page_table(width)
+    args = (core.params, core.kv_pages, core.tokens, core.positions(), table,
             core.sampling_arrays(), *core.steps.put_rows(chunk_tokens, chunk_slots, context,
                                                           lengths, final))
     if precompile:

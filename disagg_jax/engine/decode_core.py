@@ -35,6 +35,12 @@ class DecodeCore:
     self.slots = DecodeSlots(num_slots, pages_per_shard, ps, self.widths[-1],
                              num_shards=steps.dp)
     self.kv_pages = steps.init_pages(self.slots.num_pages)
+    # Decode steps compute a prefix of each dp row's slots: the rows they index, per prefix length.
+    per_shard = self.slots.slots_per_shard
+    self.row_buckets = buckets.decode_rows(per_shard)
+    self._rows = {r: jax.device_put(np.array([k * per_shard + j for k in range(steps.dp)
+                                              for j in range(r)], np.int32), steps.rows)
+                  for r in self.row_buckets}
     # Committed to the step outputs' sharding, so the first real step does not recompile.
     self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.rows)
     self._sampling_rows = [None] * num_slots
@@ -108,17 +114,31 @@ class DecodeCore:
 
   # ------------------------------------------------------------------ steps
 
+  def decode_rows(self, decoding: list[int]) -> int:
+    """Rows per dp row the next decode step must compute: the bucket covering every decoding
+    slot's index within its dp row."""
+    per_shard = self.slots.slots_per_shard
+    return buckets.pick(max(s % per_shard for s in decoding) + 1, self.row_buckets)
+
   def decode(self, decoding: list[int]) -> "InFlight":
-    """Dispatches one decode step over all slots (asynchronously) and returns its handle."""
+    """Dispatches one decode step over the slots' prefix holding `decoding` (asynchronously) and
+    returns its handle."""
     self.tokens, self.kv_pages = self.steps.decode(
         self.params, self.kv_pages, self.tokens, self.positions(), self.page_table(),
-        self.sampling_arrays())
+        self.sampling_arrays(), self._rows[self.decode_rows(decoding)])
     return self.in_flight(decoding)
 
-  def precompile_decode(self, width: int) -> None:
-    """Compiles the decode step for page tables `width` pages wide (without running it)."""
+  def precompile_decode(self, width: int, rows: int) -> None:
+    """Compiles the decode step for page tables `width` pages wide and `rows` rows per dp row
+    (without running it; safe to call from several threads at once)."""
     self.steps.decode.precompile(self.params, self.kv_pages, self.tokens, self.positions(),
-                                 self.page_table(width), self.sampling_arrays())
+                                 self.table_for_compiling(width), self.sampling_arrays(),
+                                 self._rows[rows])
+
+  def table_for_compiling(self, width: int):
+    """A `width`-page table on device shaped and sharded as the steps take it (not cached)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.device_put(np.zeros((self.slots.num_slots, width), np.int32), self.steps.rows)
 
   def in_flight(self, decoding: list[int], first_token_slots=()) -> "InFlight":
     """After a step was dispatched: remembers whose tokens it produces, and advances the decoding

@@ -230,8 +230,9 @@ class DisaggDecodeLoop(Worker):
     """(description, thunk compiling it) of the decode widths and insert buckets up to `max_len`
     tokens; prefix_spec(bucket) is a ShapeDtypeStruct of a bucket's KV as it arrives."""
     ps = self.core.steps.page_size
-    out = [(f"decode width={w}", lambda w=w: self.core.precompile_decode(w))
-           for w in self.core.widths if w * ps <= max(max_len, self.core.widths[0] * ps)]
+    out = [(f"decode rows={r} width={w}", lambda w=w, r=r: self.core.precompile_decode(w, r))
+           for w in self.core.widths if w * ps <= max(max_len, self.core.widths[0] * ps)
+           for r in self.core.row_buckets]
     out += [(f"insert len={s}", lambda s=s: self.insert_discarded(prefix_spec(s), s,
                                                                   precompile=True))
             for s in self.length_buckets if s <= max_len]

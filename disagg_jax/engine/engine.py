@@ -15,8 +15,10 @@ check that. JAX's persistent compilation cache (`engine.compiled`) makes later s
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
+import os
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ from disagg_jax.models.loading import Model
 from disagg_jax.transfer.plan import TransferPlan
 
 MODES = ("colocated", "disagg")
+COMPILE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,9 +333,14 @@ class Engine:
     compiled.CacheStats.install()
     hits, misses = compiled.CacheStats.snapshot()
     start = time.perf_counter()
-    for _, thunk in tqdm(shapes, desc=f"compiling {self.mode} steps", disable=not self.progress,
+    # Tracing holds the GIL but XLA's compiler (and the cache's deserialisation) does not: a few
+    # threads overlap them.
+    with concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
+      futures = [pool.submit(thunk) for _, thunk in shapes]
+      for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                         desc=f"compiling {self.mode} steps", disable=not self.progress,
                          leave=False):
-      thunk()
+        future.result()
     seconds = time.perf_counter() - start
     hits2, misses2 = compiled.CacheStats.snapshot()
     cached = f", {hits2 - hits} from the persistent cache" if hits2 - hits else ""

@@ -8,10 +8,14 @@ disaggregated KV waits for a slot:
 
 - TPU / GPU: capacity and in-use bytes are the device's own (`Device.memory_stats()`), read after
   the weights are placed; `memory_fraction` defaults to 0.9.
-- CPU: the devices are simulated and share the host's memory, so "free" is the host's available
-  memory (MemAvailable) less the activations of every mesh in the process, and the pool takes
-  `memory_fraction` of that, 0.05 by default: a modest share that leaves the machine usable
-  (about 1 GB on a 24 GB machine).
+- CPU: the devices are simulated and share the host's memory, so "free" is the host's memory
+  (MemTotal) less this process's weights and the activations of every mesh in it, and the pool
+  takes `memory_fraction` of that, 0.05 by default: a modest share that leaves the machine usable
+  (about 1 GB on a 24 GB machine); never more than half of what MemAvailable says is free.
+
+The page count is rounded down to three significant bits (at most 12.5% less), so that the small
+run-to-run changes of free memory do not change the pool's shape: every step takes the pool as an
+argument, and a new shape would miss the persistent compilation cache.
 
 The pool never exceeds what every slot at max_seq_len needs, and a pool that cannot hold one
 max_seq_len request is an error that names the numbers and the flags to change. Activation
@@ -51,16 +55,33 @@ def default_fraction(mesh) -> float:
   return DEFAULT_FRACTION_CPU if is_cpu(mesh) else DEFAULT_FRACTION_ACCELERATOR
 
 
-def host_available_bytes() -> int:
-  """MemAvailable from /proc/meminfo (physical memory where that is not readable)."""
+def _meminfo(field: str) -> int | None:
   try:
     with open("/proc/meminfo") as f:
       for line in f:
-        if line.startswith("MemAvailable:"):
+        if line.startswith(field + ":"):
           return int(line.split()[1]) * 1024
   except OSError:
     pass
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return None
+
+
+def host_total_bytes() -> int:
+  """The host's physical memory (MemTotal)."""
+  return _meminfo("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_available_bytes() -> int:
+  """MemAvailable from /proc/meminfo (physical memory where that is not readable)."""
+  return _meminfo("MemAvailable") or host_total_bytes()
+
+
+def round_pages(pages: int) -> int:
+  """`pages` rounded down to three significant bits: 1000 -> 896, 1379 -> 1280."""
+  if pages < 8:
+    return pages
+  step = 1 << (pages.bit_length() - 3)
+  return pages // step * step
 
 
 def tree_bytes_per_device(tree) -> int:
@@ -149,8 +170,8 @@ class PoolPlan:
     if self.free_bytes is None:
       budget = "page pool from --config.engine.num_pages"
     else:
-      where = "host memory available (shared by all CPU devices)" if self.platform == "cpu" \
-          else "free"
+      where = ("host memory free of this process's weights and activations (shared by all CPU "
+               "devices)" if self.platform == "cpu" else "free")
       budget = (f"{where} {self.free_bytes / GB:.2f} GB x memory_fraction {self.fraction:g} = "
                 f"{self.fraction * self.free_bytes / GB:.2f} GB for KV")
     pool = (f"KV page pool: {self.usable_pages:,} pages x {self.page_size} tokens = "
@@ -165,11 +186,11 @@ class PoolPlan:
 
 def plan_pool(cfg: ModelConfig, mesh, *, dtype, page_size: int, num_slots: int, max_seq_len: int,
               weights, activation_bytes: int, staging_tokens: int = 0, num_pages: int = 0,
-              memory_fraction: float = 0.0, other_activation_bytes: int = 0) -> PoolPlan:
+              memory_fraction: float = 0.0, other_bytes: int = 0) -> PoolPlan:
   """The page pool for `mesh` (see the module docstring). `weights` is the mesh's parameters
   (sharded arrays); `activation_bytes` the largest step's on one device of this mesh;
-  `other_activation_bytes` the other meshes' in this process (they share host memory on CPU);
-  `staging_tokens` of arriving KV wait on these devices (disaggregated)."""
+  `other_bytes` what the process's other meshes hold (their weights and activations: they share
+  host memory on CPU); `staging_tokens` of arriving KV wait on these devices (disaggregated)."""
   itemsize = np.dtype(dtype).itemsize
   dp, tp = parallel.dp_size(mesh), parallel.tp_size(mesh)
   heads_per_device = parallel.pool_kv_heads(cfg, mesh) // tp
@@ -193,8 +214,11 @@ def plan_pool(cfg: ModelConfig, mesh, *, dtype, page_size: int, num_slots: int, 
       raise PoolSizeError(f"--config.engine.memory_fraction={fraction} must be in (0, 1]")
     if platform == "cpu":
       # One memory for every simulated device: budget the whole mesh, then per device.
-      free = host_available_bytes() - mesh.size * activation_bytes - other_activation_bytes
-      budget_all = fraction * free - mesh.size * staging_bytes
+      ours = mesh.size * (plan.weights_bytes + activation_bytes) + other_bytes
+      free = host_total_bytes() - ours
+      # Never more than half of what is available now (other processes may hold much of it).
+      available = host_available_bytes() - mesh.size * activation_bytes - other_bytes
+      budget_all = min(fraction * free, available / 2) - mesh.size * staging_bytes
       pages = int(budget_all // (page_bytes * mesh.size)) if budget_all > 0 else 0
       plan.free_bytes = free
     else:
@@ -211,7 +235,7 @@ def plan_pool(cfg: ModelConfig, mesh, *, dtype, page_size: int, num_slots: int, 
         pages = here if pages is None else min(pages, here)
       plan.free_bytes = free_min
     plan.fraction = fraction
-    plan.pages_per_shard = max(pages, 0)
+    plan.pages_per_shard = round_pages(max(pages, 0))
     if plan.pages_per_shard >= full:
       plan.pages_per_shard, plan.capped = full, True
   if plan.pages_per_shard - 1 < pages_per_seq:
@@ -228,21 +252,25 @@ def plan_pool(cfg: ModelConfig, mesh, *, dtype, page_size: int, num_slots: int, 
 
 # ------------------------------------------------------------------ the engine's meshes
 
-def paged_step_activations(config, limits, model, *, tokens: int, queries: int,
-                           rows: int) -> int:
-  """The largest paged step's (decode or mixed) activations on one device of `model`'s mesh:
-  `tokens` tokens of `rows` rows, `queries` queries per row, contexts up to max_seq_len."""
+def paged_step_activations(config, limits, model, *, decode_rows: int, chunk_rows: int = 0,
+                           chunk_len: int = 0) -> int:
+  """The largest paged step's activations on one device of `model`'s mesh: `decode_rows` rows of
+  one query and `chunk_rows` rows of `chunk_len` queries (a mixed step), contexts up to
+  max_seq_len."""
   cfg, mesh = model.cfg, model.mesh
   tp, dp = parallel.tp_size(mesh), parallel.dp_size(mesh)
   itemsize = np.dtype(model.dtype).itemsize
   xla = dispatch.resolve_impl(config.attention_impl) == "xla"
-  attention = paged_attention_bytes(
-      rows=-(-rows // dp), queries=queries, context=limits.max_seq_len,
-      heads=parallel.pool_kv_heads(cfg, mesh) // tp, q_heads=cfg.num_heads // tp,
-      head_dim=cfg.head_dim, itemsize=itemsize, xla=xla)
-  return step_activation_bytes(cfg, tokens=-(-tokens // dp), logits_rows=-(-rows // dp),
-                               attention_bytes=attention, kv_out_bytes=0, itemsize=itemsize,
-                               tp=tp)
+  attention = sum(
+      paged_attention_bytes(rows=-(-rows // dp), queries=queries, context=limits.max_seq_len,
+                            heads=parallel.pool_kv_heads(cfg, mesh) // tp,
+                            q_heads=cfg.num_heads // tp, head_dim=cfg.head_dim,
+                            itemsize=itemsize, xla=xla)
+      for rows, queries in ((decode_rows, 1), (chunk_rows, chunk_len)) if rows)
+  rows = decode_rows + chunk_rows
+  return step_activation_bytes(cfg, tokens=-(-(decode_rows + chunk_rows * chunk_len) // dp),
+                               logits_rows=-(-rows // dp), attention_bytes=attention,
+                               kv_out_bytes=0, itemsize=itemsize, tp=tp)
 
 
 def prefill_step_activations(config, limits, model) -> int:
@@ -275,23 +303,22 @@ def plan_engine_pool(config, limits, mode: str, decode_model, prefill_model=None
   other = 0
   if mode == "disagg":
     activations = paged_step_activations(config, limits, decode_model,
-                                         tokens=config.decode_batch, queries=1,
-                                         rows=config.decode_batch)
+                                         decode_rows=config.decode_batch)
     if prefill_model is not None:
-      other = prefill_model.mesh.size * prefill_step_activations(config, limits, prefill_model)
+      other = prefill_model.mesh.size * (prefill_step_activations(config, limits, prefill_model)
+                                         + tree_bytes_per_device(prefill_model.params))
     staging = buckets.length_buckets(limits.max_seq_len, config.page_size)[-1]
   else:
     activations = paged_step_activations(
-        config, limits, decode_model,
-        tokens=config.decode_batch + config.chunk_batch * config.chunk_size,
-        queries=config.chunk_size, rows=config.chunk_batch + config.decode_batch)
+        config, limits, decode_model, decode_rows=config.decode_batch,
+        chunk_rows=config.chunk_batch, chunk_len=config.chunk_size)
     staging = 0
   return plan_pool(decode_model.cfg, decode_model.mesh, dtype=decode_model.dtype,
                    page_size=config.page_size, num_slots=config.decode_batch,
                    max_seq_len=limits.max_seq_len, weights=decode_model.params,
                    activation_bytes=activations, staging_tokens=staging,
                    num_pages=config.num_pages, memory_fraction=config.memory_fraction,
-                   other_activation_bytes=other)
+                   other_bytes=other)
 
 
 def describe_prefill(config, limits, model) -> str:

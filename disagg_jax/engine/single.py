@@ -109,6 +109,7 @@ class StaticGenerator:
     put = self.steps.put_rows
     tokens, lengths_dev, sampling_arrays, page_table_dev, insert_ids = put(
         tokens, lengths, sampling_arrays, page_table, insert_ids)
+    all_rows = put(np.arange(batch, dtype=np.int32))[0]
     result = self.steps.prefill(self.model.params, tokens, lengths_dev, sampling_arrays)
     if self._kv_pages is None:
       self._kv_pages = self.steps.init_pages(self.num_pages)
@@ -139,7 +140,7 @@ class StaticGenerator:
         break
       next_dev, self._kv_pages = self.steps.decode(
           self.model.params, self._kv_pages, *put(next_tokens.astype(np.int32), positions),
-          page_table_dev, sampling_arrays)
+          page_table_dev, sampling_arrays, all_rows)
       next_tokens = np.asarray(next_dev)
       positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
       self.times.decode_steps += 1

@@ -2,7 +2,8 @@
 
     prefill(params, tokens, lengths, sampling)                -> (first tokens, logits, prompt KV)
     insert(kv_pages*, prompt_kv, page_ids)                    -> kv_pages
-    decode(params, kv_pages*, tokens, positions, page_table, sampling) -> (next tokens, kv_pages)
+    decode(params, kv_pages*, tokens, positions, page_table, sampling, rows)
+                                                              -> (tokens, kv_pages)
   The serving engine's variants keep each slot's next input token on device:
     make_extract(plan)(prompt_kv, row)                        -> one request's KV, packed
     insert_prefix(kv_pages*, tokens, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
@@ -106,17 +107,25 @@ class ModelSteps:
     page of each prompt block (from the row's dp block), num_pages to skip it."""
     return self.layout.write_prompts(kv_pages, prompt_kv, page_ids)
 
-  def _decode(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays):
-    """tokens int32[B]: the token at `positions` int32[B] (-1 for an idle row), appended to the
-    row's pages and attended; returns the sampled next token of every row."""
+  def _decode(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays,
+              rows):
+    """Decodes the batch rows `rows` int32[R] (R <= B; each dp row's share of them from its own
+    rows): tokens int32[B] holds each row's token at `positions` int32[B] (-1: idle); the rows'
+    tokens are appended to their pages and attended, and `tokens` comes back with each active
+    row's sampled next token. page_table int32[B, W], sampling settings [B]. Computing only the
+    rows in use keeps a lightly loaded batch cheap."""
     model = self._model(params)
-    active = positions >= 0
-    context = jnp.maximum(positions, 0)
-    attention = self._paged(page_table, context, active.astype(jnp.int32))
-    hidden, kv_pages = model(rows_constraint(tokens[:, None], self.layout), context[:, None],
+    gather = lambda x: x[rows]
+    position = gather(positions)
+    active = position >= 0
+    context = jnp.maximum(position, 0)
+    attention = self._paged(gather(page_table), context, active.astype(jnp.int32))
+    current = gather(tokens)
+    hidden, kv_pages = model(rows_constraint(current[:, None], self.layout), context[:, None],
                              attention, kv_pages)
     logits = model.logits(hidden[:, 0])
-    return jnp.where(active, sample(logits, sampling, context), tokens), kv_pages
+    sampled = sample(logits, jax.tree.map(gather, sampling), context)
+    return tokens.at[rows].set(jnp.where(active, sampled, current)), kv_pages
 
   # ------------------------------------------------------------------ serving-engine variants
 

@@ -20,6 +20,11 @@ from disagg_jax.testing import helpers
 GB = 1e9
 
 
+def _host(monkeypatch, total, available=None):
+  monkeypatch.setattr(memory, "host_total_bytes", lambda: total)
+  monkeypatch.setattr(memory, "host_available_bytes", lambda: available or total)
+
+
 def _abstract(name="smollm2_135m", devices=(0,), tp=1, dtype="float32"):
   mesh = parallel.make_mesh([jax.devices()[i] for i in devices], tp)
   return loading.abstract_on_mesh(presets.model_preset(name), mesh, dtype)
@@ -28,7 +33,7 @@ def _abstract(name="smollm2_135m", devices=(0,), tp=1, dtype="float32"):
 def test_real_shape_defaults_size_the_pool_from_memory(monkeypatch):
   """The 135M shape at 8k context on defaults: a pool of what 5% of a 24 GB host holds, not
   32 slots x 8k tokens (12 GB), with one 8k request fitting; the pool stays shardable."""
-  monkeypatch.setattr(memory, "host_available_bytes", lambda: 24 * 10**9)
+  _host(monkeypatch, 24 * 10**9)
   model = _abstract()
   config = EngineConfig()
   limits = Limits.for_model(model.cfg)
@@ -44,8 +49,23 @@ def test_real_shape_defaults_size_the_pool_from_memory(monkeypatch):
   assert "memory_fraction 0.05" in lines[1] and f"{plan.tokens:,} tokens" in lines[2]
 
 
+def test_pool_size_is_stable_and_bounded_by_available_memory(monkeypatch):
+  """Free memory moves a little between runs; the pool's shape (a compiled argument of every
+  step) must not, or the persistent compilation cache would miss."""
+  model = _abstract()
+  config, limits = EngineConfig(), Limits.for_model(model.cfg)
+  sizes = set()
+  for available in (20.0e9, 20.3e9, 20.6e9):
+    _host(monkeypatch, 24 * 10**9, int(available))
+    sizes.add(memory.plan_engine_pool(config, limits, "colocated", model).pages_per_shard)
+  assert len(sizes) == 1
+  _host(monkeypatch, 24 * 10**9, 3 * 10**9)  # others use most of the machine: less for us
+  assert memory.plan_engine_pool(config, limits, "colocated", model).pages_per_shard < min(sizes)
+  assert [memory.round_pages(n) for n in (5, 1000, 1379, 65535)] == [5, 896, 1280, 57344]
+
+
 def test_pool_is_capped_at_every_slot_full_and_num_pages_overrides(monkeypatch):
-  monkeypatch.setattr(memory, "host_available_bytes", lambda: 10**12)
+  _host(monkeypatch, 10**12)
   model = _abstract()
   limits = Limits(max_seq_len=512, max_prefill_length=512)
   plan = memory.plan_engine_pool(EngineConfig(decode_batch=8), limits, "colocated", model)
@@ -55,7 +75,7 @@ def test_pool_is_capped_at_every_slot_full_and_num_pages_overrides(monkeypatch):
 
 
 def test_a_pool_that_cannot_hold_one_request_fails_with_the_numbers(monkeypatch):
-  monkeypatch.setattr(memory, "host_available_bytes", lambda: 4 * 10**9)
+  _host(monkeypatch, 4 * 10**9)
   model = _abstract()
   with pytest.raises(memory.PoolSizeError) as e:
     memory.plan_engine_pool(EngineConfig(memory_fraction=0.01), Limits.for_model(model.cfg),
@@ -91,7 +111,8 @@ def test_accelerators_take_a_share_of_each_devices_free_memory():
   page_bytes = 2 * 32 * (8 // 2) * 16 * 128 * 2
   staging = 2 * 32 * 4 * 8192 * 128 * 2
   assert plan.page_bytes == page_bytes and plan.staging_bytes == staging
-  assert plan.pages_per_shard == int((0.9 * (80e9 - 17e9 - 2e9) - staging) // page_bytes)
+  exact = int((0.9 * (80e9 - 17e9 - 2e9) - staging) // page_bytes)
+  assert plan.pages_per_shard == memory.round_pages(exact) and exact * 0.875 < plan.pages_per_shard
   assert plan.fraction == 0.9 and plan.free_bytes == 80 * 10**9 - 17 * 10**9 - 2 * 10**9
   assert not plan.capped
 
@@ -127,9 +148,10 @@ def test_activation_estimates_bound_what_xla_allocates(hf_checkpoint):
   sampling = SamplingArrays.from_params([], b)
   decode = steps.decode.lower(model.params, pool, *rows(np.zeros(b, np.int32),
                                                          np.zeros(b, np.int32),
-                                                         np.zeros((b, width), np.int32), sampling))
+                                                         np.zeros((b, width), np.int32), sampling,
+                                                         np.arange(b, dtype=np.int32)))
   measured = decode.compile().memory_analysis().temp_size_in_bytes
-  estimate = memory.paged_step_activations(config, limits, model, tokens=b, queries=1, rows=b)
+  estimate = memory.paged_step_activations(config, limits, model, decode_rows=b)
   assert measured <= estimate <= 40 * max(measured, 1)
   bc, c = 2, 64
   mixed = steps.mixed.lower(model.params, pool, *rows(
@@ -137,8 +159,8 @@ def test_activation_estimates_bound_what_xla_allocates(hf_checkpoint):
       np.zeros((bc, c), np.int32), np.zeros(bc, np.int32), np.zeros(bc, np.int32),
       np.zeros(bc, np.int32), np.zeros(bc, bool)))
   measured = mixed.compile().memory_analysis().temp_size_in_bytes
-  estimate = memory.paged_step_activations(config, limits, model, tokens=b + bc * c, queries=c,
-                                           rows=b + bc)
+  estimate = memory.paged_step_activations(config, limits, model, decode_rows=b, chunk_rows=bc,
+                                           chunk_len=c)
   assert measured <= estimate
   prefill = steps.prefill.lower(model.params, *rows(np.zeros((2, 256), np.int32),
                                                     np.ones(2, np.int32),

@@ -94,7 +94,7 @@ def _step_args(steps: ModelSteps, plan: TransferPlan):
       "prefill": (steps.prefill, (params, rows((b, s)), rows((b,)), sampling(b))),
       "insert": (steps.insert, (pool, prompt_kv, rows((b, s // PAGE_SIZE)))),
       "decode": (steps.decode, (params, pool, rows((BATCH,)), rows((BATCH,)),
-                                rows((BATCH, WIDTH)), sampling(BATCH))),
+                                rows((BATCH, WIDTH)), sampling(BATCH), rows((BATCH // 2,)))),
       "extract": (extract, (prompt_kv, scalar)),
       "insert_prefix": (steps.insert_prefix, (pool, rows((BATCH,)), prefix,
                                               _spec(mesh, (s // PAGE_SIZE,), jnp.int32),
