@@ -22,6 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
       chunk_batch=4,  # colocated: prompt chunks per step
       # Step shapes for sequences up to this many tokens compile at start-up, longer ones on
       # first use; -1: all at start-up.
-      precompile_len=256,
+      precompile_len=128,
   ))
   return config

@@ -57,8 +57,8 @@ def chunk_rows(chunk_batch: int, dp: int = 1) -> tuple[int, ...]:
 
 
 def chunk_lens(chunk_size: int) -> tuple[int, ...]:
-  """Chunk lengths of the mixed steps: powers of four from 32 up to chunk_size."""
-  return length_buckets(chunk_size, page_size=1, smallest=32, factor=4)
+  """Chunk lengths of the mixed steps: powers of two from 32 up to chunk_size."""
+  return length_buckets(chunk_size, page_size=1, smallest=32)
 
 
 def decode_rows(slots_per_shard: int) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ class ColocatedScheduler(Worker):
     self.chunk_size = chunk_size
     self.dp = core.slots.num_shards
     # The mixed step's shapes (compiled once each, so kept few; see docs/REAL_MODELS.md):
-    # chunk rows per dp row 1 or chunk_batch / dp; chunk lengths powers of four from 32 up to
+    # chunk rows per dp row 1 or chunk_batch / dp; chunk lengths powers of two from 32 up to
     # chunk_size (a short prompt does not pay for a full chunk); page-table widths every other
     # decode width.
     self.rows_per_shard = buckets.chunk_rows(chunk_batch, self.dp)

@@ -59,7 +59,7 @@ class EngineConfig:
   max_prefill_tokens: int = 8192  # disagg: padded prompt tokens per prefill step (>= one prompt)
   chunk_size: int = 128  # colocated: prompt tokens per chunk
   chunk_batch: int = 4  # colocated: chunks per step
-  precompile_len: int = 256  # shapes up to this many tokens compile at start-up; -1: all
+  precompile_len: int = 128  # shapes up to this many tokens compile at start-up; -1: all
   attention_impl: str = "auto"
 
   def precompile_tokens(self, max_seq_len: int) -> int:

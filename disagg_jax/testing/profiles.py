@@ -7,7 +7,7 @@ from disagg_jax.sim.profile import StepProfile
 def colocated_profile(**kw):
   base = dict(mode="colocated", page_size=16, decode_batch=4, num_pages=64, max_seq_len=512,
               decode_s=0.01, chunk_size=128, chunk_batch=2,
-              mixed_s={(b, c): 0.05 for b in (1, 2) for c in (32, 128)})
+              mixed_s={(b, c): 0.05 for b in (1, 2) for c in (32, 64, 128)})
   base.update(kw)
   return StepProfile(**base)
 

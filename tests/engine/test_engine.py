@@ -20,13 +20,15 @@ def reference_outputs(model_dir, prompts, sampling):
   return [o.output_token_ids for o in outputs]
 
 
-def make_engine(model_dir, mode, prefill_tp=1, decode_tp=1, config=CONFIG):
+def make_engine(model_dir, mode, prefill_tp=1, decode_tp=1, config=CONFIG, prefill_dp=1,
+                decode_dp=1):
+  """Meshes of dp x tp devices: the prefill (or colocated) one from device 0, decode from 4."""
+  prefill_mesh = helpers.mesh(prefill_dp * prefill_tp, prefill_tp, start=0)
   if mode == "colocated":
-    return Engine.create("colocated", loading.load_model(model_dir, helpers.mesh(prefill_tp,
-                                                                                 prefill_tp)),
+    return Engine.create("colocated", loading.load_model(model_dir, prefill_mesh),
                          config=config, progress=False)
-  prefill = loading.load_model(model_dir, helpers.mesh(prefill_tp, prefill_tp, start=0))
-  decode = loading.load_model(model_dir, helpers.mesh(decode_tp, decode_tp, start=4))
+  prefill = loading.load_model(model_dir, prefill_mesh)
+  decode = loading.load_model(model_dir, helpers.mesh(decode_dp * decode_tp, decode_tp, start=4))
   return Engine.create("disagg", prefill, decode, config=config, progress=False)
 
 
@@ -57,10 +59,37 @@ def test_greedy_matches_single(family, mode, prefill_tp, decode_tp, hf_checkpoin
     assert_all_pages_free(engine)
 
 
-@pytest.mark.parametrize("mode", ["colocated", "disagg"])
-def test_many_requests_with_waiting_and_preemption(mode, hf_checkpoint):
+@pytest.mark.parametrize("family, mode, prefill, decode", [
+    ("llama3", "colocated", (2, 1), None),  # (dp, tp)
+    ("qwen3", "colocated", (2, 2), None),
+    ("llama3", "colocated", (1, 4), None),  # 2 KV heads on tp 4: each stored twice
+    ("qwen2", "disagg", (2, 1), (2, 2)),
+    ("llama3", "disagg", (4, 1), (1, 4)),
+    ("mistral", "disagg", (1, 2), (4, 1)),  # 1 KV head
+])
+def test_data_parallel_meshes_match_single(family, mode, prefill, decode, hf_checkpoint):
+  """dp splits the batch and the page pool; the tokens stay the reference's, sampled ones too."""
+  model_dir, _ = hf_checkpoint(family)
+  prompts = helpers.random_prompts((1, 16, 17, 40, 70, 3, 33, 9, 25), tiny_hf.VOCAB, seed=22)
+  sampling = [SamplingParams(max_new_tokens=12, temperature=0.8 if i % 2 else 0.0, seed=i)
+              for i in range(len(prompts))]
+  expected = reference_outputs(model_dir, prompts, sampling)
+  (pdp, ptp), (ddp, dtp) = prefill, decode or (1, 1)
+  with make_engine(model_dir, mode, ptp, dtp, prefill_dp=pdp, decode_dp=ddp) as engine:
+    outputs = engine.generate(prompts, sampling)
+    assert [o.output_token_ids for o in outputs] == expected
+    assert engine.recompiled() == {}
+    assert_all_pages_free(engine)
+    slots = engine.core.slots
+    assert slots.num_shards == (pdp if mode == "colocated" else ddp)
+    assert len(slots.allocators) == slots.num_shards
+
+
+@pytest.mark.parametrize("mode, dp", [("colocated", 1), ("disagg", 1), ("colocated", 2)])
+def test_many_requests_with_waiting_and_preemption(mode, dp, hf_checkpoint):
   """200 concurrent requests through a pool far too small for them: requests wait, the youngest
-  are preempted and recomputed, and every output still equals the request run alone."""
+  are preempted and recomputed, and every output still equals the request run alone. With dp 2
+  each dp row has its own 13 pages and its own 2 slots."""
   model_dir, _ = hf_checkpoint("llama3")
   rng = np.random.default_rng(3)
   lengths = rng.integers(1, 60, 200)
@@ -69,9 +98,9 @@ def test_many_requests_with_waiting_and_preemption(mode, hf_checkpoint):
               for i, n in enumerate(rng.integers(1, 40, 200))]
   expected = reference_outputs(model_dir, prompts, sampling)
   # 13 usable pages of 16 tokens for 4 slots of up to 99 tokens each: growth must preempt.
-  config = EngineConfig(max_seq_len=128, decode_batch=4, prefill_batch=2, chunk_size=32,
-                        chunk_batch=2, num_pages=14)
-  with make_engine(model_dir, mode, config=config) as engine:
+  config = EngineConfig(max_seq_len=128, decode_batch=4 * dp, prefill_batch=2, chunk_size=32,
+                        chunk_batch=2 * dp, num_pages=14 * dp)
+  with make_engine(model_dir, mode, config=config, prefill_dp=dp) as engine:
     outputs = engine.generate(prompts, sampling)
     assert [o.output_token_ids for o in outputs] == expected
     assert sum(o.metrics.preemptions for o in outputs) > 0

@@ -101,7 +101,7 @@ def test_plan_over_measured_profiles(tmp_path, repo_root):
   assert done.returncode == 0, done.stderr[-2000:]
   assert "step times measured here" in done.stdout
   plan = json.loads(out.read_text())
-  assert plan["configs_screened"] == len(plan["configs"]) == 2 * 2 + 2
+  assert plan["configs_screened"] == len(plan["configs"]) == 2 * 3 + 2
   assert all("flags" in c for c in plan["configs"])
   assert len(plan["workload"]["prompt_lens"]) == 40
   # A workload longer than the tables' max_seq_len is refused, naming the file.

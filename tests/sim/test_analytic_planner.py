@@ -103,8 +103,8 @@ def test_plan_over_measured_tables_ranks_every_covered_configuration():
                                        "decode_devices": "0,1,2", "prefill_tp": 0,
                                        "decode_tp": 1}})
   candidates = planner.profile_candidates([col, dis])
-  # colocated: chunk batches (1, 2) x chunk sizes (32, 128); disagg: prefill batches 1, 2
-  assert len(candidates) == 2 * 2 + 2
+  # colocated: chunk batches (1, 2) x chunk sizes (32, 64, 128); disagg: prefill batches 1, 2
+  assert len(candidates) == 2 * 3 + 2
   c, table, run_flags = candidates[0]
   assert c.devices == 4 and c.decode_dp == 2
   assert run_flags["config.engine.chunk_size"] == c.chunk_size == table.chunk_size
@@ -112,7 +112,7 @@ def test_plan_over_measured_tables_ranks_every_covered_configuration():
   assert (c.prefill_tp, c.decode_tp, c.decode_dp, c.devices) == (1, 1, 3, 4)
   assert run_flags["config.engine.prefill_batch"] == 2
   ranked, count = planner.plan_profiles([col, dis], _workload(100, 8, n=40))
-  assert count == 6
+  assert count == 8
   assert [p.goodput_per_device for p in ranked] == sorted(
       (p.goodput_per_device for p in ranked), reverse=True)
   assert ranked[0].goodput > 0 and ranked[0].to_json()["flags"]["mode"] in ("colocated",
