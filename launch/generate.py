@@ -56,8 +56,7 @@ def main(argv):
   try:
     results = generator.generate([l.prompt_token_ids for l in good], [l.sampling for l in good])
   finally:
-    if hasattr(generator, "shutdown"):
-      generator.shutdown()
+    generator.shutdown()
   gen_s = time.perf_counter() - start
   by_line = {line.line_number: out for line, out in zip(good, results)}
 

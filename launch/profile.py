@@ -8,7 +8,8 @@ Takes the engine flags of generate.py / benchmark.py. Times every compiled step 
 engine (the decode step, the colocated mixed steps per chunk bucket, the disaggregated prefill
 steps per batch x length bucket, KV transfers and inserts per length bucket) and, for the
 disaggregated engine, how much prefill and decode slow each other when they run at once
-(disagg_jax/sim/profile.py). Prints the table and writes it as JSON to --output.
+(disagg_jax/sim/timing.py, calibrated on served runs by disagg_jax/bench/calibration.py). Prints
+the table and writes it as JSON to --output.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def main(argv):
     raise app.UsageError(f"--iters={FLAGS.iters} must be >= 1")
   if FLAGS.cluster != "local":
     raise app.UsageError("--cluster=ray: profile the in-process engine of the same meshes")
-  from disagg_jax.sim import profile as profile_lib  # pylint: disable=g-import-not-at-top
-  engine = cli.build_generator(FLAGS.config)
+  from disagg_jax.bench import calibration  # pylint: disable=g-import-not-at-top
+  engine = cli.build_engine(FLAGS.config)
   try:
-    table = profile_lib.measure(engine, iters=FLAGS.iters)
+    table = calibration.profile_engine(engine, iters=FLAGS.iters)
     table.meta["flags"] = cli.engine_flag_values(FLAGS.config)
   finally:
     engine.shutdown()

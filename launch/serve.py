@@ -37,7 +37,7 @@ def main(argv):
   # The engine's threads and the event loop share the GIL; a short switch interval keeps a
   # busy scheduler thread from delaying HTTP work by the default 5 ms per hand-over.
   sys.setswitchinterval(0.0005)
-  engine = cli.build_generator(FLAGS.config)
+  engine = cli.build_engine(FLAGS.config)
   name = FLAGS.served_model_name or (
       os.path.basename(os.path.normpath(FLAGS.model_path)) if FLAGS.model_path
       else "disagg_jax-demo")

@@ -115,9 +115,9 @@ def main(argv):
     print(f"#{rank} {config['mode']}: simulated goodput {config['goodput']:.2f} req/s "
           f"({json.dumps(config['flags'])})", flush=True)
     start = time.perf_counter()
-    engine = cli.build_generator(FLAGS.config)
+    engine = cli.build_engine(FLAGS.config)
     try:
-      requests = _requests(workload, engine.model.cfg.vocab_size)
+      requests = _requests(workload, engine.model_cfg.vocab_size)
       rate, runs = measured_goodput(engine, requests, workload, config["goodput"],
                                     steps=FLAGS.steps, bracket=FLAGS.bracket,
                                     log=lambda line: print(line, flush=True))

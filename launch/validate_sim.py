@@ -39,8 +39,7 @@ def main(argv):
     raise app.UsageError("--mode=colocated or --mode=disagg")
   if FLAGS.repeats < 1:
     raise app.UsageError(f"--repeats={FLAGS.repeats} must be >= 1")
-  from disagg_jax.bench import metrics, runner  # pylint: disable=g-import-not-at-top
-  from disagg_jax.sim import profile as profile_lib  # pylint: disable=g-import-not-at-top
+  from disagg_jax.bench import calibration, metrics, runner  # pylint: disable=g-import-not-at-top
   from disagg_jax.sim import simulator, validate  # pylint: disable=g-import-not-at-top
   try:
     rates = [float(r) for r in FLAGS.rates]
@@ -51,9 +50,9 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   os.makedirs(FLAGS.output_dir, exist_ok=True)
-  engine = cli.build_generator(FLAGS.config)
+  engine = cli.build_engine(FLAGS.config)
   try:
-    table = profile_lib.measure(engine, iters=FLAGS.profile_iters)
+    table = calibration.profile_engine(engine, iters=FLAGS.profile_iters)
     table.meta["flags"] = cli.engine_flag_values(FLAGS.config)
     table.save(os.path.join(FLAGS.output_dir, f"profile_{FLAGS.mode}.json"))
     rows = []

@@ -1,4 +1,4 @@
-"""Drives a workload through an in-process engine on its arrival schedule."""
+"""Drives a workload through an engine (`engine.api.EngineAPI`) on its arrival schedule."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from tqdm import tqdm
 
 from disagg_jax.bench.metrics import RequestRecord
 from disagg_jax.bench.workloads import BenchRequest
+from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.request import RequestOutput
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 
 
-def run(engine, requests: Sequence[BenchRequest], arrivals, *, max_concurrency: int | None = None,
-        ignore_eos: bool = True, temperature: float = 0.0, seed: int = 0,
-        progress: bool = True, timeout: float | None = None
+def run(engine: EngineAPI, requests: Sequence[BenchRequest], arrivals, *,
+        max_concurrency: int | None = None, ignore_eos: bool = True, temperature: float = 0.0,
+        seed: int = 0, progress: bool = True, timeout: float | None = None
         ) -> tuple[list[RequestRecord], float]:
   """Sends request i at `arrivals[i]` seconds (at most `max_concurrency` in flight) and returns
   one record per request and the run's duration (first send to last completion)."""

@@ -27,10 +27,12 @@ from absl import logging
 
 from disagg_jax import parallel
 from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
+from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.engine import EngineConfig
-from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
+from disagg_jax.engine.request import Limits, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.engine.state import RequestState, TokenStream
+from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import DEMO_MODEL_DIR
 from disagg_jax.models.tokenizer import load_tokenizer
@@ -74,8 +76,8 @@ def _perf(wall: float | None) -> float | None:
   return None if wall is None else wall - time.time() + time.perf_counter()
 
 
-class ClusterEngine:
-  """Disaggregated serving over Ray actors; the same public API as `Engine`."""
+class ClusterEngine(EngineAPI):
+  """Disaggregated serving over Ray actors; the same API as `Engine` (`engine.api.EngineAPI`)."""
 
   mode = "disagg"
 
@@ -150,7 +152,7 @@ class ClusterEngine:
     for worker, info in zip(workers, ray.get([w.actor.ready.remote() for w in workers])):
       worker.address, worker.pid = info["address"], info["pid"]
       worker.free_pages = worker.total_pages = info.get("total_pages", 0)
-      worker.seq_pages = info.get("pages_per_shard", 1) - 1
+      worker.seq_pages = info.get("seq_pages", 0)
     if progress:
       print(f"{len(workers)} workers ready in {time.perf_counter() - start:.0f} s", flush=True)
     self.prefill_workers = [w for w in workers if w.kind == "prefill"]
@@ -168,7 +170,7 @@ class ClusterEngine:
                                     name="disagg_jax-ClusterPoller")
     self._poller.start()
 
-  # ------------------------------------------------------------------ the Engine API
+  # ------------------------------------------------------------------ the EngineAPI
 
   def add_request(self, prompt_token_ids: Sequence[int], sampling: SamplingParams | None = None,
                   request_id: str | None = None, on_token=None) -> TokenStream:
@@ -177,7 +179,7 @@ class ClusterEngine:
     sampling = sampling or SamplingParams()
     prompt = list(prompt_token_ids)
     validate(prompt, sampling, self.model_cfg, self.limits)
-    need = -(-(len(prompt) + sampling.max_new_tokens) // self.config.page_size)
+    need = pages_for(len(prompt) + sampling.max_new_tokens, self.config.page_size)
     if need > self.page_capacity:
       raise InvalidRequestError(
           f"prompt + max_new_tokens needs {need} pages of {self.config.page_size} tokens; a "
@@ -204,18 +206,6 @@ class ClusterEngine:
           worker.actor.abort.remote(request_id)
     return True
 
-  def generate(self, prompts, sampling) -> list[RequestOutput]:
-    if isinstance(sampling, SamplingParams):
-      sampling = [sampling] * len(prompts)
-    streams = []
-    for i, (prompt, params) in enumerate(zip(prompts, sampling)):
-      try:
-        streams.append(self.add_request(prompt, params))
-      except InvalidRequestError as e:
-        streams.append(RequestOutput(f"invalid-{i}", list(prompt), finish_reason="error",
-                                     error=str(e)))
-    return [s if isinstance(s, RequestOutput) else s.result() for s in streams]
-
   def stats(self) -> dict:
     with self._lock:
       return {"mode": "disagg", "cluster": "ray", "in_flight": len(self._requests),
@@ -226,10 +216,6 @@ class ClusterEngine:
               "total_pages": sum(w.total_pages for w in self.decode_workers if w.alive),
               "kv_offers": sum(w.offers for w in self.prefill_workers if w.alive),
               "kv_offers_expired": sum(w.expired for w in self.prefill_workers)}
-
-  def worker_pids(self) -> dict[str, list[int]]:
-    return {"prefill": [w.pid for w in self.prefill_workers],
-            "decode": [w.pid for w in self.decode_workers]}
 
   def shutdown(self) -> None:
     self._stopped = True
@@ -245,12 +231,6 @@ class ClusterEngine:
       except Exception:  # pylint: disable=broad-except
         pass
     self._ray.util.remove_placement_group(self._placement)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.shutdown()
 
   # ------------------------------------------------------------------ routing (lock held)
 
@@ -289,7 +269,7 @@ class ClusterEngine:
       return
     worker = max(alive, key=lambda w: w.free_pages)
     computed = event["computed"]
-    worker.free_pages -= -(-(computed + 1) // self.config.page_size)
+    worker.free_pages -= pages_for(computed + 1, self.config.page_size)
     worker.requests.add(request.state.request_id)
     request.decode = worker
     item = self._item(request)

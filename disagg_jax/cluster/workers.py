@@ -258,7 +258,7 @@ class DecodeServer:
   def ready(self) -> dict:
     return {"address": self.server.address(), "pid": os.getpid(),
             "total_pages": self.core.slots.capacity,
-            "pages_per_shard": self.pool.pages_per_shard}
+            "seq_pages": self.pool.usable_pages_per_shard}
 
   def accept(self, item: dict) -> None:
     """A prefilled request: pull its KV from `item["address"]` and start decoding it."""

@@ -26,19 +26,21 @@ import traceback
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from disagg_jax.engine import buckets, compiled, memory
+from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.colocated import ColocatedScheduler
 from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.disagg import (DisaggDecodeLoop, PrefillWorker, StagingBudget,
                                       TransferWorker)
-from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
+from disagg_jax.engine.request import Limits, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
-from disagg_jax.engine.slots import pages_for
 from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.engine.steps import ModelSteps
+from disagg_jax.kv.pages import pages_for
+from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import Model
 from disagg_jax.transfer.plan import TransferPlan
 
@@ -74,8 +76,9 @@ class EngineConfig:
     return cls(**values)
 
 
-class Engine:
-  """Use `Engine.create`; the constructor expects already-placed models."""
+class Engine(EngineAPI):
+  """Use `Engine.create`; the constructor expects already-placed models. The serving API is
+  `engine.api.EngineAPI`; the step hooks below are for profilers."""
 
   def __init__(self, mode: str, prefill_model: Model, decode_model: Model, config: EngineConfig,
                progress: bool = True):
@@ -166,10 +169,10 @@ class Engine:
     prompt = list(prompt_token_ids)
     validate(prompt, sampling, self.model.cfg, self.limits)
     need = pages_for(len(prompt) + sampling.max_new_tokens, self.config.page_size)
-    if need > self.pool.pages_per_shard - 1:
+    if need > self.pool.usable_pages_per_shard:
       raise InvalidRequestError(
           f"prompt + max_new_tokens needs {need} pages of {self.config.page_size} tokens; the "
-          f"page pool holds {self.pool.pages_per_shard - 1} per dp shard "
+          f"page pool holds {self.pool.usable_pages_per_shard} per dp shard "
           "(--config.engine.memory_fraction, --config.engine.num_pages)")
     request_id = request_id or f"req-{next(self._ids)}"
     stream = TokenStream(request_id, on_token)
@@ -193,24 +196,14 @@ class Engine:
       worker.wake()
     return True
 
-  def generate(self, prompts: Sequence[Sequence[int]],
-               sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
-    """All prompts at once; outputs in order. Invalid prompts get an error output."""
-    if isinstance(sampling, SamplingParams):
-      sampling = [sampling] * len(prompts)
-    streams: list[TokenStream | RequestOutput] = []
-    for i, (prompt, params) in enumerate(zip(prompts, sampling)):
-      try:
-        streams.append(self.add_request(prompt, params))
-      except InvalidRequestError as e:
-        streams.append(RequestOutput(f"invalid-{i}", list(prompt), finish_reason="error",
-                                     error=str(e)))
-    return [s if isinstance(s, RequestOutput) else s.result() for s in streams]
-
   @property
   def error(self) -> str | None:
     """Why the engine stopped, if a worker crashed; None while healthy."""
     return self._error
+
+  @property
+  def model_cfg(self) -> ModelConfig:
+    return self.model.cfg
 
   @property
   def num_devices(self) -> int:
@@ -237,11 +230,6 @@ class Engine:
       out += self.prefill_steps.all_steps() + [self.prefill.extract]
     return out
 
-  def compile_counts(self) -> dict[str, int]:
-    """Entries in each step function's jit cache (one per shape compiled so far)."""
-    return {f"{i}.{step.name}": step.jitted._cache_size()  # pylint: disable=protected-access
-            for i, step in enumerate(self.steps())}
-
   def recompiled(self) -> dict[str, int]:
     """Step functions that compiled some shape more than once: {name: extra compilations}.
     Empty when healthy (shapes compiled on first use are expected, not recompilations)."""
@@ -260,11 +248,51 @@ class Engine:
     for state in pending:
       self._finish(state)
 
-  def __enter__(self):
-    return self
+  # ------------------------------------------------------------------ step hooks
+  # For profilers (`disagg_jax.sim.timing`), not for serving: each dispatches one of this
+  # engine's own compiled steps on placeholder inputs, so what is timed is exactly the code that
+  # serves. Call them only while no request is in flight.
 
-  def __exit__(self, *exc):
-    self.shutdown()
+  def wait_decode(self) -> None:
+    """Blocks until every step dispatched on the decode (colocated: the only) mesh has run."""
+    jax.block_until_ready((self.core.tokens, self.core.kv_pages))
+
+  def mixed_step_shapes(self) -> list[tuple[int, int]]:
+    """Colocated: (chunk rows over all dp rows, chunk length) of every mixed step shape."""
+    scheduler = self.scheduler
+    return [(rows * scheduler.dp, c) for rows in scheduler.rows_per_shard
+            for c in scheduler.chunk_lens]
+
+  def run_mixed_step(self, chunk_rows: int, chunk_len: int) -> None:
+    """Colocated: dispatches a mixed step of `chunk_rows` x `chunk_len` chunks (one of
+    `mixed_step_shapes`) at the widest page table (contexts up to max_seq_len), with no chunk
+    or decode row live: every write is dropped."""
+    self.scheduler.run_mixed_discarded(chunk_rows // self.scheduler.dp, chunk_len,
+                                       self.core.widths[-1])
+
+  def prefill_step_shapes(self) -> list[tuple[int, int]]:
+    """Disagg: (batch, length) of every prefill step shape, length bucket by length bucket."""
+    return [(b, s) for s in self.length_buckets for b in self.prefill.batch_buckets_for(s)]
+
+  def run_prefill_step(self, batch: int, length: int):
+    """Disagg: runs a prefill step of `batch` one-token prompts padded to `length` tokens
+    (one of `prefill_step_shapes`) and returns its KV, on the prefill mesh."""
+    _, kv = self.prefill.prefill_batch(np.zeros((batch, length), np.int32),
+                                       np.ones(batch, np.int32), [])
+    return kv
+
+  def extract_kv(self, kv):
+    """Disagg: the first request's KV of a prefill step's, packed for the decode mesh."""
+    return self.prefill.extract(kv, np.int32(0))
+
+  def transfer_kv(self, packed):
+    """Disagg: `extract_kv`'s arrays copied onto the decode mesh."""
+    return self.plan.transfer(packed)
+
+  def run_insert_step(self, moved, length: int) -> None:
+    """Disagg: dispatches the insert step of `transfer_kv`'s KV of a `length`-token bucket
+    into the decode pool, every page write dropped."""
+    self.decode_loop.insert_discarded(moved, length)
 
   # ------------------------------------------------------------------ internals
 

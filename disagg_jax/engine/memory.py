@@ -34,6 +34,7 @@ import numpy as np
 
 from disagg_jax import parallel
 from disagg_jax.engine import buckets
+from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.config import ModelConfig
 from pallas_kernels import dispatch
 
@@ -43,8 +44,27 @@ DEFAULT_FRACTION_CPU = 0.05
 SAMPLING_CANDIDATES = 256  # rows x candidates of the sampler's temporaries (generous)
 
 
+# Every dp shard's block of the pool starts with a scratch page that unused page-table entries
+# point at (`engine.slots`); it never holds a sequence's tokens.
+SCRATCH_PAGES_PER_SHARD = 1
+
+
 class PoolSizeError(ValueError):
   """A configuration whose page pool cannot hold one request (or whose steps do not fit)."""
+
+
+# ------------------------------------------------------------------ the pool-size formula
+
+def full_pool_pages(num_slots: int, max_seq_len: int, page_size: int) -> int:
+  """Usable pages that hold `num_slots` sequences of `max_seq_len` tokens each: more than this
+  is never used. The one formula for a full pool (engine, static generator, roofline model)."""
+  return num_slots * pages_for(max_seq_len, page_size)
+
+
+def full_shard_pages(slots_per_shard: int, max_seq_len: int, page_size: int) -> int:
+  """Pages of one dp shard's block (its scratch page included) that hold every one of its
+  `slots_per_shard` slots at `max_seq_len` tokens."""
+  return full_pool_pages(slots_per_shard, max_seq_len, page_size) + SCRATCH_PAGES_PER_SHARD
 
 
 def is_cpu(mesh) -> bool:
@@ -150,8 +170,13 @@ class PoolPlan:
     return self.pages_per_shard * self.num_shards
 
   @property
+  def usable_pages_per_shard(self) -> int:
+    """Pages one dp shard hands out: the most one sequence can hold."""
+    return self.pages_per_shard - SCRATCH_PAGES_PER_SHARD
+
+  @property
   def usable_pages(self) -> int:
-    return (self.pages_per_shard - 1) * self.num_shards
+    return self.usable_pages_per_shard * self.num_shards
 
   @property
   def tokens(self) -> int:
@@ -198,8 +223,8 @@ def plan_pool(cfg: ModelConfig, mesh, *, dtype, page_size: int, num_slots: int, 
   # Staged KV arrives as [d, L, 2, S, Hkv / d, D], heads over tp when they divide.
   staged_heads = cfg.num_kv_heads // (tp if parallel.kv_heads_sharded(cfg, mesh) else 1)
   staging_bytes = 2 * cfg.num_layers * staged_heads * staging_tokens * cfg.head_dim * itemsize
-  pages_per_seq = -(-max_seq_len // page_size)
-  full = num_slots // dp * pages_per_seq + 1  # every slot of a shard at max_seq_len
+  pages_per_seq = pages_for(max_seq_len, page_size)
+  full = full_shard_pages(num_slots // dp, max_seq_len, page_size)  # every slot at max_seq_len
   platform = mesh.devices.flat[0].platform
   plan = PoolPlan(0, dp, page_size, page_bytes, staging_tokens, staging_bytes,
                   tree_bytes_per_device(weights), activation_bytes, None, None, platform)
@@ -238,8 +263,8 @@ def plan_pool(cfg: ModelConfig, mesh, *, dtype, page_size: int, num_slots: int, 
     plan.pages_per_shard = round_pages(max(pages, 0))
     if plan.pages_per_shard >= full:
       plan.pages_per_shard, plan.capped = full, True
-  if plan.pages_per_shard - 1 < pages_per_seq:
-    holds = max(plan.pages_per_shard - 1, 0) * page_size
+  if plan.usable_pages_per_shard < pages_per_seq:
+    holds = max(plan.usable_pages_per_shard, 0) * page_size
     raise PoolSizeError(
         f"the KV page pool holds {holds:,} tokens per dp shard "
         f"({max(plan.pages_per_shard, 0):,} pages of {page_size}), fewer than one "

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Sequence
 
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.models.config import ModelConfig
-
-_ids = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +33,6 @@ class Limits:
       raise ValueError(f"max_seq_len={seq} exceeds the model's limit of {model_max} tokens "
                        "(max_position_embeddings, or sliding_window if smaller)")
     return cls(max_seq_len=seq, max_prefill_length=min(max_prefill_length or seq, seq))
-
-
-@dataclasses.dataclass
-class Request:
-  prompt_token_ids: list[int]
-  sampling: SamplingParams
-  request_id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
 
 
 @dataclasses.dataclass

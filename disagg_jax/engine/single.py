@@ -13,10 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from disagg_jax.engine import buckets
+from disagg_jax.engine import buckets, memory
 from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingArrays, SamplingParams
 from disagg_jax.engine.steps import ModelSteps
+from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.loading import Model
 
 
@@ -40,11 +41,12 @@ class StaticGenerator:
     self.steps = ModelSteps(model, page_size=page_size, attention_impl=attention_impl)
     self.dp = self.steps.dp
     self.batch_buckets = buckets.batch_buckets(max_batch, self.dp)
-    self.pages_per_seq = -(-limits.max_seq_len // page_size)
+    self.pages_per_seq = pages_for(limits.max_seq_len, page_size)
     # Each dp row holds the pages of its own rows of the batch: a scratch page, then a run of
     # pages_per_seq pages per row.
     self.rows_per_shard = self.batch_buckets[-1] // self.dp
-    self.pages_per_shard = 1 + self.rows_per_shard * self.pages_per_seq
+    self.pages_per_shard = memory.full_shard_pages(self.rows_per_shard, limits.max_seq_len,
+                                                   page_size)
     self.num_pages = self.dp * self.pages_per_shard
     self._kv_pages = None
     self.times = PhaseTimes()
@@ -52,6 +54,9 @@ class StaticGenerator:
   @property
   def tokenizer(self):
     return self.model.tokenizer
+
+  def shutdown(self) -> None:
+    """Nothing runs between calls (`engine.api.Generator`)."""
 
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
@@ -93,16 +98,17 @@ class StaticGenerator:
     # Each row gets a contiguous run of pages (of its dp row's block) for its prompt plus
     # everything it may generate.
     totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling)]
-    width = buckets.pick(-(-max(totals) // ps),
+    width = buckets.pick(pages_for(max(totals), ps),
                          buckets.width_buckets(self.limits.max_seq_len, ps))
     page_table = np.zeros((batch, width), np.int32)
     per_shard = batch // self.dp
     for i in range(n):
-      first = (i // per_shard) * self.pages_per_shard + 1 + (i % per_shard) * self.pages_per_seq
+      first = ((i // per_shard) * self.pages_per_shard + memory.SCRATCH_PAGES_PER_SHARD
+               + (i % per_shard) * self.pages_per_seq)
       page_table[i] = np.arange(first, first + width)
     insert_ids = np.full((batch, seq_bucket // ps), self.num_pages, np.int32)  # dropped
     for i in range(n):
-      used = -(-int(lengths[i]) // ps)
+      used = pages_for(lengths[i], ps)
       insert_ids[i, :used] = page_table[i, :used]
 
     t0 = time.perf_counter()

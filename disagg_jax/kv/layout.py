@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from disagg_jax import parallel
 from disagg_jax.kv import cache as kv_cache
-from disagg_jax.models.config import ModelConfig
+from disagg_jax.shapes import ModelShape
 
 DP, TP = parallel.DP, parallel.TP
 ROWS = P(DP)  # per-row arrays
@@ -42,7 +42,7 @@ class PoolLayout:
   pool_heads: int
 
   @classmethod
-  def create(cls, cfg: ModelConfig, mesh: Mesh) -> "PoolLayout":
+  def create(cls, cfg: ModelShape, mesh: Mesh) -> "PoolLayout":
     return cls(mesh, cfg.num_kv_heads, parallel.pool_kv_heads(cfg, mesh))
 
   @property
@@ -98,7 +98,7 @@ class PoolLayout:
                     parallel.POOL_SPEC, kv_pages, prompt_kv, page_ids)
 
 
-def init_pages(cfg: ModelConfig, layout: PoolLayout, num_pages: int, page_size: int, dtype
+def init_pages(cfg: ModelShape, layout: PoolLayout, num_pages: int, page_size: int, dtype
                ) -> kv_cache.KVPages:
   """A zeroed pool of `num_pages` pages (a multiple of dp: equal blocks per dp row), created in
   place on the mesh."""

@@ -45,24 +45,11 @@ class Model:
   tokenizer: Tokenizer
   path: str | None = None
 
-  def on_mesh(self, mesh: Mesh) -> "Model":
-    """The same model with its parameters copied into `mesh`'s sharding, device to device."""
-    from disagg_jax.transfer import reshard  # pylint: disable=g-import-not-at-top
-    parallel.check_tp(self.cfg, parallel.tp_size(mesh))
-    params = reshard(self.params, param_shardings(self.params, mesh))
-    return dataclasses.replace(self, params=params, mesh=mesh)
-
 
 def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's structure and its parameters as ShapeDtypeStructs, without allocating them."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
   return nnx.split(abstract)
-
-
-def param_shardings(params: nnx.State, mesh: Mesh):
-  """A tree like `params` holding each parameter's NamedSharding on `mesh`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: parallel.param_sharding(_keys(path), x.shape, mesh), params)
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -260,15 +247,6 @@ def abstract_on_mesh(cfg: ModelConfig, mesh, dtype="bfloat16") -> Model:
       lambda p, x: jax.ShapeDtypeStruct(
           x.shape, x.dtype, sharding=parallel.param_sharding(_keys(p), x.shape, mesh)), abstract)
   return Model(cfg, graphdef, params, mesh, dtype, load_tokenizer(None))
-
-
-def init_random(cfg: ModelConfig, mesh: Mesh, dtype="float32", seed: int = 0,
-                tokenizer: Tokenizer | None = None) -> Model:
-  """A randomly initialised model placed on `mesh` (tests, training from scratch)."""
-  dtype = resolve_dtype(dtype)
-  graphdef, params = nnx.split(Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
-  params = jax.device_put(params, param_shardings(params, mesh))
-  return Model(cfg, graphdef, params, mesh, dtype, tokenizer or load_tokenizer(None))
 
 
 def load_model(model_path: str | None, mesh: Mesh, dtype="float32") -> Model:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from disagg_jax.models.config import ModelConfig
+from disagg_jax.shapes import ModelShape
 
 DP, TP = "dp", "tp"
 
@@ -55,20 +55,20 @@ def dp_size(mesh: Mesh) -> int:
   return mesh.shape[DP]
 
 
-def kv_heads_sharded(cfg: ModelConfig, mesh: Mesh) -> bool:
+def kv_heads_sharded(cfg: ModelShape, mesh: Mesh) -> bool:
   """Dense K/V (the projections' output, what prefill hands over) split their heads over tp when
   they divide evenly; otherwise every tp shard computes all of them."""
   return cfg.num_kv_heads % tp_size(mesh) == 0
 
 
-def pool_kv_heads(cfg: ModelConfig, mesh: Mesh) -> int:
+def pool_kv_heads(cfg: ModelShape, mesh: Mesh) -> int:
   """KV heads of the page pool: the model's, or tp of them when tp exceeds them, each KV head
   then stored once per tp shard that needs it (tp / Hkv copies), as vLLM does. Either way the
   pool's heads split evenly over tp, so every device keeps only the heads its queries read."""
   return max(cfg.num_kv_heads, tp_size(mesh))
 
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
+def check_tp(cfg: ModelShape, tp: int) -> None:
   if cfg.num_heads % tp:
     raise ValueError(f"tp={tp} does not divide the model's {cfg.num_heads} attention heads")
   if cfg.intermediate_size % tp:
@@ -114,12 +114,12 @@ def kv_pages_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, POOL_SPEC)
 
 
-def dense_kv_spec(cfg: ModelConfig, mesh: Mesh) -> P:
+def dense_kv_spec(cfg: ModelShape, mesh: Mesh) -> P:
   """Prefilled KV [B, S, Hkv, D]: rows over dp, heads over tp when they divide."""
   return P(DP, None, TP if kv_heads_sharded(cfg, mesh) else None)
 
 
-def dense_kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+def dense_kv_sharding(cfg: ModelShape, mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, dense_kv_spec(cfg, mesh))
 
 

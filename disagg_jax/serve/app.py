@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (FastAPI) in front of an Engine running in its own threads.
+"""The OpenAI-compatible HTTP server (FastAPI) in front of an engine running in its own threads
+(any `engine.api.EngineAPI`: the in-process Engine or the Ray ClusterEngine).
 
 Tokens cross from the engine's threads to the event loop through `call_soon_threadsafe` into a
 per-request asyncio queue; nothing blocks the loop. At most `max_pending` requests are in flight
@@ -18,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.request import RequestOutput
 from disagg_jax.engine.sampling import MAX_SEED, InvalidRequestError, SamplingParams
 from disagg_jax.serve import protocol
@@ -40,7 +42,8 @@ ERRORS = {200: {"description": "The completion; with `stream: true`, server-sent
 class Server:
   """Turns API requests into engine requests and engine outputs into API responses."""
 
-  def __init__(self, engine, model_name: str, model_dir: str | None, max_pending: int = 256):
+  def __init__(self, engine: EngineAPI, model_name: str, model_dir: str | None,
+               max_pending: int = 256):
     self.engine = engine
     self.model_name = model_name
     self.tokenizer = engine.tokenizer

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from disagg_jax import parallel
-from disagg_jax.models.config import ModelConfig
+from disagg_jax.shapes import ModelShape
 
 
-def kv_blocks(cfg: ModelConfig, mesh: Mesh) -> int:
+def kv_blocks(cfg: ModelShape, mesh: Mesh) -> int:
   """How many distinct KV-head blocks `mesh` holds (1 when it replicates the heads)."""
   return parallel.tp_size(mesh) if parallel.kv_heads_sharded(cfg, mesh) else 1
 
@@ -37,7 +37,7 @@ class TransferPlan:
   decode mesh is not visible: give `decode_blocks` (its `kv_blocks`) instead, offer
   `source_blocks(...)` for pulling, and let the decode side's `DecodeLayout` assemble them."""
 
-  def __init__(self, cfg: ModelConfig, prefill_mesh: Mesh, decode_mesh: Mesh | None = None, *,
+  def __init__(self, cfg: ModelShape, prefill_mesh: Mesh, decode_mesh: Mesh | None = None, *,
                decode_blocks: int | None = None):
     self.cfg = cfg
     self.p = kv_blocks(cfg, prefill_mesh)
@@ -133,7 +133,7 @@ class DecodeLayout:
   """The decode side of a transfer: where each of the d blocks [1, L, 2, S, Hkv/d, D] lives, and
   how pulled blocks become the [d, L, 2, S, Hkv/d, D] array the insert step takes."""
 
-  def __init__(self, cfg: ModelConfig, decode_mesh: Mesh):
+  def __init__(self, cfg: ModelShape, decode_mesh: Mesh):
     self.cfg = cfg
     self.d = kv_blocks(cfg, decode_mesh)
     self.sharding = NamedSharding(decode_mesh, P(parallel.TP) if self.d > 1 else P())
