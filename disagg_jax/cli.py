@@ -10,6 +10,7 @@ import os
 
 from absl import app, flags
 
+from disagg_jax.engine.api import EngineAPI, Generator
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,10 +144,11 @@ def set_engine_flags(config, values: dict) -> None:
       setattr(flags.FLAGS, key, value)
 
 
-def build_generator(config):
-  """A StaticGenerator (--mode=single) or a running Engine, with the model of --model_path.
-
-  Both offer `generate(prompts, sampling) -> outputs` and `.model`."""
+def build_generator(config) -> Generator:
+  """The generator of the engine flags, with the model of --model_path: a StaticGenerator
+  (--mode=single), a running Engine (--mode=colocated|disagg) or ClusterEngine (--cluster=ray).
+  Every one is an `engine.api.Generator`, the last two `engine.api.EngineAPI`s (see
+  `build_engine`)."""
   from disagg_jax.engine.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.single import StaticGenerator  # pylint: disable=g-import-not-at-top
@@ -170,13 +172,22 @@ def build_generator(config):
     raise app.UsageError(str(e)) from None
 
 
+def build_engine(config) -> EngineAPI:
+  """A running serving engine of the engine flags (`build_generator`, but --mode=single, the
+  offline reference, raises UsageError)."""
+  if flags.FLAGS.mode == "single":
+    raise app.UsageError("--mode=single is the offline reference path; serve with "
+                         "--mode=colocated or --mode=disagg")
+  return build_generator(config)
+
+
 def _cores(spec: str) -> list[tuple[int, ...]]:
   """'0,1;2,3' -> [(0, 1), (2, 3)]."""
   return [tuple(int(c) for c in group.split(",") if c.strip())
           for group in spec.split(";") if group.strip()]
 
 
-def _build_cluster(config):
+def _build_cluster(config) -> EngineAPI:
   from disagg_jax.cluster.driver import ClusterEngine  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.engine import EngineConfig  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
