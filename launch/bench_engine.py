@@ -52,6 +52,7 @@ def engine_decode_throughput(prefill, decode):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
+  from disagg_jax.kv.pages import pages_for  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.sampling import SamplingArrays, SamplingParams  # pylint: disable=g-import-not-at-top
   batch, n = FLAGS.decode_batch, FLAGS.decode_tokens
@@ -62,7 +63,7 @@ def engine_decode_throughput(prefill, decode):
   with Engine.create("disagg", prefill, decode, config=config, progress=False) as engine:
     steps, core = engine.decode_steps, engine.core
     # The bare loop: the same compiled step, batch and page-table shape, tokens on device.
-    pages_needed = -(-(prompt_len + n) // config.page_size)
+    pages_needed = pages_for(prompt_len + n, config.page_size)
     table = np.zeros((batch, buckets.pick(pages_needed, core.widths)), np.int32)
     table[:, :pages_needed] = 1 + np.arange(batch * pages_needed).reshape(batch, pages_needed)
     table = jax.device_put(table, steps.rows)

@@ -205,6 +205,7 @@ def main(argv):
   compiled.enable_persistent_cache(FLAGS.compilation_cache_dir)
   from disagg_jax import parallel  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
+  from disagg_jax.kv.pages import pages_for  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.request import Limits  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.single import StaticGenerator  # pylint: disable=g-import-not-at-top
@@ -242,7 +243,7 @@ def main(argv):
                                            FLAGS.rounds)
     print("engine", json.dumps(report["engine"]), flush=True)
     total = max(len(p) for p in prompts) + FLAGS.max_new_tokens
-    width = buckets.pick(-(-total // steps.page_size),
+    width = buckets.pick(pages_for(total, steps.page_size),
                          buckets.width_buckets(Limits.for_model(model.cfg).max_seq_len,
                                                steps.page_size))
     if FLAGS.mode == "single":

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from disagg_jax.kv.pages import page_aligned
+
 
 def length_buckets(max_len: int, page_size: int, smallest: int = 16,
                    factor: int = 2) -> tuple[int, ...]:
   """Powers of `factor` from `smallest` (at least one page) up to max_len rounded up to whole
   pages."""
-  top = -(-max_len // page_size) * page_size
-  out, n = [], max(smallest, page_size)
-  n = -(-n // page_size) * page_size
+  top = page_aligned(max_len, page_size)
+  out, n = [], page_aligned(max(smallest, page_size), page_size)
   while n < top:
     out.append(n)
     n *= factor

@@ -15,14 +15,15 @@ import time
 import numpy as np
 
 from disagg_jax.engine import buckets
-from disagg_jax.engine.decode_core import DecodeCore
-from disagg_jax.engine.state import RequestState
+from disagg_jax.engine.decode_core import DecodeCore, InFlight
 from disagg_jax.engine.worker import Worker
+from disagg_jax.sched import policy as policy_lib
 
 
 class ColocatedScheduler(Worker):
   """Runs on its own thread; `put` (a new request) and `wake` may be called from any thread.
-  `queue` holds the requests waiting for a slot."""
+  `queue` holds the requests waiting for a slot. With `trace` set (a `sched.trace.Trace`), every
+  enqueue and every decision is recorded."""
 
   def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int, finish):
     super().__init__()
@@ -37,7 +38,9 @@ class ColocatedScheduler(Worker):
     self.chunk_lens = buckets.chunk_lens(chunk_size)
     self.widths = buckets.coarser(core.widths)
     self.finish = finish
-    self.prefilling: list[int] = []  # slots whose prompt is still being computed, FIFO
+    self.policy = policy_lib.ColocatedPolicy(chunk_size=chunk_size,
+                                             max_chunks_per_shard=self.rows_per_shard[-1])
+    self.trace = None
 
   def shapes(self, max_width: int):
     """(description, thunk compiling it) for every step shape whose page table is at most
@@ -52,6 +55,18 @@ class ColocatedScheduler(Worker):
                                                                    precompile=True)))
     return out
 
+  def put(self, item, front: bool = False) -> None:
+    with self.cv:
+      if self.trace is not None:
+        self.trace.add("colocated", "enqueue", (item.request_id,))
+      (self.queue.appendleft if front else self.queue.append)(item)
+      self.cv.notify()
+
+  def run_mixed_discarded(self, rows_per_shard: int, chunk_len: int, width: int) -> None:
+    """Dispatches a mixed step of that shape with no chunks and no decoding rows (all writes
+    dropped): for timing the step (`sim.timing`)."""
+    self._run_mixed([], [], rows_per_shard, chunk_len, width)
+
   # ------------------------------------------------------------------ scheduler thread
 
   def run(self) -> None:
@@ -65,32 +80,34 @@ class ColocatedScheduler(Worker):
         if self.stopped:
           return
       self._drop_aborted()
-      self._admit()
       dispatched = self.dispatch()
       if in_flight is not None:
         self.core.collect(in_flight, self.finish)
       in_flight = dispatched
 
   def dispatch(self):
-    """Schedules and dispatches one step (mixed, or decode only); None if there is nothing to
-    run. Host state advances at once: chunk progress and decode positions."""
+    """Asks the policy for the next step and dispatches it (mixed, or decode only); None if
+    there is nothing to run. Host state advances at once: chunk progress and decode positions."""
     core = self.core
-    chunks = self._schedule_chunks()
-    decoding = core.decoding_slots()
-    need = {s: int(core.slots.positions[s]) + 1 for s in decoding}
-    need.update({slot: start + n for slot, start, n in chunks})
-    core.make_room(need, self._preempt)
-    chunks = [c for c in chunks if core.slots.requests[c[0]] is not None]
-    decoding = [s for s in decoding if core.slots.requests[s] is not None]
-    if chunks:
-      per_shard = max(sum(1 for c in chunks if core.slots.shard_of(c[0]) == k)
+    with self.cv:
+      step = self.policy.schedule(core.slots, self.queue)
+      if self.trace is not None:
+        self.trace.add("colocated", "decide", step.describe(core.slots))
+    now = time.perf_counter()
+    for slot, _, _ in step.chunks:
+      metrics = core.slots.requests[slot].metrics
+      metrics.prefill_start = metrics.prefill_start or now
+    if step.chunks:
+      per_shard = max(sum(1 for c in step.chunks if core.slots.shard_of(c[0]) == k)
                       for k in range(self.dp))
-      return self._run_mixed(chunks, decoding, buckets.pick(per_shard, self.rows_per_shard),
-                             buckets.pick(max(n for _, _, n in chunks), self.chunk_lens),
-                             buckets.pick(core.width(), self.widths))
-    if decoding:
-      return core.decode(decoding)
-    return None
+      self._run_mixed(step.chunks, step.decode, buckets.pick(per_shard, self.rows_per_shard),
+                      buckets.pick(max(n for _, _, n in step.chunks), self.chunk_lens),
+                      buckets.pick(core.width(), self.widths))
+    elif step.decode:
+      core.dispatch_decode(step.decode)
+    else:
+      return None
+    return InFlight(core.tokens, self.policy.commit(core.slots, step))
 
   def _drop_aborted(self) -> None:
     with self.cv:
@@ -101,52 +118,15 @@ class ColocatedScheduler(Worker):
       self.finish(request)
     for slot in self.core.slots.occupied():
       if self.core.slots.requests[slot].aborted:
-        if slot in self.prefilling:
-          self.prefilling.remove(slot)
+        self.policy.forget(slot)
         self.finish(self.core.release(slot))
 
-  def _admit(self) -> None:
-    """FIFO admission while a slot and the first chunk's pages are free, keeping one page per
-    decoding slot in reserve so admissions do not immediately force preemptions."""
-    slots = self.core.slots
-    while True:
-      with self.cv:
-        if not self.queue:
-          return
-        request = self.queue[0]
-        first = min(self.chunk_size, len(request.tokens_to_compute))
-        if not slots.can_admit(first):
-          return
-        self.queue.popleft()
-      self.prefilling.append(self.core.occupy(request, first))
-
-  def _schedule_chunks(self) -> list[tuple[int, int, int]]:
-    """(slot, start, length) of this step's prompt chunks: the oldest prefilling slots, at most
-    `rows_per_shard[-1]` of each dp row."""
-    chunks = []
-    taken = [0] * self.dp
-    for slot in self.prefilling:
-      shard = self.core.slots.shard_of(slot)
-      if taken[shard] == self.rows_per_shard[-1]:
-        continue
-      taken[shard] += 1
-      request = self.core.slots.requests[slot]
-      n = min(self.chunk_size, len(request.tokens_to_compute) - request.num_computed)
-      chunks.append((slot, request.num_computed, n))
-      if request.metrics.prefill_start is None:
-        request.metrics.prefill_start = time.perf_counter()
-    return chunks
-
-  def _preempt(self, request: RequestState) -> None:
-    self.prefilling = [s for s in self.prefilling if self.core.slots.requests[s] is not None]
-    request.restart()
-    with self.cv:
-      self.queue.appendleft(request)
-
   def _run_mixed(self, chunks, decoding, rows_per_shard: int, length: int, width: int,
-                 precompile: bool = False):
+                 precompile: bool = False) -> None:
     """Dispatches a mixed step with chunk rows [dp * rows_per_shard, length] (each chunk in a
-    row of its slot's dp row) and a `width`-page table; with `precompile`, only compiles it."""
+    row of its slot's dp row) and a `width`-page table; with `precompile`, only compiles it.
+    `decoding` slots are those whose positions are >= 0 (the step reads every slot)."""
+    del decoding  # the step decodes every slot whose position is set
     core = self.core
     b, batch = core.slots.num_slots, rows_per_shard * self.dp
     chunk_tokens = np.zeros((batch, length), np.int32)
@@ -155,12 +135,10 @@ class ColocatedScheduler(Worker):
     lengths = np.zeros(batch, np.int32)
     final = np.zeros(batch, bool)
     used = [0] * self.dp
-    rows = []
     for slot, start, n in chunks:
       shard = core.slots.shard_of(slot)
       i = shard * rows_per_shard + used[shard]
       used[shard] += 1
-      rows.append(i)
       request = core.slots.requests[slot]
       chunk_tokens[i, :n] = request.tokens_to_compute[start:start + n]
       chunk_slots[i], context[i], lengths[i] = slot, start, n
@@ -171,15 +149,6 @@ class ColocatedScheduler(Worker):
                                                           lengths, final))
     if precompile:
       core.steps.mixed.precompile(*args)
-      return None
+      return
     core.tokens, core.kv_pages = core.steps.mixed(*args)
-    step = core.in_flight(decoding, [slot for (slot, _, _), i in zip(chunks, rows) if final[i]])
-    for slot, start, n in chunks:
-      request = core.slots.requests[slot]
-      request.num_computed = start + n
-      if request.num_computed == len(request.tokens_to_compute):
-        # The prompt is in the pool and the step wrote its first token into the slot on
-        # device: the slot decodes from the next step on.
-        self.prefilling.remove(slot)
-        core.slots.positions[slot] = request.num_computed
-    return step
+

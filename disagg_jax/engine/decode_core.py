@@ -19,6 +19,7 @@ from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.slots import DecodeSlots
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
+from disagg_jax.sched import policy
 
 
 class DecodeCore:
@@ -43,25 +44,21 @@ class DecodeCore:
                   for r in self.row_buckets}
     # Committed to the step outputs' sharding, so the first real step does not recompile.
     self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.rows)
-    self._sampling_rows = [None] * num_slots
     self._sampling = None
-    self._sampling_dirty = True
+    self._sampling_version = None
     self._table_key = None
     self._table_dev = None
 
   # ------------------------------------------------------------------ host -> device inputs
 
-  def set_sampling(self, slot: int, request: RequestState | None) -> None:
-    self._sampling_rows[slot] = request.sampling if request else None
-    self._sampling_dirty = True
-
   def sampling_arrays(self) -> SamplingArrays:
     """Per-slot sampling settings on device, re-uploaded only after a slot changed hands."""
     import jax  # pylint: disable=g-import-not-at-top
-    if self._sampling_dirty:
-      host = SamplingArrays.from_params(self._sampling_rows, self.slots.num_slots)
+    if self._sampling_version != self.slots.occupancy_version:
+      host = SamplingArrays.from_params([r.sampling if r is not None else None
+                                         for r in self.slots.requests], self.slots.num_slots)
       self._sampling = jax.device_put(host, self.steps.rows)
-      self._sampling_dirty = False
+      self._sampling_version = self.slots.occupancy_version
     return self._sampling
 
   def positions(self):
@@ -87,30 +84,11 @@ class DecodeCore:
 
   # ------------------------------------------------------------------ slot lifecycle
 
-  def occupy(self, request: RequestState, num_tokens: int) -> int:
-    slot = self.slots.assign(request, num_tokens)
-    self.set_sampling(slot, request)
-    return slot
-
   def release(self, slot: int) -> RequestState:
-    request = self.slots.release(slot)
-    self.set_sampling(slot, None)
-    return request
+    return self.slots.release(slot)
 
   def decoding_slots(self) -> list[int]:
-    return [int(s) for s in np.flatnonzero(self.slots.positions >= 0)]
-
-  def make_room(self, need_tokens: dict[int, int],
-                preempt: Callable[[RequestState], None]) -> None:
-    """Grows each slot in `need_tokens` to hold that many tokens, oldest request first; when the
-    pool runs dry the youngest request is preempted (released and handed to `preempt`) until
-    the others fit. A lone request that cannot grow is preempted too, so this never blocks."""
-    order = sorted(need_tokens, key=lambda s: self.slots.requests[s].metrics.arrival)
-    for slot in order:
-      while self.slots.requests[slot] is not None and not self.slots.grow(slot,
-                                                                          need_tokens[slot]):
-        victim = self.slots.youngest(self.slots.shard_of(slot))  # pages do not cross shards
-        preempt(self.release(victim))
+    return self.slots.decoding()
 
   # ------------------------------------------------------------------ steps
 
@@ -120,13 +98,19 @@ class DecodeCore:
     per_shard = self.slots.slots_per_shard
     return buckets.pick(max(s % per_shard for s in decoding) + 1, self.row_buckets)
 
-  def decode(self, decoding: list[int]) -> "InFlight":
-    """Dispatches one decode step over the slots' prefix holding `decoding` (asynchronously) and
-    returns its handle."""
+  def dispatch_decode(self, decoding: list[int]) -> None:
+    """Dispatches one decode step over the slots' prefix holding `decoding` (asynchronously)."""
     self.tokens, self.kv_pages = self.steps.decode(
         self.params, self.kv_pages, self.tokens, self.positions(), self.page_table(),
         self.sampling_arrays(), self._rows[self.decode_rows(decoding)])
-    return self.in_flight(decoding)
+
+  def decode(self, decoding: list[int]) -> "InFlight":
+    """Dispatches one decode step over `decoding`, advances their positions and returns the
+    step's handle."""
+    self.dispatch_decode(decoding)
+    rows = [(s, self.slots.requests[s]) for s in decoding]
+    policy.advance(self.slots, decoding)
+    return InFlight(self.tokens, rows)
 
   def precompile_decode(self, width: int, rows: int) -> None:
     """Compiles the decode step for page tables `width` pages wide and `rows` rows per dp row
@@ -140,27 +124,18 @@ class DecodeCore:
     import jax  # pylint: disable=g-import-not-at-top
     return jax.device_put(np.zeros((self.slots.num_slots, width), np.int32), self.steps.rows)
 
-  def in_flight(self, decoding: list[int], first_token_slots=()) -> "InFlight":
-    """After a step was dispatched: remembers whose tokens it produces, and advances the decoding
-    slots' positions, so the next step can be dispatched before this one's tokens are read."""
-    rows = [(s, self.slots.requests[s]) for s in list(decoding) + list(first_token_slots)]
-    for slot in decoding:
-      self.slots.positions[slot] += 1
-    return InFlight(self.tokens, rows)
-
   def collect(self, step: "InFlight", finish: Callable[[RequestState], None]) -> None:
-    """Reads a dispatched step's tokens (waiting for it) and hands each row its token; finished
-    requests leave their slot. Rows whose request left the slot meanwhile (finished one step
-    earlier, aborted, preempted) are skipped: a preempted request regenerates the same token."""
+    """Reads a dispatched step's tokens (waiting for it) and hands each row its token
+    (`policy.collect`); finished requests leave their slot and go to `finish`."""
     tokens = np.asarray(step.tokens)
     now = time.perf_counter()
-    for slot, request in step.rows:
-      if self.slots.requests[slot] is not request or request.finish_reason is not None:
-        continue
+
+    def emit(slot: int, request: RequestState) -> bool:
       if request.metrics.first_token is None:
         request.metrics.first_token = now
-      if request.emit(int(tokens[slot]), now):
-        finish(self.release(slot))
+      return request.emit(int(tokens[slot]), now)
+    for request in policy.collect(self.slots, step.rows, emit):
+      finish(request)
 
 
 @dataclasses.dataclass

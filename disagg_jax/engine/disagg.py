@@ -32,34 +32,38 @@ from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.engine.worker import Worker
 from disagg_jax.kv import cache as kv_cache
+from disagg_jax.sched import policy as policy_lib
 from disagg_jax.transfer.plan import TransferPlan
 
 
-class StagingBudget:
-  """Tokens of prefilled KV allowed to wait for a decode slot. Each request holds its reservation
-  in `RequestState.staged`, so releasing twice (from whichever thread ends it) is harmless."""
+class StagingBudget(policy_lib.TokenBudget):
+  """Tokens of prefilled KV allowed to wait for a decode slot (`policy.TokenBudget`), shared by
+  the engine's threads: the prefill thread may wait for room."""
 
   def __init__(self, tokens: int):
-    self.capacity = tokens
-    self.free = tokens
+    super().__init__(tokens)
     self._cv = threading.Condition()
+    self.trace = None  # a sched.trace.Trace: releases are recorded
 
-  def reserve(self, request: RequestState, tokens: int, timeout: float | None = None) -> bool:
-    """Reserves `tokens` for `request`; waits up to `timeout` seconds (None: do not wait)."""
+  def reserve(self, request: RequestState, tokens: int) -> bool:
     with self._cv:
-      if timeout:
-        self._cv.wait_for(lambda: self.free >= tokens, timeout)
-      if self.free < tokens:
-        return False
-      self.free -= tokens
-      request.staged += tokens
-      return True
+      return super().reserve(request, tokens)
 
   def release(self, request: RequestState) -> None:
     with self._cv:
-      self.free += request.staged
-      request.staged = 0
+      if self.trace is not None and request.staged:
+        self.trace.add("staging", "release", (request.request_id,))
+      super().release(request)
       self._cv.notify_all()
+
+  def held(self) -> threading.Condition:
+    """The budget's lock (reentrant), for deciding over several reservations at once."""
+    return self._cv
+
+  def wait_for(self, tokens: int, timeout: float) -> bool:
+    """Waits up to `timeout` seconds for `tokens` to be free; whether they are."""
+    with self._cv:
+      return self._cv.wait_for(lambda: self.free >= tokens, timeout)
 
 
 class PrefillWorker(Worker):
@@ -80,6 +84,14 @@ class PrefillWorker(Worker):
     self.handoff = handoff  # (request, prefix KV, bucket) -> None
     self.finish = finish
     self.staging = staging
+    self.trace = None  # a sched.trace.Trace: enqueues and decisions are recorded
+
+  def put(self, item, front: bool = False) -> None:
+    with self.cv:
+      if self.trace is not None:
+        self.trace.add("prefill", "enqueue", (item.request_id, front))
+      (self.queue.appendleft if front else self.queue.append)(item)
+      self.cv.notify()
 
   def batch_buckets_for(self, length: int) -> tuple[int, ...]:
     """The batch sizes of `length`-token prefill steps within the token limit."""
@@ -140,8 +152,8 @@ class PrefillWorker(Worker):
           self.handoff(request, self.extract(kv, np.int32(i)), bucket)
 
   def _next_batch(self):
-    """The oldest waiting request plus others of its length bucket, as far as the staging budget
-    allows; None once stopped."""
+    """The policy's next batch (`policy.prefill_batch`); None once stopped."""
+    bucket_of = lambda n: buckets.pick(n, self.length_buckets)
     while True:
       with self.cv:
         while not self.stopped and not self.queue:
@@ -153,25 +165,18 @@ class PrefillWorker(Worker):
           self.finish(request)
         if not self.queue:
           continue
-        head = self.queue[0]
-      bucket = buckets.pick(len(head.tokens_to_compute), self.length_buckets)
-      if not self.staging.reserve(head, bucket, timeout=0.05):
-        continue  # the decode side is full: re-check stop and aborts, then wait again
-      with self.cv:
-        if not self.queue or self.queue[0] is not head:
-          self.staging.release(head)
-          continue
-        chosen = [head]
-        limit = self.batch_buckets_for(bucket)[-1]
-        for request in list(self.queue)[1:]:
-          if len(chosen) == limit:
-            break
-          if (buckets.pick(len(request.tokens_to_compute), self.length_buckets) == bucket
-              and not request.aborted and self.staging.reserve(request, bucket)):
-            chosen.append(request)
-        for request in chosen:
-          self.queue.remove(request)
-        return chosen, bucket
+        with self.staging.held():  # no release between the reservations and the record
+          choice = policy_lib.prefill_batch(
+              self.queue, bucket_of=bucket_of,
+              max_batch_for=lambda b: self.batch_buckets_for(b)[-1], staging=self.staging)
+          if choice is not None and self.trace is not None:
+            self.trace.add("prefill", "decide",
+                           (tuple(r.request_id for r in choice[0]), choice[1]))
+        if choice is not None:
+          return choice
+        head_bucket = bucket_of(self.queue[0].num_to_compute)
+      # The decode side is full: wait for room, re-checking stop and aborts meanwhile.
+      self.staging.wait_for(head_bucket, timeout=0.05)
 
 
 class TransferWorker:
@@ -222,9 +227,14 @@ class DisaggDecodeLoop(Worker):
     self.finish = finish
     self.requeue = requeue  # a preempted request goes back to prefill
     self.staging = staging
+    self.trace = None  # a sched.trace.Trace: arrivals and decisions are recorded
 
   def deliver(self, request: RequestState, prefix: Any, bucket: int) -> None:
-    self.put((request, prefix, bucket))
+    with self.cv:
+      if self.trace is not None:
+        self.trace.add("decode", "arrive", (request.request_id,))
+      self.queue.append((request, prefix, bucket))
+      self.cv.notify()
 
   def shapes(self, max_len: int, prefix_spec):
     """(description, thunk compiling it) of the decode widths and insert buckets up to `max_len`
@@ -251,16 +261,31 @@ class DisaggDecodeLoop(Worker):
         if self.stopped:
           return
       self._drop_aborted()
-      self._insert_arrived()
-      decoding = core.decoding_slots()
-      core.make_room({s: int(core.slots.positions[s]) + 1 for s in decoding}, self._preempt)
-      decoding = [s for s in decoding if core.slots.requests[s] is not None]
-      dispatched = core.decode(decoding) if decoding else None
+      dispatched = self.step()
       if in_flight is not None:
         core.collect(in_flight, self.finish)
       elif dispatched is None and self.queue:
         time.sleep(0.001)  # cannot insert with every page free; never spin on it regardless
       in_flight = dispatched
+
+  def step(self):
+    """Inserts what arrived and fits (`policy.insert_arrived`), grows the batch by a token
+    (preempting as `policy.decode_step`) and dispatches the decode step; its handle, or None."""
+    core = self.core
+    with self.cv:
+      inserted = policy_lib.insert_arrived(core.slots, self.queue, lambda item: item[0])
+      decoding, preempted = policy_lib.decode_step(core.slots)
+      if self.trace is not None:
+        self.trace.add("decode", "decide",
+                       policy_lib.describe_decode(core.slots, inserted, decoding, preempted))
+    for (request, prefix, bucket), slot in inserted:
+      if core.slots.requests[slot] is request:  # not preempted by this very step
+        self._insert(request, prefix, bucket, slot)
+      self.staging.release(request)
+    for request in preempted:
+      request.restart()
+      self.requeue(request)
+    return core.decode(decoding) if decoding else None
 
   def _drop_aborted(self) -> None:
     with self.cv:
@@ -274,20 +299,6 @@ class DisaggDecodeLoop(Worker):
       if self.core.slots.requests[slot].aborted:
         self.finish(self.core.release(slot))
 
-  def _insert_arrived(self) -> None:
-    core = self.core
-    while True:
-      with self.cv:
-        if not self.queue:
-          return
-        request, prefix, bucket = self.queue[0]
-        # Pages for the prefix and the position of the first decoded token.
-        if not core.slots.can_admit(len(request.tokens_to_compute) + 1):
-          return
-        self.queue.popleft()
-      self._insert(request, prefix, bucket)
-      self.staging.release(request)
-
   def insert_discarded(self, prefix, bucket: int, precompile: bool = False) -> None:
     """Runs (or with `precompile` only compiles) the insert step for a `bucket`-token prefix
     whose writes are all dropped: for compiling ahead and for timing it."""
@@ -300,17 +311,10 @@ class DisaggDecodeLoop(Worker):
     else:
       core.kv_pages, core.tokens = core.steps.insert_prefix(*args)
 
-  def _insert(self, request: RequestState, prefix, bucket: int) -> None:
-    """Writes `request`'s arrived KV into a free slot's pages."""
+  def _insert(self, request: RequestState, prefix, bucket: int, slot: int) -> None:
+    """Writes `request`'s arrived KV into its slot's pages."""
     core = self.core
-    computed = len(request.tokens_to_compute)
-    slot = core.occupy(request, computed + 1)
-    page_ids = core.slots.prompt_page_ids(slot, computed, bucket)
+    page_ids = core.slots.prompt_page_ids(slot, request.num_to_compute, bucket)
     core.kv_pages, core.tokens = core.steps.insert_prefix(
         core.kv_pages, core.tokens, prefix, page_ids, np.int32(slot),
         np.int32(request.output_ids[-1]))
-    core.slots.positions[slot] = request.total_len - 1
-
-  def _preempt(self, request: RequestState) -> None:
-    request.restart()
-    self.requeue(request)

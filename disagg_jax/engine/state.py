@@ -119,6 +119,16 @@ class RequestState:
     self.tokens_to_compute = list(self.prompt_ids)
 
   @property
+  def arrival(self) -> float:
+    """When the request arrived (the schedulers serve the oldest first, preempt the youngest)."""
+    return self.metrics.arrival
+
+  @property
+  def num_to_compute(self) -> int:
+    """Tokens whose KV the next prefill computes (the prompt; after a preemption, plus output)."""
+    return len(self.tokens_to_compute)
+
+  @property
   def total_len(self) -> int:
     """Tokens whose KV the sequence needs: prompt plus generated."""
     return len(self.prompt_ids) + len(self.output_ids)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from disagg_jax.kv.pages import pages_for
 
 
 class OutOfPagesError(RuntimeError):
@@ -34,7 +34,7 @@ class PageAllocator:
     return len(self._free)
 
   def pages_for(self, num_tokens: int) -> int:
-    return math.ceil(num_tokens / self.page_size)
+    return pages_for(num_tokens, self.page_size)
 
   def can_allocate(self, num_pages: int) -> bool:
     return num_pages <= len(self._free)

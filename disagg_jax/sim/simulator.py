@@ -1,24 +1,30 @@
-"""Discrete-event simulation of the serving engine's schedulers, driven by a step-time table.
+"""Discrete-event simulation of the serving engine, driven by a step-time table.
 
-The policies are the engine's own, step for step:
-- colocated (`engine/colocated.py`): FIFO admission while a slot and the first chunk's pages are
-  free, keeping one page per decoding slot in reserve; each step runs up to `chunk_batch` prompt
-  chunks of at most `chunk_size` tokens (oldest first) together with every decoding slot, padded
-  to the (chunk batch, chunk length) bucket; a prompt's last chunk yields its first token.
-- disaggregated (`engine/disagg.py`): the prefill worker takes the oldest waiting request plus
-  others of its length bucket up to `prefill_batch`, while fewer than `decode_batch` requests are
-  prefilled but not yet decoding; the transfer worker moves one request's KV at a time; the decode
-  loop inserts arrived KV in FIFO order under the same page reserve, then runs one decode step
-  over all slots. Prefill and decode steps that overlap in time are slowed by the profile's
-  contention factors (they share the host's cores on CPU). xPyD clusters (`disagg_jax/cluster`):
-  X prefill workers on one queue, Y decode workers, each prefilled request routed to the decode
-  worker with the most free pages.
+The scheduling decisions are not re-implemented here: the simulator drives the engine's own policy
+objects (`disagg_jax.sched.policy`) over a page-counting `sched.pool.SlotPool`, preemption
+included, and mirrors the engine's loops around them:
+- colocated (`engine/colocated.py`): each iteration asks `ColocatedPolicy.schedule` for a step
+  (FIFO admission under the page reserve, chunks of the oldest prefilling requests, every
+  decoding slot, preemption of the youngest when the pool runs dry), dispatches it behind the
+  previous one and then collects the previous step's tokens: the loop runs one step ahead, so a
+  request that finished still rides in the step dispatched before its last token was read.
+- disaggregated (`engine/disagg.py`): prefill workers take `policy.prefill_batch` (the oldest
+  request plus others of its length bucket, within the staging budget of one longest bucket of
+  KV per decode worker); each decode worker's transfers run one at a time; each decode loop
+  iteration inserts arrived KV (`policy.insert_arrived`), grows the batch by a token
+  (`policy.decode_step`; preempted requests go back to the head of the prefill queue) and
+  dispatches the decode step, one step ahead like the colocated loop. Prefill and decode steps
+  that overlap in time are slowed by the profile's contention factors (they share the host's
+  cores on CPU). xPyD clusters (`disagg_jax/cluster`): X prefill workers on one queue, Y decode
+  workers, each prefilled request routed to the decode worker with the most free pages.
 Token times are step ends plus the measured `read_lag_s` (colocated: every token; disaggregated:
 the first); every step is scaled by a draw from the profile's measured step-time variability
-(`jitter`, seeded), so latency tails are simulated and not only medians. On CPU profiles a KV copy waits for the decode steps queued on
-the destination devices. Requests are never preempted here: the page pool is checked at
-admission (with the engine's reserve), and a configuration whose pool would run dry mid-decode is
-reported through `SimResult.page_stalls` rather than simulated.
+(`jitter`, seeded), so latency tails are simulated and not only medians. On CPU profiles a KV copy
+waits for the decode steps queued on the destination devices.
+
+`replay`: instead of step times from the profile, the times at which a recorded engine run took
+each decision (`sched.trace.Trace`); the simulator then takes its own decisions at those times,
+which `tests/sim/test_policy_equivalence.py` compares with the engine's.
 
 The output is a list of `bench.metrics.RequestRecord`, so `metrics.compute` gives exactly the
 benchmark's JSON.
@@ -28,17 +34,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 from typing import Sequence
 
 import numpy as np
 
 from disagg_jax.bench.metrics import RequestRecord
 from disagg_jax.engine import buckets
+from disagg_jax.kv.pages import pages_for
+from disagg_jax.sched import policy
+from disagg_jax.sched.pool import SlotPool
+from disagg_jax.sched.trace import Trace
 from disagg_jax.sim.profile import StepProfile
 
 
-@dataclasses.dataclass
-class _Request:
+@dataclasses.dataclass(eq=False)
+class SimRequest:
+  """A request as the policies see it (`sched.policy.Request`), with its simulated timeline."""
   index: int
   arrival: float
   prompt_len: int
@@ -47,14 +59,39 @@ class _Request:
   prefill_start: float | None = None
   transfer_start: float | None = None
   transfer_end: float | None = None
-  computed: int = 0  # prompt tokens in the KV cache (colocated chunking)
-  slot_pages: int = 0
+  num_computed: int = 0
+  compute_len: int = 0
+  finish_reason: str | None = None
+  staged: int = 0
+  preemptions: int = 0
+
+  def __post_init__(self):
+    self.compute_len = self.compute_len or self.prompt_len
+
+  @property
+  def request_id(self) -> str:
+    return str(self.index)
+
+  @property
+  def num_to_compute(self) -> int:
+    return self.compute_len
+
+  def restart(self) -> None:
+    self.preemptions += 1
+    self.num_computed = 0
+    self.compute_len = self.prompt_len + len(self.times)
+
+  def emit(self, t: float) -> bool:
+    self.times.append(t)
+    if len(self.times) >= self.output_len:
+      self.finish_reason = "length"
+    return self.finish_reason is not None
 
   def record(self) -> RequestRecord:
     first, last = self.times[0], self.times[-1]
     arrived = self.transfer_end if self.transfer_end is not None else first
     phases = {"queue": self.prefill_start - self.arrival, "prefill": first - self.prefill_start,
-              "transfer": arrived - first, "decode": last - arrived}
+              "transfer": max(arrived - first, 0.0), "decode": last - max(arrived, first)}
     gaps = [b - a for a, b in zip(self.times, self.times[1:])]
     return RequestRecord(self.prompt_len, len(self.times), True, first - self.arrival, gaps,
                          last - self.arrival, phases)
@@ -64,7 +101,13 @@ class _Request:
 class SimResult:
   records: list[RequestRecord]
   duration: float
-  page_stalls: int = 0  # decode steps that would have needed a preemption in the engine
+  preemptions: int = 0  # requests that lost their slot (and were recomputed), as in the engine
+
+  @property
+  def page_stalls(self) -> int:
+    """The old name of `preemptions` (before the simulator preempted, it counted the decode
+    steps that would have needed one)."""
+    return self.preemptions
 
 
 class _Jitter:
@@ -80,272 +123,335 @@ class _Jitter:
     return seconds * float(self.table[self.rng.integers(len(self.table))])
 
 
-def _pages(tokens: int, page_size: int) -> int:
-  return -(-tokens // page_size)
+def _pool(profile: StepProfile) -> SlotPool:
+  return SlotPool(profile.decode_batch, profile.num_pages, profile.page_size)
 
 
-class _Pool:
-  """Decode slots and pages, with the engine's admission rule."""
-
-  def __init__(self, profile: StepProfile):
-    self.free_slots = profile.decode_batch
-    self.free_pages = profile.num_pages
-    self.page_size = profile.page_size
-    self.stalls = 0
-
-  def can_admit(self, tokens: int, reserve: int) -> bool:
-    return self.free_slots > 0 and _pages(tokens, self.page_size) + reserve <= self.free_pages
-
-  def occupy(self, request: _Request, tokens: int) -> None:
-    self.free_slots -= 1
-    request.slot_pages = _pages(tokens, self.page_size)
-    self.free_pages -= request.slot_pages
-
-  def grow(self, request: _Request, tokens: int) -> None:
-    need = _pages(tokens, self.page_size) - request.slot_pages
-    if need > 0:
-      if need > self.free_pages:
-        self.stalls += 1
-      self.free_pages -= need
-      request.slot_pages += need
-
-  def release(self, request: _Request) -> None:
-    self.free_slots += 1
-    self.free_pages += request.slot_pages
-    request.slot_pages = 0
-
-
-def _requests(prompt_lens, output_lens, arrivals) -> list[_Request]:
+def _requests(prompt_lens, output_lens, arrivals) -> list[SimRequest]:
   if not len(prompt_lens) == len(output_lens) == len(arrivals):
     raise ValueError("prompt_lens, output_lens and arrivals must have one entry per request")
-  return [_Request(i, float(a), int(p), max(int(o), 1))
+  return [SimRequest(i, float(a), int(p), max(int(o), 1))
           for i, (p, o, a) in enumerate(zip(prompt_lens, output_lens, arrivals))]
 
 
-def _result(requests: list[_Request], pool: _Pool) -> SimResult:
+def _result(requests: list[SimRequest]) -> SimResult:
   start = min(r.arrival for r in requests)
   end = max(r.times[-1] for r in requests)
-  return SimResult([r.record() for r in requests], max(end - start, 1e-9), pool.stalls)
+  return SimResult([r.record() for r in requests], max(end - start, 1e-9),
+                   sum(r.preemptions for r in requests))
+
+
+def _context(pool: SlotPool, slots) -> int:
+  """Tokens in context of `slots` once this step's token is in."""
+  return int(sum(int(pool.positions[s]) + 1 for s in slots))
+
+
+# ---------------------------------------------------------------------- colocated
 
 
 def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
-                       output_lens: Sequence[int], arrivals: Sequence[float]) -> SimResult:
+                       output_lens: Sequence[int], arrivals: Sequence[float], *,
+                       replay: Sequence[float] | None = None,
+                       trace: Trace | None = None) -> SimResult:
+  """`replay`: the times of the engine loop's iterations (then `arrivals` are its enqueue
+  times); `trace` gets each decision, as the engine records them."""
   requests = _requests(prompt_lens, output_lens, arrivals)
-  pending = collections.deque(sorted(requests, key=lambda r: r.arrival))
-  queue: collections.deque[_Request] = collections.deque()
-  prefilling: list[_Request] = []
-  decoding: list[_Request] = []
-  pool = _Pool(profile)
-  chunk_batches = buckets.chunk_rows(profile.chunk_batch)
-  now = 0.0
-  remaining = len(requests)
-  lagging: list[tuple[_Request, float]] = []  # tokens produced by the last step, not yet read
-  finishing: list[_Request] = []
+  pending = collections.deque(sorted(requests, key=lambda r: (r.arrival, r.index)))
+  waiting: collections.deque[SimRequest] = collections.deque()
+  pool = _pool(profile)
+  rules = policy.ColocatedPolicy(chunk_size=profile.chunk_size,
+                                 max_chunks_per_shard=buckets.chunk_rows(profile.chunk_batch)[-1])
   lag = profile.read_lag_s
   jitter = _Jitter(profile)
-  while remaining or lagging:
-    if lagging:
-      for request, t in lagging:
-        request.times.append(t + lag)
-      lagging = []
-    if not remaining:
-      break
-    while pending and pending[0].arrival <= now:
-      queue.append(pending.popleft())
-    while queue:  # admission
-      request = queue[0]
-      first = min(profile.chunk_size, request.prompt_len)
-      if not pool.can_admit(first, reserve=len(decoding)):
+  in_flight = None  # (rows, end): the dispatched step whose tokens are read next
+  device_free = now = 0.0
+  iteration = 0
+  while True:
+    if replay is not None:
+      if iteration == len(replay):
         break
-      queue.popleft()
-      pool.occupy(request, first)
-      prefilling.append(request)
-    chunks = []
-    for request in prefilling[:chunk_batches[-1]]:
-      n = min(profile.chunk_size, request.prompt_len - request.computed)
-      chunks.append((request, n))
-      if request.prefill_start is None:
-        request.prefill_start = now
-    for request in decoding:
-      pool.grow(request, request.prompt_len + len(request.times) + 1)
-    for request, n in chunks:
-      pool.grow(request, request.computed + n)
-    context = sum(r.prompt_len + len(r.times) for r in decoding)
-    extra = profile.decode_time(len(decoding), context) - profile.decode_s
-    if chunks:
-      end = now + jitter(profile.mixed(len(chunks), max(n for _, n in chunks)) + extra)
-    elif decoding:
-      end = now + jitter(profile.decode_s + extra)
-    else:
-      if pending:
-        now = pending[0].arrival
-      continue
-    # Tokens reach their requests `read_lag_s` after the step ends (measured: the loop reads a
-    # step's tokens after dispatching the next one).
-    still = []
-    for request in decoding:
-      lagging.append((request, end))
-      if len(request.times) + 1 >= request.output_len:
-        finishing.append(request)
+      now = replay[iteration]
+    elif in_flight is None and not waiting and not pool.occupied():
+      if not pending:
+        break
+      now = max(now, pending[0].arrival)  # the loop sleeps until a request comes
+    iteration += 1
+    while pending and pending[0].arrival <= now:
+      waiting.append(pending.popleft())
+    step = rules.schedule(pool, waiting)
+    if trace is not None:
+      trace.add("colocated", "decide", step.describe(pool), t=now)
+    dispatched = None
+    if step.runs:
+      for slot, _, _ in step.chunks:
+        request = pool.requests[slot]
+        request.prefill_start = now if request.prefill_start is None else request.prefill_start
+      if step.chunks:
+        seconds = (profile.mixed(len(step.chunks), max(n for _, _, n in step.chunks))
+                   + profile.decode_time(len(step.decode), _context(pool, step.decode))
+                   - profile.decode_s)
       else:
-        still.append(request)
-    decoding = still
-    for request, n in chunks:
-      request.computed += n
-      if request.computed == request.prompt_len:
-        prefilling.remove(request)
-        lagging.append((request, end))
-        if request.output_len == 1:
-          finishing.append(request)
-        else:
-          decoding.append(request)
-    for request in finishing:
-      pool.release(request)
-      remaining -= 1
-    finishing = []
-    now = end
-  return _result(requests, pool)
+        seconds = profile.decode_time(len(step.decode), _context(pool, step.decode))
+      device_free = max(now, device_free) + jitter(seconds)
+      dispatched = (rules.commit(pool, step), device_free)
+    if in_flight is not None:
+      rows, end = in_flight
+      now = max(now, end)
+      policy.collect(pool, rows, lambda _, request, t=end + lag: request.emit(t))
+    elif dispatched is None and replay is None:
+      raise RuntimeError("simulation stalled: the page pool cannot hold the next request")
+    in_flight = dispatched
+  return _result(requests)
+
+
+# ---------------------------------------------------------------------- disaggregated
 
 
 @dataclasses.dataclass
 class _DecodeWorker:
-  pool: _Pool
-  free: float = 0.0  # the decode loop's next step
+  pool: SlotPool
+  index: int
+  next_iter: float | None = None  # when its loop iterates next (None: asleep until KV arrives)
+  device_free: float = 0.0
   transfer_free: float = 0.0  # its KV transfers run one at a time
-  busy_until: float = 0.0
   promised: int = 0  # pages of requests routed here but not yet inserted
-  decoding: list = dataclasses.field(default_factory=list)
+  in_flight: tuple | None = None
   transfers: collections.deque = dataclasses.field(default_factory=collections.deque)
   arrived: collections.deque = dataclasses.field(default_factory=collections.deque)
 
   def free_pages(self) -> int:
-    return self.pool.free_pages - self.promised
+    return self.pool.num_free - self.promised
+
+
+class _Disagg:
+  """The disaggregated engine's workers around the shared policies. Event handlers only; the
+  times come from `run_timed` (the profile) or `run_replay` (a recorded engine run)."""
+
+  def __init__(self, profile: StepProfile, requests: list[SimRequest], *,
+               num_prefill_workers: int, num_decode_workers: int, replaying: bool,
+               trace: Trace | None):
+    self.profile = profile
+    self.requests = requests
+    self.waiting: collections.deque[SimRequest] = collections.deque()
+    self.prefill_free = [0.0] * num_prefill_workers
+    self.workers = [_DecodeWorker(_pool(profile), j) for j in range(num_decode_workers)]
+    # The staging budget: one longest length bucket of KV per decode worker.
+    self.staging = policy.TokenBudget(max(profile.length_buckets) * num_decode_workers)
+    self.prefill_busy_until = 0.0
+    self.replaying = replaying
+    self.trace = trace
+    self.jitter = _Jitter(profile)
+    self.bucket_of = lambda n: buckets.pick(n, profile.length_buckets)
+    self.live = len(requests)
+
+  def max_batch_for(self, bucket: int) -> int:
+    sizes = [b for b, s in self.profile.prefill_s if s == bucket and b <= self.profile.prefill_batch]
+    return max(sizes, default=self.profile.prefill_batch)
+
+  def release_staging(self, request: SimRequest) -> None:
+    if not self.replaying:  # replayed runs release at the recorded times
+      self.staging.release(request)
+
+  # ------------------------------------------------------------------ prefill
+
+  def prefill(self, now: float, worker: int) -> float | None:
+    """One prefill decision and step; returns its end, or None if the budget is full."""
+    choice = policy.prefill_batch(self.waiting, bucket_of=self.bucket_of,
+                                  max_batch_for=self.max_batch_for, staging=self.staging)
+    if choice is None:
+      return None
+    chosen, bucket = choice
+    if self.trace is not None:
+      self.trace.add("prefill", "decide", (tuple(r.request_id for r in chosen), bucket), t=now)
+    profile = self.profile
+    seconds = profile.prefill(len(chosen), bucket)
+    decoding = sum(len(w.pool.decoding()) for w in self.workers)
+    if any(w.device_free > now or decoding for w in self.workers):
+      # On shared cores a prefill slows with the decode side's load: a base factor plus one per
+      # decoding sequence (their streaming and bookkeeping run on the same host).
+      seconds *= (profile.contention["prefill"]
+                  + profile.contention.get("prefill_per_seq", 0.0) * decoding)
+    end = now + self.jitter(seconds)
+    self.prefill_free[worker] = end
+    self.prefill_busy_until = max(self.prefill_busy_until, end)
+    for request in chosen:
+      request.prefill_start = now if request.prefill_start is None else request.prefill_start
+      if request.emit(end + profile.read_lag_s):
+        self.release_staging(request)
+        self.live -= 1
+      else:
+        target = max(self.workers, key=lambda w: w.free_pages())
+        target.promised += pages_for(request.num_to_compute + 1, profile.page_size)
+        # The KV leaves once the worker has read the first token.
+        target.transfers.append((end + profile.read_lag_s, request, bucket))
+    return end
+
+  # ------------------------------------------------------------------ transfer
+
+  def transfer(self, now: float, w: _DecodeWorker) -> tuple[float, tuple]:
+    """Starts the head of `w`'s transfers; returns (arrival time, the arriving item)."""
+    profile = self.profile
+    _, request, bucket = w.transfers.popleft()
+    request.transfer_start = start = now
+    if profile.transfer_waits_for_decode:
+      # The copy queues behind the decode step running there and, while the loop keeps going,
+      # the one it has already dispatched.
+      start = max(now, w.device_free)
+      decoding = w.pool.decoding()
+      if decoding:
+        start += profile.decode_time(len(decoding), _context(w.pool, decoding))
+    request.transfer_end = start + profile.transfer_s[bucket]
+    w.transfer_free = request.transfer_end
+    return request.transfer_end, (request, bucket)
+
+  def arrive(self, now: float, w: _DecodeWorker, item: tuple) -> None:
+    w.arrived.append(item)
+    if w.next_iter is None:
+      w.next_iter = now
+
+  # ------------------------------------------------------------------ decode loop
+
+  def decode_iteration(self, now: float, w: _DecodeWorker) -> None:
+    """One loop iteration: inserts, the decode step's dispatch, the previous step's tokens."""
+    profile = self.profile
+    inserted = policy.insert_arrived(w.pool, w.arrived, lambda item: item[0])
+    decoding, preempted = policy.decode_step(w.pool)
+    if self.trace is not None:
+      self.trace.add("decode", "decide",
+                     policy.describe_decode(w.pool, inserted, decoding, preempted), t=now)
+    device = max(now, w.device_free)
+    for (request, bucket), _ in inserted:
+      w.promised -= pages_for(request.num_to_compute + 1, profile.page_size)
+      device += profile.insert_s[bucket]
+      self.release_staging(request)
+    for request in preempted:
+      request.restart()
+      self.requeue(now, request)
+    dispatched = None
+    if decoding:
+      seconds = profile.decode_time(len(decoding), _context(w.pool, decoding))
+      # Slowed while a prefill runs or a request is on its way here (on CPU the prefill and
+      # transfer threads' host work competes with the loop's).
+      if (self.prefill_busy_until > now or w.transfers or w.arrived
+          or (profile.transfer_waits_for_decode and w.transfer_free > now)):
+        seconds *= profile.contention["decode"]
+      rows = [(s, w.pool.requests[s]) for s in decoding]
+      policy.advance(w.pool, decoding)
+      device += self.jitter(seconds)
+      dispatched = (rows, device)
+    w.device_free = max(w.device_free, device)
+    if w.in_flight is not None:
+      rows, end = w.in_flight
+      for _ in policy.collect(w.pool, rows, lambda _, request, t=end: request.emit(t)):
+        self.live -= 1
+      w.next_iter = max(now, end)
+    elif dispatched is not None:
+      w.next_iter = now  # after a pause the loop dispatches twice before it first waits
+    elif w.arrived and not preempted:
+      raise RuntimeError("simulation stalled: the page pool cannot hold the next request")
+    else:
+      w.next_iter = now if w.arrived else None
+    w.in_flight = dispatched
+
+  def requeue(self, now: float, request: SimRequest) -> None:
+    if not self.replaying:  # replayed runs requeue at the recorded times
+      self.waiting.appendleft(request)
+
+  # ------------------------------------------------------------------ drivers
+
+  def run_timed(self) -> None:
+    pending = collections.deque(sorted(self.requests, key=lambda r: (r.arrival, r.index)))
+    inf = float("inf")
+    blocked = False  # the prefill workers wait for staging room
+    arrivals: list = []  # heap of (time, seq, worker index, item): KV landing on a decode worker
+    seq = 0
+    while self.live:
+      head = (self.waiting[0].arrival if self.waiting else
+              (pending[0].arrival if pending else inf))
+      p = min(range(len(self.prefill_free)), key=lambda i: self.prefill_free[i])
+      t_prefill = inf if blocked else max(self.prefill_free[p], head)
+      best = (t_prefill, 3, p)
+      if arrivals:
+        best = min(best, (arrivals[0][0], 0, -1))
+      for j, w in enumerate(self.workers):
+        if w.transfers:
+          best = min(best, (max(w.transfer_free, w.transfers[0][0]), 1, j))
+        if w.next_iter is not None:
+          best = min(best, (w.next_iter, 2, j))
+      now, action, index = best
+      if now == inf:
+        raise RuntimeError("simulation stalled: requests left but no worker can act")
+      while pending and pending[0].arrival <= now:
+        self.waiting.append(pending.popleft())
+      if action == 0:
+        _, _, j, item = heapq.heappop(arrivals)
+        self.arrive(now, self.workers[j], item)
+      elif action == 1:
+        t, item = self.transfer(now, self.workers[index])
+        heapq.heappush(arrivals, (t, seq, index, item))
+        seq += 1
+      elif action == 2:
+        free_before = self.staging.free
+        self.decode_iteration(now, self.workers[index])
+        if blocked and self.staging.free > free_before:
+          blocked = False
+          self.prefill_free = [max(t, now) for t in self.prefill_free]
+      elif self.prefill(now, index) is None:
+        blocked = True
+        self.prefill_free[index] = now
+
+  def run_replay(self, events: Sequence[tuple[float, str, str, tuple]]) -> None:
+    """`events`: a recorded engine run's trace entries; each prefill / decode decision is taken
+    at its recorded time, and enqueues, KV arrivals and staging releases happen at theirs."""
+    by_id = {r.request_id: r for r in self.requests}
+    w = self.workers[0]
+    pending_requeue: set[str] = set()
+    for t, worker, kind, payload in sorted(events, key=lambda e: e[0]):
+      if worker == "prefill" and kind == "enqueue":
+        request = by_id[payload[0]]
+        if payload[1]:  # a preempted request, back at the head
+          if payload[0] in pending_requeue:
+            pending_requeue.discard(payload[0])
+            self.waiting.appendleft(request)
+        else:
+          self.waiting.append(request)
+      elif worker == "prefill" and kind == "decide":
+        self.prefill(t, 0)
+      elif worker == "staging" and kind == "release":
+        self.staging.release(by_id[payload[0]])
+      elif worker == "decode" and kind == "arrive":
+        transit = [item for item in w.transfers if item[1].request_id == payload[0]]
+        if transit:
+          w.transfers.remove(transit[0])
+          _, request, bucket = transit[0]
+          request.transfer_start = request.transfer_end = t
+          w.arrived.append((request, bucket))
+      elif worker == "decode" and kind == "decide":
+        counts = {r.request_id: r.preemptions for r in self.requests}
+        self.decode_iteration(t, w)
+        pending_requeue.update(r.request_id for r in self.requests
+                               if r.preemptions > counts[r.request_id])
 
 
 def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
                     output_lens: Sequence[int], arrivals: Sequence[float], *,
-                    num_prefill_workers: int = 1, num_decode_workers: int = 1) -> SimResult:
+                    num_prefill_workers: int = 1, num_decode_workers: int = 1,
+                    replay: Sequence[tuple] | None = None,
+                    trace: Trace | None = None) -> SimResult:
   """xPyD: prefill workers share one FIFO queue (the cluster router sends each request to the
   prefill worker with the fewest queued tokens, which this approximates); a prefilled request
   goes to the decode worker with the most free pages net of those promised to requests on their
-  way, as the router does; each decode worker's transfers run one at a time."""
+  way, as the router does; each decode worker's transfers run one at a time. `replay`: a
+  recorded engine run's trace entries (one prefill and one decode worker)."""
   requests = _requests(prompt_lens, output_lens, arrivals)
-  pending = collections.deque(sorted(requests, key=lambda r: r.arrival))
-  prefill_queue: list[_Request] = []
-  prefill_free = [0.0] * num_prefill_workers
-  workers = [_DecodeWorker(_Pool(profile)) for _ in range(num_decode_workers)]
-  backlog = profile.decode_batch * num_decode_workers  # prefilled, not yet decoding, at most
-  prefill_busy_until = 0.0
-  remaining = len(requests)
-  inf = float("inf")
-  bucket_of = lambda n: buckets.pick(n, profile.length_buckets)
-  jitter = _Jitter(profile)
-
-  while remaining:
-    head = prefill_queue[0].arrival if prefill_queue else (pending[0].arrival if pending else inf)
-    p_index = min(range(num_prefill_workers), key=lambda i: prefill_free[i])
-    t_prefill = max(prefill_free[p_index], head) if backlog > 0 else inf
-    best = (t_prefill, 2, p_index)
-    for j, w in enumerate(workers):
-      if w.transfers:
-        best = min(best, (max(w.transfer_free, w.transfers[0][0]), 0, j))
-      if w.decoding:
-        best = min(best, (w.free, 1, j))
-      elif w.arrived:
-        best = min(best, (max(w.free, w.arrived[0][0]), 1, j))
-    now, action, index = best
-    if now == inf:
-      raise RuntimeError("simulation stalled: requests left but no worker can act")
-    while pending and pending[0].arrival <= now:
-      prefill_queue.append(pending.popleft())
-
-    if action == 0:  # one KV transfer
-      w = workers[index]
-      _, request, bucket = w.transfers.popleft()
-      request.transfer_start = now
-      start = now
-      if profile.transfer_waits_for_decode:
-        # The copy queues behind the decode step running there and, while the loop keeps going,
-        # the one it has already dispatched.
-        start = max(now, w.busy_until)
-        if w.decoding:
-          start += profile.decode_time(len(w.decoding),
-                                       sum(r.prompt_len + len(r.times) for r in w.decoding))
-      request.transfer_end = start + profile.transfer_s[bucket]
-      w.transfer_free = request.transfer_end
-      w.arrived.append((request.transfer_end, request, bucket))
-    elif action == 1:  # insert what arrived, then one decode step
-      w = workers[index]
-      while w.arrived:
-        ready, request, bucket = w.arrived[0]
-        if ready > now or not w.pool.can_admit(request.prompt_len + 1,
-                                               reserve=len(w.decoding)):
-          break
-        w.arrived.popleft()
-        w.promised -= _pages(request.prompt_len + 1, profile.page_size)
-        backlog += 1
-        w.pool.occupy(request, request.prompt_len + 1)
-        now += profile.insert_s[bucket]
-        w.decoding.append(request)
-      if not w.decoding:
-        # Nothing fits the pool and nothing decodes: impossible when the pool holds one
-        # max_seq_len sequence, which the engine enforces.
-        raise RuntimeError("simulation stalled: the page pool cannot hold the next request")
-      for request in w.decoding:
-        w.pool.grow(request, request.prompt_len + len(request.times) + 1)
-      step = profile.decode_time(len(w.decoding),
-                                 sum(r.prompt_len + len(r.times) for r in w.decoding))
-      # Slowed while a prefill runs or a request is on its way here (on CPU the prefill and
-      # transfer threads' host work competes with the loop's).
-      if (prefill_busy_until > now or w.transfers or w.arrived
-          or (profile.transfer_waits_for_decode and w.transfer_free > now)):
-        step *= profile.contention["decode"]
-      end = now + jitter(step)
-      still = []
-      for request in w.decoding:
-        request.times.append(end)
-        if len(request.times) >= request.output_len:
-          w.pool.release(request)
-          remaining -= 1
-        else:
-          still.append(request)
-      w.decoding, w.free, w.busy_until = still, end, end
-    else:  # one prefill step: the oldest request plus others of its length bucket
-      arrived = [r for r in prefill_queue if r.arrival <= now]
-      bucket = bucket_of(arrived[0].prompt_len)
-      chosen = [arrived[0]]
-      backlog -= 1
-      for request in arrived[1:]:
-        if len(chosen) == profile.prefill_batch or backlog == 0:
-          break
-        if bucket_of(request.prompt_len) == bucket:
-          chosen.append(request)
-          backlog -= 1
-      for request in chosen:
-        prefill_queue.remove(request)
-        request.prefill_start = now
-      step = profile.prefill(len(chosen), bucket)
-      if any(w.busy_until > now or w.decoding for w in workers):
-        # On shared cores a prefill slows with the decode side's load: a base factor plus one
-        # per decoding sequence (their streaming and bookkeeping run on the same host).
-        step *= (profile.contention["prefill"] + profile.contention.get("prefill_per_seq", 0.0)
-                 * sum(len(w.decoding) for w in workers))
-      end = now + jitter(step)
-      prefill_free[index] = end
-      prefill_busy_until = max(prefill_busy_until, end)
-      for request in chosen:
-        request.times.append(end + profile.read_lag_s)
-        if request.output_len == 1:
-          backlog += 1
-          remaining -= 1
-        else:
-          target = max(workers, key=lambda w: w.free_pages())
-          target.promised += _pages(request.prompt_len + 1, profile.page_size)
-          # The KV leaves once the worker has read the first token.
-          target.transfers.append((end + profile.read_lag_s, request, bucket))
-  pool = _Pool(profile)
-  pool.stalls = sum(w.pool.stalls for w in workers)
-  return _result(requests, pool)
+  sim = _Disagg(profile, requests, num_prefill_workers=num_prefill_workers,
+                num_decode_workers=num_decode_workers, replaying=replay is not None,
+                trace=trace)
+  if replay is None:
+    sim.run_timed()
+  else:
+    sim.run_replay(replay)
+  return _result(requests) if replay is None else SimResult([], 0.0)
 
 
 def simulate(profile: StepProfile, prompt_lens, output_lens, arrivals, *,

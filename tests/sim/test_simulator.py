@@ -23,13 +23,15 @@ def test_colocated_single_request_timeline():
 
 
 def test_colocated_prefill_stalls_decode_in_mixed_steps():
-  # The first request decodes 0.05 -> 0.06; the second arrives at 0.055, is admitted at 0.06 and
-  # its chunk rides in the next step, which is a 50 ms mixed step for the first request too.
-  result = simulator.simulate(colocated_profile(), [100, 100], [3, 2], [0.0, 0.055])
+  # The loop runs one step ahead, as the engine's does: the first request's chunk runs 0 -> 0.05
+  # and its first decode step, dispatched at once, 0.05 -> 0.06; at 0.05 (reading the chunk's
+  # token) the loop plans the step after, 0.06 -> 0.11. The second request arrived at 0.045, so
+  # it is admitted then and its chunk makes that a 50 ms mixed step for the first request too.
+  result = simulator.simulate(colocated_profile(), [100, 100], [3, 2], [0.0, 0.045])
   first, second = result.records
   assert first.ttft == pytest.approx(0.05)
   assert first.itl == pytest.approx([0.01, 0.05])
-  assert second.ttft == pytest.approx(0.11 - 0.055)
+  assert second.ttft == pytest.approx(0.11 - 0.045)
   assert second.phases["queue"] == pytest.approx(0.005)
 
 
@@ -154,7 +156,7 @@ def test_restricted_profile_keeps_the_smaller_buckets():
 
 def test_fit_contention_recovers_the_factors_of_a_simulated_run():
   from disagg_jax.bench import arrivals as arrivals_lib
-  from disagg_jax.sim import profile as profile_lib
+  from disagg_jax.sim import contention
   truth = {"prefill": 1.5, "prefill_per_seq": 0.1, "decode": 1.25}
   served = []
   rng = np.random.default_rng(3)
@@ -166,7 +168,7 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run():
     measured = metrics.compute(result.records, result.duration)
     measured["request_rate"] = rate
     served.append((prompts, outputs, arrivals, measured))
-  factors, record = profile_lib.fit_contention(disagg_profile(decode_batch=16), served)
+  factors, record = contention.fit_contention(disagg_profile(decode_batch=16), served)
   for row in record:
     assert row["fitted_median_ttft_ms"] == pytest.approx(row["measured_median_ttft_ms"],
                                                          rel=0.02)
