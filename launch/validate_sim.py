@@ -6,14 +6,20 @@ workload at several rates, and report the errors.
     python launch/validate_sim.py --mode=disagg --num_cpu_devices=8 --prefill_devices=2 \
         --decode_devices=2 ...same flags...
 
-Each call appends one row per rate to OUTPUT_DIR/validation.jsonl (measured JSON, simulated JSON,
-errors) and rewrites validation.md (the table) and validation.png (the plot) from all rows there.
+Each call appends one row per rate and measured run to OUTPUT_DIR/validation.jsonl (measured JSON,
+simulated JSON, errors, and the call's session id) and rewrites from all rows there:
+validation.md (the tables), validation.png (the plot), and fidelity.md / fidelity.json — the
+simulator's error against the mean of the real runs set against the real runs' own spread, per
+metric, with a verdict (within the noise; medians and throughput also within 5%), issue 14. Both
+modes can write into the same OUTPUT_DIR: the reports cover every row there (launch/fidelity.py
+runs the two calls).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import app, flags
 
@@ -50,6 +56,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   os.makedirs(FLAGS.output_dir, exist_ok=True)
+  # Rows of this call share it: the fidelity report groups the real runs of one simulation by it.
+  session = f"{FLAGS.mode}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
   engine = cli.build_engine(FLAGS.config)
   try:
     table = calibration.profile_engine(engine, iters=FLAGS.profile_iters)
@@ -66,7 +74,7 @@ def main(argv):
         records, duration = runner.run(engine, requests, arrivals, seed=FLAGS.seed,
                                        progress=False)
         measured = metrics.compute(records, duration, slos)
-        row = {"mode": FLAGS.mode, "request_rate": rate, "repeat": repeat,
+        row = {"mode": FLAGS.mode, "request_rate": rate, "repeat": repeat, "session": session,
                "dataset_name": FLAGS.dataset_name, "num_prompts": FLAGS.num_prompts,
                "goodput": FLAGS.goodput, "measured": measured, "simulated": simulated,
                "errors": validate.compare(measured, simulated),
@@ -96,7 +104,15 @@ def main(argv):
       f.write("\nSLO attainment at other SLOs, measured / simulated (error)\n\n"
               + validate.attainment_table(all_rows) + "\n")
   validate.plot(all_rows, os.path.join(FLAGS.output_dir, "validation.png"))
+  groups = validate.fidelity(all_rows)
+  with open(os.path.join(FLAGS.output_dir, "fidelity.json"), "w") as f:
+    json.dump({"groups": groups, "summary": validate.fidelity_summary(groups)}, f, indent=1)
+  with open(os.path.join(FLAGS.output_dir, "fidelity.md"), "w") as f:
+    f.write(validate.fidelity_markdown(all_rows))
   print(validate.markdown_table(all_rows))
+  print()
+  print(validate.fidelity_table(groups))
+  print("\n".join(validate.fidelity_summary_lines(groups)))
   return 0
 
 

@@ -104,3 +104,196 @@ def plot(rows, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+# Fidelity against the noise (issue 14). For one mode and rate the same requests and arrivals are
+# served for real n >= 2 times and simulated once. Per metric:
+#   error:      the simulated value against the mean of the real runs, (sim - mean) / mean, or
+#               sim - mean in percentage points for SLO attainment;
+#   run_errors: the same against each real run separately;
+#   spread:     the real runs' own difference, (max - min) / mean, or max - min in percentage
+#               points (for two runs, |run 2 - run 1| / mean);
+#   within_noise: |error| <= spread (None with a single real run: no noise measured);
+#   within_5pct:  |error| <= 5%, judged for the medians and the throughput only (None otherwise).
+FIVE_PCT_KEYS = ("median_ttft_ms", "median_tpot_ms", "output_throughput")
+FIVE_PCT = 0.05
+
+
+def _group_key(row) -> tuple:
+  """Rows of one invocation at one rate share a simulation; rows without a session (written
+  before it was recorded) are told apart by their simulated values."""
+  session = row.get("session")
+  if session is None:
+    session = tuple(row["simulated"].get(k) for k, _ in COMPARED)
+  return (row["mode"], row["request_rate"], session)
+
+
+def _judge(kind: str, key: str, real: list[float], sim: float) -> dict:
+  mean = sum(real) / len(real)
+  if kind == "pp":
+    error, run_errors = (sim - mean) * 100.0, [(sim - r) * 100.0 for r in real]
+    spread = (max(real) - min(real)) * 100.0
+  else:
+    nan = float("nan")
+    error = (sim - mean) / mean if mean else nan
+    run_errors = [(sim - r) / r if r else nan for r in real]
+    spread = (max(real) - min(real)) / mean if mean else nan
+  # A NaN (a zero mean) compares False: judged not within.
+  within_noise = abs(error) <= spread if len(real) > 1 else None
+  within_5pct = abs(error) <= FIVE_PCT if key in FIVE_PCT_KEYS else None
+  return {"kind": kind, "real": real, "real_mean": mean, "simulated": sim, "error": error,
+          "run_errors": run_errors, "spread": spread, "within_noise": within_noise,
+          "within_5pct": within_5pct}
+
+
+def fidelity(rows) -> list[dict]:
+  """Rows (as validate_sim.py writes them) grouped by mode, rate and invocation, each judged per
+  metric: [{"mode", "request_rate", "session", "goodput", "runs", "metrics": {key: {"kind",
+  "real", "real_mean", "simulated", "error", "run_errors", "spread", "within_noise",
+  "within_5pct"}}}], in the order the groups first appear."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault(_group_key(row), []).append(row)
+  out = []
+  for (mode, rate, _), mine in groups.items():
+    simulated = mine[0]["simulated"]
+    judged = {}
+    for key, kind in COMPARED:
+      real = [r["measured"].get(key) for r in mine]
+      sim = simulated.get(key)
+      if sim is None or any(v is None for v in real):
+        continue
+      judged[key] = _judge(kind, key, [float(v) for v in real], float(sim))
+    out.append({"mode": mode, "request_rate": rate, "session": mine[0].get("session"),
+                "goodput": mine[0].get("goodput"), "runs": len(mine), "metrics": judged})
+  return out
+
+
+def fidelity_summary(groups) -> dict[str, dict]:
+  """Per mode: {"cells", "judged" (cells with >= 2 real runs), "within_noise", "five_pct"
+  (median/throughput cells), "within_5pct", "by_metric" ({key: [within the noise, judged]}),
+  "goal_met"}; the goal is every cell judged and within the noise and every median and
+  throughput within 5%."""
+  out: dict[str, dict] = {}
+  for group in groups:
+    s = out.setdefault(group["mode"], {"cells": 0, "judged": 0, "within_noise": 0,
+                                       "five_pct": 0, "within_5pct": 0, "by_metric": {}})
+    for key, cell in group["metrics"].items():
+      s["cells"] += 1
+      if cell["within_noise"] is not None:
+        s["judged"] += 1
+        s["within_noise"] += bool(cell["within_noise"])
+        count = s["by_metric"].setdefault(key, [0, 0])
+        count[0] += bool(cell["within_noise"])
+        count[1] += 1
+      if cell["within_5pct"] is not None:
+        s["five_pct"] += 1
+        s["within_5pct"] += bool(cell["within_5pct"])
+  for s in out.values():
+    s["goal_met"] = (s["judged"] == s["cells"] > 0 and s["within_noise"] == s["judged"]
+                     and s["within_5pct"] == s["five_pct"])
+  return out
+
+
+def _amount(kind: str, value: float, signed: bool = True) -> str:
+  if kind == "pp":
+    return f"{value:+.1f} pp" if signed else f"{value:.1f} pp"
+  return f"{value * 100:+.1f}%" if signed else f"{value * 100:.1f}%"
+
+
+def _mark(flag) -> str:
+  return "–" if flag is None else "✓" if flag else "✗"
+
+
+def _sessions_differ(groups) -> bool:
+  """The same mode and rate from more than one invocation: tell them apart by their session."""
+  return len({(g["mode"], g["request_rate"]) for g in groups}) < len(groups)
+
+
+def _group_label(group, with_session: bool) -> str:
+  label = f"| {group['mode']} | {group['request_rate']:g} | {group['runs']} |"
+  if with_session:
+    label += f" {group.get('session') or '–'} |"
+  return label
+
+
+def fidelity_table(groups) -> str:
+  """One line per mode and rate; each cell is `simulator error / real spread`, then ✓ or ✗ for
+  within the noise and, on medians and throughput, `(5% ✓)` or `(5% ✗)`."""
+  if not groups:
+    return ""
+  repeated = _sessions_differ(groups)
+  head = "| mode | rate | runs |" + (" session |" if repeated else "")
+  head += " " + " | ".join(k for k, _ in COMPARED) + " |"
+  lines = [head, "| " + " | ".join(["---"] * (len(COMPARED) + 3 + repeated)) + " |"]
+  for group in groups:
+    cells = []
+    for key, kind in COMPARED:
+      cell = group["metrics"].get(key)
+      if cell is None:
+        cells.append("–")
+        continue
+      text = (f"{_amount(kind, cell['error'])} / {_amount(kind, cell['spread'], False)} "
+              f"{_mark(cell['within_noise'])}")
+      if cell["within_5pct"] is not None:
+        text += f" (5% {_mark(cell['within_5pct'])})"
+      cells.append(text)
+    lines.append(_group_label(group, repeated) + " " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def fidelity_summary_lines(groups) -> list[str]:
+  lines = []
+  for mode, s in fidelity_summary(groups).items():
+    lines.append(f"- **{mode}**: {s['within_noise']} of {s['judged']} metric cells within the "
+                 f"noise" + (f" ({s['cells'] - s['judged']} not judged: one real run)"
+                             if s["judged"] < s["cells"] else "")
+                 + f"; {s['within_5pct']} of {s['five_pct']} medians and throughputs within 5%; "
+                 f"goal {'met' if s['goal_met'] else 'not met'}. Within the noise by metric: "
+                 + ", ".join(f"{key} {n}/{of}" for key, (n, of) in s["by_metric"].items())
+                 + ".")
+  return lines
+
+
+def fidelity_detail_table(groups) -> str:
+  """One line per mode, rate and metric: the real runs, their mean, the simulated value, the
+  error against the mean and against each run, the real spread and the verdicts."""
+  repeated = _sessions_differ(groups)
+  head = ("| mode | rate | runs |" + (" session |" if repeated else "") + " metric | real runs | "
+          "real mean | simulated | sim − mean | sim − each run | real spread | within noise | "
+          "within 5% |")
+  lines = [head, "| " + " | ".join(["---"] * (12 + repeated)) + " |"]
+  for group in groups:
+    for key, _ in COMPARED:
+      cell = group["metrics"].get(key)
+      if cell is None:
+        continue
+      kind = cell["kind"]
+      fmt = (lambda v: f"{v * 100:.1f}%") if kind == "pp" else (lambda v: f"{v:.4g}")
+      runs = ", ".join(fmt(v) for v in cell["real"])
+      each = ", ".join(_amount(kind, e) for e in cell["run_errors"])
+      lines.append(_group_label(group, repeated) + f" {key} | {runs} | "
+                   f"{fmt(cell['real_mean'])} | {fmt(cell['simulated'])} | "
+                   f"{_amount(kind, cell['error'])} | {each} | "
+                   f"{_amount(kind, cell['spread'], False)} | {_mark(cell['within_noise'])} | "
+                   f"{_mark(cell['within_5pct'])} |")
+  return "\n".join(lines)
+
+
+FIDELITY_LEGEND = (
+    "Each cell: the simulator's error against the mean of the real runs / the real runs' own "
+    "spread, (max − min) / mean (for two runs |run 2 − run 1| / mean); SLO attainment in "
+    "percentage points (sim − mean, max − min). ✓: |error| ≤ spread, within the noise; "
+    "✗: outside it; –: one real run, no noise measured. On medians and throughput also (5% ✓) "
+    "when |error| ≤ 5%, (5% ✗) when not, judged apart from the noise.")
+
+
+def fidelity_markdown(rows) -> str:
+  """The whole report: the table, its legend, the summary per mode and the per-metric detail."""
+  groups = fidelity(rows)
+  if not groups:
+    return ""
+  return "\n\n".join([FIDELITY_LEGEND, fidelity_table(groups),
+                      "\n".join(fidelity_summary_lines(groups)),
+                      "Per metric (the real runs, the simulated value, the error against each "
+                      "run):", fidelity_detail_table(groups)]) + "\n"

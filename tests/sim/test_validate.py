@@ -1,5 +1,7 @@
 """How simulated-against-measured errors are computed and tabulated."""
 
+import os
+
 import pytest
 
 from disagg_jax.sim import validate
@@ -40,3 +42,138 @@ def test_repeated_runs_are_compared_with_the_first():
   assert "90% / 80% (-10.0 pp)" in table
   assert validate.repeatability_table([first]) == ""
   assert "4 (run 2)" in validate.markdown_table([first, second])
+
+
+# Fidelity against the noise (issue 14).
+
+def _run_row(mode, rate, session, repeat, measured, simulated):
+  return {"mode": mode, "request_rate": rate, "session": session, "repeat": repeat,
+          "goodput": "ttft:100,tpot:20", "measured": measured, "simulated": simulated}
+
+
+def _metrics(ttft=40.0, p90_ttft=80.0, tpot=20.0, p90_tpot=25.0, thr=100.0, att=0.9):
+  return {"median_ttft_ms": ttft, "p90_ttft_ms": p90_ttft, "median_tpot_ms": tpot,
+          "p90_tpot_ms": p90_tpot, "output_throughput": thr, "slo_attainment": att}
+
+
+def _two_runs():
+  """Real runs 40 and 44 ms (mean 42, spread 4/42 = 9.5%); the simulation 43.68 (+4%)."""
+  sim = _metrics(ttft=43.68, p90_ttft=100.0, tpot=20.5, p90_tpot=25.0, thr=103.0, att=0.80)
+  return [_run_row("colocated", 4.0, "s1", 0, _metrics(), sim),
+          _run_row("colocated", 4.0, "s1", 1, _metrics(ttft=44.0, p90_ttft=84.0, tpot=20.0,
+                                                        thr=100.1, att=0.7), sim)]
+
+
+def test_fidelity_error_is_against_the_mean_and_spread_is_max_minus_min():
+  (group,) = validate.fidelity(_two_runs())
+  assert (group["mode"], group["request_rate"], group["runs"]) == ("colocated", 4.0, 2)
+  cell = group["metrics"]["median_ttft_ms"]
+  assert cell["real_mean"] == pytest.approx(42.0)
+  assert cell["error"] == pytest.approx(0.04)
+  assert cell["run_errors"] == pytest.approx([0.092, 43.68 / 44 - 1])
+  assert cell["spread"] == pytest.approx(4.0 / 42.0)
+  assert cell["within_noise"] is True and cell["within_5pct"] is True
+  # p90 TTFT: +22% against a 4.9% spread; no 5% rule on p90s.
+  p90 = group["metrics"]["p90_ttft_ms"]
+  assert p90["error"] == pytest.approx(100 / 82 - 1)
+  assert p90["within_noise"] is False and p90["within_5pct"] is None
+  # Identical real runs: spread 0, so only an exact simulation is within the noise.
+  p90_tpot = group["metrics"]["p90_tpot_ms"]
+  assert p90_tpot["spread"] == 0.0 and p90_tpot["error"] == 0.0 and p90_tpot["within_noise"]
+  tpot = group["metrics"]["median_tpot_ms"]
+  assert tpot["within_noise"] is False and tpot["within_5pct"] is True
+  # Throughput: +2.95% against 0.1%: outside the noise, within 5%.
+  thr = group["metrics"]["output_throughput"]
+  assert thr["within_noise"] is False and thr["within_5pct"] is True
+  # Attainment in percentage points: mean 80%, simulated 80%, spread 20 pp.
+  att = group["metrics"]["slo_attainment"]
+  assert att["kind"] == "pp" and att["error"] == pytest.approx(0.0, abs=1e-9)
+  assert att["run_errors"] == pytest.approx([-10.0, 10.0])
+  assert att["spread"] == pytest.approx(20.0) and att["within_noise"] is True
+
+
+def test_fidelity_three_runs_and_one_run():
+  sim = _metrics(ttft=50.0)
+  rows = [_run_row("disagg", 2.0, "a", i, _metrics(ttft=t), sim) for i, t in
+          enumerate((40.0, 48.0, 44.0))]
+  (group,) = validate.fidelity(rows)
+  cell = group["metrics"]["median_ttft_ms"]
+  assert cell["spread"] == pytest.approx(8.0 / 44.0)
+  assert cell["error"] == pytest.approx(6.0 / 44.0) and cell["within_noise"] is True
+  assert cell["within_5pct"] is False
+  (single,) = validate.fidelity(rows[:1])
+  assert single["metrics"]["median_ttft_ms"]["within_noise"] is None
+  summary = validate.fidelity_summary([single])["disagg"]
+  assert summary["judged"] == 0 and summary["cells"] == 6 and not summary["goal_met"]
+  assert "– (5% ✗)" in validate.fidelity_table([single])
+  assert "6 not judged: one real run" in validate.fidelity_summary_lines([single])[0]
+
+
+def test_fidelity_groups_by_session_and_old_rows_by_their_simulation():
+  rows = _two_runs()
+  later = [dict(r, session="s2") for r in rows]
+  groups = validate.fidelity(rows + later)
+  assert [g["session"] for g in groups] == ["s1", "s2"] and all(g["runs"] == 2 for g in groups)
+  assert "| mode | rate | runs | session |" in validate.fidelity_table(groups)
+  assert "| colocated | 4 | 2 | s2 | median_ttft_ms |" in validate.fidelity_detail_table(groups)
+  assert "session" not in validate.fidelity_table(groups[:1])
+  # Rows written before the session was recorded: one group per simulation.
+  old = [{k: v for k, v in r.items() if k != "session"} for r in rows]
+  other = [dict(r, simulated=_metrics(ttft=41.0)) for r in old]
+  assert [g["runs"] for g in validate.fidelity(old + other)] == [2, 2]
+
+
+def test_fidelity_summary_and_goal():
+  sim = _metrics(ttft=41.0, p90_ttft=81.0, tpot=20.0, p90_tpot=25.0, thr=100.0, att=0.85)
+  rows = [_run_row("disagg", 6.0, "x", 0, _metrics(), sim),
+          _run_row("disagg", 6.0, "x", 1, _metrics(ttft=42.0, p90_ttft=82.0, tpot=20.5,
+                                                   p90_tpot=26.0, thr=100.5, att=0.8), sim)]
+  groups = validate.fidelity(rows)
+  summary = validate.fidelity_summary(groups)["disagg"]
+  assert summary == {"cells": 6, "judged": 6, "within_noise": 6, "five_pct": 3,
+                     "within_5pct": 3, "goal_met": True,
+                     "by_metric": {k: [1, 1] for k, _ in validate.COMPARED}}
+  rows[1]["measured"]["median_ttft_ms"] = 40.0  # spread 0: the simulated 41 is outside it
+  summary = validate.fidelity_summary(validate.fidelity(rows))["disagg"]
+  assert summary["within_noise"] == 5 and not summary["goal_met"]
+  assert summary["by_metric"]["median_ttft_ms"] == [0, 1]
+
+
+def test_fidelity_markdown():
+  rows = _two_runs()
+  del rows[0]["measured"]["slo_attainment"]  # no --goodput in one run: attainment not compared
+  text = validate.fidelity_markdown(rows)
+  assert ("| colocated | 4 | 2 | +4.0% / 9.5% ✓ (5% ✓) | +22.0% / 4.9% ✗ | +2.5% / 0.0% ✗ "
+          "(5% ✓) | +0.0% / 0.0% ✓ | +2.9% / 0.1% ✗ (5% ✓) | – |") in text
+  assert ("- **colocated**: 2 of 5 metric cells within the noise; 3 of 3 medians and "
+          "throughputs within 5%; goal not met.") in text
+  assert ("| colocated | 4 | 2 | median_ttft_ms | 40, 44 | 42 | 43.68 | +4.0% | +9.2%, -0.7% | "
+          "9.5% | ✓ | ✓ |") in text
+  assert validate.fidelity_markdown([]) == ""
+
+
+def _fidelity_script(repo_root):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "fidelity_launch", os.path.join(repo_root, "launch", "fidelity.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_fidelity_launcher_runs_validate_sim_per_mode(repo_root):
+  script = _fidelity_script(repo_root)
+  args, rest = script.parse(["--rates=2,4", "--repeats=3", "--output_dir", "/tmp/x"])
+  cmds = script.commands(args, rest)
+  assert [c[2] for c in cmds] == ["--mode=colocated", "--mode=disagg"]
+  assert cmds[0][1].endswith("launch/validate_sim.py")
+  assert cmds[0][3:] == ["--devices=4", "--rates=2,4", "--repeats=3", "--output_dir", "/tmp/x"]
+  assert cmds[1][3:5] == ["--prefill_devices=2", "--decode_devices=2"]
+  assert script.output_dir(rest) == "/tmp/x"
+  assert script.output_dir(["--output_dir=/y"]) == "/y"
+  args, rest = script.parse(["--modes=disagg", "--disagg_flags=--prefill_devices=1"])
+  assert [c[2:4] for c in script.commands(args, rest)] == [["--mode=disagg",
+                                                             "--prefill_devices=1"]]
+  for bad in (["--modes=single"], ["--mode=colocated"]):
+    with pytest.raises(SystemExit):
+      script.parse(bad)
