@@ -51,7 +51,7 @@ class ColocatedScheduler(Worker):
       for rows in self.rows_per_shard:
         for c in self.chunk_lens:
           out.append((f"mixed chunks={rows * self.dp}x{c} width={width}",
-                      lambda r=rows, c=c, w=width: self._run_mixed([], [], r, c, w,
+                      lambda r=rows, c=c, w=width: self._run_mixed([], r, c, w,
                                                                    precompile=True)))
     return out
 
@@ -65,7 +65,7 @@ class ColocatedScheduler(Worker):
   def run_mixed_discarded(self, rows_per_shard: int, chunk_len: int, width: int) -> None:
     """Dispatches a mixed step of that shape with no chunks and no decoding rows (all writes
     dropped): for timing the step (`sim.timing`)."""
-    self._run_mixed([], [], rows_per_shard, chunk_len, width)
+    self._run_mixed([], rows_per_shard, chunk_len, width)
 
   # ------------------------------------------------------------------ scheduler thread
 
@@ -100,7 +100,7 @@ class ColocatedScheduler(Worker):
     if step.chunks:
       per_shard = max(sum(1 for c in step.chunks if core.slots.shard_of(c[0]) == k)
                       for k in range(self.dp))
-      self._run_mixed(step.chunks, step.decode, buckets.pick(per_shard, self.rows_per_shard),
+      self._run_mixed(step.chunks, buckets.pick(per_shard, self.rows_per_shard),
                       buckets.pick(max(n for _, _, n in step.chunks), self.chunk_lens),
                       buckets.pick(core.width(), self.widths))
     elif step.decode:
@@ -121,12 +121,11 @@ class ColocatedScheduler(Worker):
         self.policy.forget(slot)
         self.finish(self.core.release(slot))
 
-  def _run_mixed(self, chunks, decoding, rows_per_shard: int, length: int, width: int,
+  def _run_mixed(self, chunks, rows_per_shard: int, length: int, width: int,
                  precompile: bool = False) -> None:
     """Dispatches a mixed step with chunk rows [dp * rows_per_shard, length] (each chunk in a
     row of its slot's dp row) and a `width`-page table; with `precompile`, only compiles it.
-    `decoding` slots are those whose positions are >= 0 (the step reads every slot)."""
-    del decoding  # the step decodes every slot whose position is set
+    It decodes a token for every slot whose position is set."""
     core = self.core
     b, batch = core.slots.num_slots, rows_per_shard * self.dp
     chunk_tokens = np.zeros((batch, length), np.int32)
@@ -144,11 +143,5 @@ class ColocatedScheduler(Worker):
       chunk_slots[i], context[i], lengths[i] = slot, start, n
       final[i] = start + n == len(request.tokens_to_compute)
     table = core.table_for_compiling(width) if precompile else core.page_table(width)
-    args = (core.params, core.kv_pages, core.tokens, core.positions(), table,
-            core.sampling_arrays(), *core.steps.put_rows(chunk_tokens, chunk_slots, context,
-                                                          lengths, final))
-    if precompile:
-      core.steps.mixed.precompile(*args)
-      return
-    core.tokens, core.kv_pages = core.steps.mixed(*args)
-
+    core.mixed(table, core.steps.put_rows(chunk_tokens, chunk_slots, context, lengths, final),
+               precompile=precompile)

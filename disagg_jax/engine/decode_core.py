@@ -1,7 +1,7 @@
 """The decode side shared by both serving modes: device state, slots, growth, preemption, emission.
 
 Device state is the page pool and each slot's next input token (`tokens`), both donated through
-every step; host state is `DecodeSlots` (pages, page table, positions) and per-slot sampling
+every step and changed only by this class's step methods (`dispatch_decode`, `mixed`, `insert`); host state is `DecodeSlots` (pages, page table, positions) and per-slot sampling
 settings, uploaded only when they change. Each step reads a page table only as wide as the
 longest sequence in the batch needs (a width bucket, `buckets.width_buckets`).
 """
@@ -111,6 +111,25 @@ class DecodeCore:
     rows = [(s, self.slots.requests[s]) for s in decoding]
     policy.advance(self.slots, decoding)
     return InFlight(self.tokens, rows)
+
+  def mixed(self, table, chunk_inputs, precompile: bool = False) -> None:
+    """Dispatches (or with `precompile` only compiles) the colocated mixed step: prompt chunks
+    (`chunk_inputs`, on device) beside a decode token for every decoding slot."""
+    args = (self.params, self.kv_pages, self.tokens, self.positions(), table,
+            self.sampling_arrays(), *chunk_inputs)
+    if precompile:
+      self.steps.mixed.precompile(*args)
+    else:
+      self.tokens, self.kv_pages = self.steps.mixed(*args)
+
+  def insert(self, prefix, page_ids, slot: int, token: int, precompile: bool = False) -> None:
+    """Writes an arrived KV `prefix` into the pages `page_ids` (num_pages: dropped) and sets the
+    slot's next input token (slot num_slots: none); with `precompile`, only compiles."""
+    args = (self.kv_pages, self.tokens, prefix, page_ids, np.int32(slot), np.int32(token))
+    if precompile:
+      self.steps.insert_prefix.precompile(*args)
+    else:
+      self.kv_pages, self.tokens = self.steps.insert_prefix(*args)
 
   def precompile_decode(self, width: int, rows: int) -> None:
     """Compiles the decode step for page tables `width` pages wide and `rows` rows per dp row

@@ -66,6 +66,15 @@ class StagingBudget(policy_lib.TokenBudget):
       return self._cv.wait_for(lambda: self.free >= tokens, timeout)
 
 
+def releasing(staging: StagingBudget, finish):
+  """`finish` that first returns the request's staging reservation: a request holds one from the
+  prefill batch that took it until its KV enters the pool (`DisaggDecodeLoop`) or it ends, here."""
+  def done(request: RequestState) -> None:
+    staging.release(request)
+    finish(request)
+  return done
+
+
 class PrefillWorker(Worker):
   """Prefill thread: length-bucketed batches of waiting requests (`queue`) on the prefill mesh.
 
@@ -82,7 +91,7 @@ class PrefillWorker(Worker):
     self.batch_buckets = buckets.batch_buckets(max_batch, steps.dp)
     self.max_tokens = max_tokens
     self.handoff = handoff  # (request, prefix KV, bucket) -> None
-    self.finish = finish
+    self.finish = releasing(staging, finish)
     self.staging = staging
     self.trace = None  # a sched.trace.Trace: enqueues and decisions are recorded
 
@@ -146,7 +155,6 @@ class PrefillWorker(Worker):
         if request.metrics.first_token is None:
           request.metrics.first_token = now
         if request.aborted or request.emit(int(first[i]), now):
-          self.staging.release(request)
           self.finish(request)
         else:
           self.handoff(request, self.extract(kv, np.int32(i)), bucket)
@@ -186,7 +194,7 @@ class TransferWorker:
   def __init__(self, plan: TransferPlan, deliver, finish, staging: StagingBudget):
     self.plan = plan
     self.deliver = deliver
-    self.finish = finish
+    self.finish = releasing(staging, finish)
     self.staging = staging
     self.queue: queue.Queue = queue.Queue()
 
@@ -206,7 +214,6 @@ class TransferWorker:
         return
       request, prefix, bucket = item
       if request.aborted:
-        self.staging.release(request)
         self.finish(request)
         continue
       request.metrics.transfer_start = time.perf_counter()
@@ -224,7 +231,7 @@ class DisaggDecodeLoop(Worker):
     super().__init__()
     self.core = core
     self.length_buckets = length_buckets
-    self.finish = finish
+    self.finish = releasing(staging, finish)
     self.requeue = requeue  # a preempted request goes back to prefill
     self.staging = staging
     self.trace = None  # a sched.trace.Trace: arrivals and decisions are recorded
@@ -293,7 +300,6 @@ class DisaggDecodeLoop(Worker):
       for item in aborted:
         self.queue.remove(item)
     for request, _, _ in aborted:
-      self.staging.release(request)
       self.finish(request)
     for slot in self.core.slots.occupied():
       if self.core.slots.requests[slot].aborted:
@@ -303,18 +309,11 @@ class DisaggDecodeLoop(Worker):
     """Runs (or with `precompile` only compiles) the insert step for a `bucket`-token prefix
     whose writes are all dropped: for compiling ahead and for timing it."""
     core = self.core
-    args = (core.kv_pages, core.tokens, prefix,
-            np.full(bucket // core.steps.page_size, core.slots.num_pages, np.int32),
-            np.int32(core.slots.num_slots), np.int32(0))
-    if precompile:
-      core.steps.insert_prefix.precompile(*args)
-    else:
-      core.kv_pages, core.tokens = core.steps.insert_prefix(*args)
+    core.insert(prefix, np.full(bucket // core.steps.page_size, core.slots.num_pages, np.int32),
+                core.slots.num_slots, 0, precompile=precompile)
 
   def _insert(self, request: RequestState, prefix, bucket: int, slot: int) -> None:
     """Writes `request`'s arrived KV into its slot's pages."""
     core = self.core
-    page_ids = core.slots.prompt_page_ids(slot, request.num_to_compute, bucket)
-    core.kv_pages, core.tokens = core.steps.insert_prefix(
-        core.kv_pages, core.tokens, prefix, page_ids, np.int32(slot),
-        np.int32(request.output_ids[-1]))
+    core.insert(prefix, core.slots.prompt_page_ids(slot, request.num_to_compute, bucket), slot,
+                request.output_ids[-1])

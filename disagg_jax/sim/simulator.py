@@ -123,6 +123,14 @@ class _Jitter:
     return seconds * float(self.table[self.rng.integers(len(self.table))])
 
 
+def _dispatch_blocks(profile: StepProfile) -> bool:
+  """Whether dispatching a step returns only once the device ran it. On CPU profiles (the
+  devices run one computation at a time, `transfer_waits_for_decode`) the loop's next decision
+  comes when the step it just dispatched has run, and a step's tokens are read a `read_lag_s`
+  after its end; on accelerators dispatch returns at once and the loop runs a step ahead."""
+  return profile.transfer_waits_for_decode
+
+
 def _pool(profile: StepProfile) -> SlotPool:
   return SlotPool(profile.decode_batch, profile.num_pages, profile.page_size)
 
@@ -194,6 +202,8 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
         seconds = profile.decode_time(len(step.decode), _context(pool, step.decode))
       device_free = max(now, device_free) + jitter(seconds)
       dispatched = (rules.commit(pool, step), device_free)
+      if _dispatch_blocks(profile):
+        now = device_free
     if in_flight is not None:
       rows, end = in_flight
       now = max(now, end)
@@ -351,6 +361,8 @@ class _Disagg:
       raise RuntimeError("simulation stalled: the page pool cannot hold the next request")
     else:
       w.next_iter = now if w.arrived else None
+    if dispatched is not None and _dispatch_blocks(profile):
+      w.next_iter = max(w.next_iter, dispatched[1])
     w.in_flight = dispatched
 
   def requeue(self, now: float, request: SimRequest) -> None:
