@@ -215,17 +215,22 @@ def _build_cluster(config) -> EngineAPI:
 
 def define_workload_flags() -> None:
   """vLLM's benchmark workload flags (benchmark.py, simulate.py)."""
-  flags.DEFINE_enum("dataset_name", "random", ["random", "sharegpt", "prefill_heavy",
-                                                "decode_heavy"], "Workload.")
+  from disagg_jax.bench import workloads  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("dataset_name", "random", list(workloads.DATASETS),
+                    "Workload: random, sharegpt (--dataset_path), prefill_heavy / decode_heavy "
+                    "(the demo model's scale), or real-scale presets: chat (ShareGPT-like, 755 / "
+                    "200 tokens on average), 1k_1k, 4k_256, 8k_128 (input_output tokens, +-10%).")
   flags.DEFINE_string("dataset_path", None, "ShareGPT JSON file (--dataset_name=sharegpt).")
   flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
   flags.DEFINE_float("request_rate", float("inf"), "Requests per second; inf sends all at once.")
   flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the gaps: 1 Poisson, < 1 burstier.")
   flags.DEFINE_integer("max_concurrency", None, "At most this many requests in flight.")
   flags.DEFINE_integer("random_input_len", None,
-                       "Prompt tokens (random: default 256; presets have their own).")
+                       "Prompt tokens (random: default 256; presets have their own; chat: the "
+                       "mean).")
   flags.DEFINE_integer("random_output_len", None,
-                       "Output tokens (random: default 64; presets have their own).")
+                       "Output tokens (random: default 64; presets have their own; chat: the "
+                       "mean).")
   flags.DEFINE_float("random_range_ratio", None, "Lengths vary in [len*(1-r), len*(1+r)].")
   flags.DEFINE_string("goodput", None, "SLOs for goodput, e.g. ttft:200,tpot:50 (milliseconds).")
   flags.DEFINE_integer("seed", 0, "Seed of the workload and the arrivals.")

@@ -127,3 +127,30 @@ def compute(records: list[RequestRecord], duration: float,
     out[f"mean_{phase}_ms"] = float(np.mean(values))
     out[f"p99_{phase}_ms"] = float(np.percentile(values, 99))
   return out
+
+
+def steady_state(records: list[RequestRecord], arrivals, warmup: float
+                 ) -> tuple[list[RequestRecord], float]:
+  """The records of a sustained run that count: those of requests arriving after the first
+  `warmup` fraction of the arrival window (the system starts empty, so early requests see
+  less load than the rate brings), and the seconds from the first of them arriving to the last of
+  them finishing (the duration of `compute`). `records[i]` is the request that arrived at
+  `arrivals[i]`."""
+  arrivals = np.asarray(arrivals, np.float64)
+  if len(records) != len(arrivals):
+    raise ValueError(f"{len(records)} records for {len(arrivals)} arrivals")
+  if not 0 <= warmup < 1:
+    raise ValueError(f"warm-up fraction {warmup} must be in [0, 1)")
+  start = arrivals.min() + warmup * (arrivals.max() - arrivals.min())
+  keep = [i for i in range(len(records)) if arrivals[i] >= start]
+  ends = [arrivals[i] + records[i].e2el for i in keep if records[i].success]
+  first = arrivals[keep].min()
+  return [records[i] for i in keep], float(max(max(ends, default=first) - first, 1e-9))
+
+
+def in_system(records: list[RequestRecord], arrivals, times) -> list[int]:
+  """How many requests are in the system (arrived, last token not yet out; failed ones until
+  their arrival only) at each of `times`."""
+  arrivals = np.asarray(arrivals, np.float64)
+  ends = arrivals + np.array([r.e2el if r.success else 0.0 for r in records])
+  return [int(np.sum((arrivals <= t) & (ends > t))) for t in times]

@@ -64,6 +64,11 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
+  # Shapes the analytic model (disagg_jax/sim/analytic.py) plans for but the network does not run
+  # (OPT, configs/models/opt_*.py): a plain two-matrix MLP (fc1 -> ReLU -> fc2) instead of the
+  # gated three-matrix SwiGLU, and a learned position table of max_position_embeddings rows.
+  mlp_gated: bool = True
+  learned_positions: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -86,9 +91,10 @@ class ModelConfig:
   def num_params(self) -> int:
     h, d = self.hidden_size, self.head_dim
     attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-    mlp = 3 * h * self.intermediate_size
+    mlp = (3 if self.mlp_gated else 2) * h * self.intermediate_size
     embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-    return self.num_layers * (attn + mlp + 2 * h) + embed + h
+    positions = self.max_position_embeddings * h if self.learned_positions else 0
+    return self.num_layers * (attn + mlp + 2 * h) + embed + positions + h
 
   def kv_bytes_per_token(self, dtype_bytes: int) -> int:
     return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -1,7 +1,9 @@
 """Published model shapes by name: the modules of configs/models (e.g. llama3_8b, smollm2_135m).
 
 Used to plan and simulate without a checkpoint, and to build random-weight checkpoints of a real
-shape for benchmarks and tests (`disagg_jax.testing.checkpoints`).
+shape for benchmarks and tests (`disagg_jax.testing.checkpoints`). opt_13b and opt_66b
+(`model_type="opt"`: MHA, a plain ReLU MLP, learned positions) exist for the analytic model only
+(DistServe's experiments); the engine's network does not run them.
 """
 
 from __future__ import annotations

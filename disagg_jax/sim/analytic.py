@@ -9,8 +9,19 @@ bandwidth.
 
 MFU, MBU and the overhead are calibration factors. `fit_anchor` fits them for the H200
 from the measured Llama-3-8B-shaped steps in ../shared/anchors (the only accelerator measurements
-here); the TPU factors are assumptions, printed with every plan. `calibrate(profile, model_cfg)`
-reports the same factors for the CPU this machine has, from a launch/profile.py table.
+here); the H100 and A100 take the same fractions of their own peaks (an assumption for the A100,
+an older chip), the TPU factors are assumptions; all are printed with every plan.
+`calibrate(profile, model_cfg)` reports the same factors for the CPU this machine has, from a
+launch/profile.py table.
+
+Prefill and decode may run on different kinds of chip (`parse_hardware("h100+a100")`: prefill on
+H100s, decode on A100s, as Splitwise studies); their KV then moves between nodes over each chip's
+`network_bw` (the slower end's) instead of NVLink / ICI.
+
+`roofline(...)` is the bound no configuration can pass: the request rate at which the chips' peak
+FLOP/s just cover every request's prefill and decode FLOPs, or their HBM bandwidth just covers
+decode's reads (weights shared by as many sequences as memory holds, plus each token's KV).
+The planner's and the simulator's sustained throughputs are checked against it.
 """
 
 from __future__ import annotations
@@ -37,6 +48,9 @@ class Hardware:
   link_efficiency: float = 0.7
   collective_latency_s: float = 10e-6
   source: str = ""
+  # Between nodes, per chip, one direction (InfiniBand / DCN): the KV of heterogeneous phases
+  # (prefill and decode on different kinds of chip, so on different nodes) moves over it.
+  network_bw: float = 50e9
 
 
 # ../shared/anchors/h200-*.jsonl: a Llama-3-8B-shaped model in plain JAX on one H200 (JAX 0.11.2,
@@ -71,25 +85,47 @@ HARDWARE = {
                      source="H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s, 80 GB, NVLink 900 GB/s"),
     "h200": Hardware("h200", 989e12, 4800e9, 141e9, 450e9, 0.45, 0.70, 150e-6,
                      source="H200 SXM: 989 TFLOP/s bf16 dense, 4.8 TB/s, 141 GB, NVLink 900 GB/s"),
+    "a100": Hardware("a100", 312e12, 2039e9, 80e9, 300e9, 0.45, 0.70, 150e-6, network_bw=25e9,
+                     source="A100 SXM4 80GB: 312 TFLOP/s bf16 dense, 2.039 TB/s HBM2e, 80 GB, "
+                     "NVLink 600 GB/s, HDR InfiniBand 200 Gb/s per GPU"),
 }
+# TPU hosts reach other slices over the data-center network: ~100 Gb/s per chip assumed.
+for _name in ("v5e", "v5p", "v6e"):
+  HARDWARE[_name] = dataclasses.replace(HARDWARE[_name], network_bw=12.5e9)
+ANCHOR_FITTED = ("h100", "h200", "a100")
 DTYPE_BYTES = 2  # bf16 weights and KV
 
 model_preset = presets.model_preset  # configs/models/NAME.py
 
 
-def get_hardware(name: str) -> Hardware:
-  """The chip, with H100 / H200 factors fitted to the H200 anchor (same Hopper chip; the H100
-  keeps the H200's MFU and overhead and the same MBU of its own bandwidth)."""
+def get_hardware(name: str, flag: str = "--hardware") -> Hardware:
+  """The chip, with H100 / H200 / A100 factors fitted to the H200 anchor (the H100 is the same
+  Hopper chip: it keeps the H200's MFU and overhead and the same MBU of its own bandwidth; the
+  A100 is assumed to reach the same fractions of its own peak FLOP/s and bandwidth, with the same
+  per-step overhead)."""
   if name not in HARDWARE:
-    raise ValueError(f"--hardware={name!r} is not one of {', '.join(HARDWARE)}")
+    raise ValueError(f"{flag}={name!r} is not one of {', '.join(HARDWARE)} (or PREFILL+DECODE, "
+                     "e.g. h100+a100)")
   hw = HARDWARE[name]
-  if name in ("h100", "h200"):
+  if name in ANCHOR_FITTED:
     h200 = HARDWARE["h200"]
     fit = fit_anchor(model_preset("llama3_8b"), h200.peak_flops, h200.hbm_bw)
+    how = ("fitted to the H200 anchor" if name != "a100"
+           else "the H200 anchor's fractions, assumed for Ampere")
     hw = dataclasses.replace(hw, mfu=fit["mfu"], mbu=fit["mbu"],
                              step_overhead_s=fit["step_overhead_s"],
-                             source=hw.source + " (MFU/MBU/overhead fitted to the H200 anchor)")
+                             source=hw.source + f" (MFU/MBU/overhead {how})")
   return hw
+
+
+def parse_hardware(spec: str, flag: str = "--hardware") -> tuple[Hardware, Hardware]:
+  """(prefill chip, decode chip) of "h100" (both) or "h100+a100" (prefill + decode)."""
+  names = [n.strip() for n in str(spec).split("+")]
+  if len(names) > 2 or not all(names):
+    raise ValueError(f"{flag}={spec!r} is not one of {', '.join(HARDWARE)} or PREFILL+DECODE "
+                     "(e.g. h100+a100)")
+  prefill = get_hardware(names[0], flag)
+  return prefill, (get_hardware(names[1], flag) if len(names) == 2 else prefill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +136,30 @@ class StepCost:
   tokens: int
 
 
+def _layer_params(cfg: ModelConfig) -> float:
+  """Weights every token multiplies through (the layers' matmuls, gated or plain MLP): all but
+  the embedding / LM-head tables and a learned position table, which are looked up."""
+  embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+  positions = cfg.max_position_embeddings * cfg.hidden_size if cfg.learned_positions else 0
+  return float(cfg.num_params() - embed - positions)
+
+
 def _dense_flops(cfg: ModelConfig, tokens: int, sequences: int) -> float:
   """Matmul FLOPs: every layer for every token, the LM head only for each sequence's last."""
-  embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-  return 2.0 * ((cfg.num_params() - embed) * tokens + cfg.vocab_size * cfg.hidden_size * sequences)
+  return 2.0 * (_layer_params(cfg) * tokens + cfg.vocab_size * cfg.hidden_size * sequences)
 
 
 def _weight_bytes(cfg: ModelConfig) -> float:
   return float(cfg.num_params()) * DTYPE_BYTES
 
 
-def prefill_cost(cfg: ModelConfig, batch: int, length: int) -> StepCost:
-  attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * batch * length * length / 2
-  kv = batch * length * cfg.kv_bytes_per_token(DTYPE_BYTES)
+def prefill_cost(cfg: ModelConfig, batch: int, length: int, offset: int = 0) -> StepCost:
+  """`batch` prompts (or prompt chunks) of `length` tokens, each after `offset` tokens already in
+  the KV cache (a later chunk of a chunked prefill): causal attention over the chunk plus the
+  whole cached prefix, whose KV is read too."""
+  attn = (4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * batch * length
+          * (length / 2 + offset))
+  kv = batch * (length + offset) * cfg.kv_bytes_per_token(DTYPE_BYTES)
   return StepCost(_dense_flops(cfg, batch * length, batch) + attn, _weight_bytes(cfg) + kv,
                   batch * length)
 
@@ -135,8 +182,14 @@ def step_time(cost: StepCost, cfg: ModelConfig, hw: Hardware, tp: int) -> float:
   return max(compute, memory) + comm + hw.step_overhead_s
 
 
-def transfer_time(cfg: ModelConfig, hw: Hardware, tokens: int) -> float:
-  return (tokens * cfg.kv_bytes_per_token(DTYPE_BYTES) / (hw.link_bw * hw.link_efficiency)
+def transfer_time(cfg: ModelConfig, hw: Hardware, tokens: int,
+                  decode_hw: Hardware | None = None) -> float:
+  """One request's KV from the prefill chips to the decode chips: over NVLink / ICI when they are
+  the same kind (one node / slice), else between nodes at the slower chip's network bandwidth."""
+  bw = hw.link_bw
+  if decode_hw is not None and decode_hw.name != hw.name:
+    bw = min(hw.network_bw, decode_hw.network_bw)
+  return (tokens * cfg.kv_bytes_per_token(DTYPE_BYTES) / (bw * hw.link_efficiency)
           + hw.collective_latency_s)
 
 
@@ -153,15 +206,30 @@ def fits(cfg: ModelConfig, hw: Hardware, tp: int, decode_batch: int, max_seq_len
 
 def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_batch: int,
                 max_seq_len: int, prefill_tp: int | None = None, prefill_batch: int = 4,
-                chunk_size: int = 512, chunk_batch: int = 4) -> StepProfile:
-  """A step-time table as launch/profile.py would measure it on `hw` (decode cost is linear in the
-  active batch and context, see StepProfile.decode_time)."""
+                chunk_size: int = 512, chunk_batch: int = 4,
+                prefill_hw: Hardware | None = None,
+                prompt_len: int | None = None) -> StepProfile:
+  """A step-time table as launch/profile.py would measure it on `hw` (decode on `hw`; prefill on
+  `prefill_hw`, default the same chip). `prompt_len` (the workload's mean prompt) places the
+  colocated engine's chunks in their prompts.
+
+  The table's decode step is linear in the active sequences and their context
+  (StepProfile.decode_time), while the roofline step is max(compute, memory): weight reads
+  dominate a small batch, the FLOPs of a large one. The per-sequence slope is the chord from an
+  empty step to a full one (decode_batch sequences), so both ends are exact and the middle is
+  never faster than the roofline (max of linear functions is convex); the slope of the single
+  sequence alone would ignore that a batch of hundreds is compute-bound. (A full step holds at
+  most as many sequences as the pool has room for at half of max_seq_len.)"""
   ok, pages = fits(cfg, hw, tp, decode_batch, max_seq_len)
   if not ok:
     raise ValueError(f"{cfg.num_params() / 1e9:.1f}B parameters with TP{tp} leave no room for "
                      f"one {max_seq_len}-token sequence in {tp} x {hw.hbm_bytes / 1e9:.0f} GB")
+  prefill_hw = prefill_hw or hw
   base = step_time(decode_cost(cfg, 0, 0), cfg, hw, tp)
-  per_seq = step_time(decode_cost(cfg, 1, 0), cfg, hw, tp) - base
+  # A full step: decode_batch sequences, or as many as the pool holds at half of max_seq_len.
+  full_batch = max(min(decode_batch, pages * 16 // max(max_seq_len // 2, 1)), 1)
+  full = step_time(decode_cost(cfg, full_batch, 0), cfg, hw, tp)
+  per_seq = (full - base) / full_batch
   per_token = cfg.kv_bytes_per_token(DTYPE_BYTES) / (tp * hw.hbm_bw * hw.mbu)
   profile = StepProfile(mode=mode, page_size=16, decode_batch=decode_batch, num_pages=pages,
                         max_seq_len=max_seq_len, decode_s=base,
@@ -172,7 +240,11 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
     for bc in buckets.chunk_rows(chunk_batch):
       for c in buckets.chunk_lens(chunk_size):
         # The chunk's compute rides on the decode step's weight read: only the excess counts.
-        chunk = step_time(prefill_cost(cfg, bc, c), cfg, hw, tp)
+        # The table does not know where in its prompt a chunk falls: a chunk shorter than the
+        # prompt attends on average to half of the rest of it (the prompt: `prompt_len`, the
+        # workload's mean, else max_seq_len).
+        offset = max((prompt_len or max_seq_len) - c, 0) // 2
+        chunk = step_time(prefill_cost(cfg, bc, c, offset), cfg, hw, tp)
         profile.mixed_s[(bc, c)] = max(chunk, base)
     return profile
   ptp = prefill_tp or tp
@@ -180,10 +252,10 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
   profile.length_buckets = buckets.length_buckets(max_seq_len, 16)
   for s in profile.length_buckets:
     for b in buckets.batch_buckets(prefill_batch):
-      profile.prefill_s[(b, s)] = step_time(prefill_cost(cfg, b, s), cfg, hw, ptp)
-    profile.transfer_s[s] = transfer_time(cfg, hw, s)
+      profile.prefill_s[(b, s)] = step_time(prefill_cost(cfg, b, s), cfg, prefill_hw, ptp)
+    profile.transfer_s[s] = transfer_time(cfg, prefill_hw, s, hw)
     profile.insert_s[s] = s * cfg.kv_bytes_per_token(DTYPE_BYTES) / (tp * hw.hbm_bw * hw.mbu)
-  profile.meta["prefill_tp"] = ptp
+  profile.meta.update(prefill_tp=ptp, prefill_hardware=prefill_hw.name)
   return profile
 
 
@@ -206,3 +278,80 @@ def calibrate(profile: StepProfile, cfg: ModelConfig, peak_flops: float,
   cost = decode_cost(cfg, profile.decode_batch, profile.decode_batch * profile.max_seq_len)
   out["mbu"] = cost.bytes / profile.decode_s / hbm_bw
   return out
+
+
+# ---------------------------------------------------------------- the roofline bound
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """The highest request rate chips can sustain on a workload, whatever the configuration."""
+  request_rate: float  # requests/s
+  output_tokens_per_s: float
+  bound: str  # what binds: "prefill compute", "decode compute", "compute", "decode memory"
+  limits: dict  # requests/s each resource alone allows
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _per_request(cfg: ModelConfig, prompt_lens, output_lens) -> dict[str, float]:
+  """Mean FLOPs of one request's prefill and decode, and decode's KV bytes read per request
+  (KV of every context token, every step), over the workload's requests."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  p = np.asarray(prompt_lens, np.float64).reshape(-1)
+  o = np.maximum(np.asarray(output_lens, np.float64).reshape(-1), 1.0)
+  attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+  dense_token = 2.0 * _layer_params(cfg)
+  head = 2.0 * cfg.vocab_size * cfg.hidden_size
+  steps = o - 1  # the first token comes from the prefill
+  context = steps * p + steps * (steps + 1) / 2  # sum over decode steps of the context read
+  return {"prefill_flops": float(np.mean(dense_token * p + head + attn * p * p / 2)),
+          "decode_flops": float(np.mean(steps * (dense_token + head) + attn * context)),
+          "decode_kv_bytes": float(np.mean(context)) * cfg.kv_bytes_per_token(DTYPE_BYTES),
+          "output_tokens": float(np.mean(o))}
+
+
+def _decode_memory_rate(cfg: ModelConfig, hw: Hardware, devices: int, kv_bytes: float) -> float:
+  """Requests/s decode's HBM reads allow on `devices` chips: every step reads the weights once
+  (one copy over all the chips: a single replica is the best case) and each sequence's KV. A step
+  of b sequences reads W + (their KV), and at most (HBM - W) of KV fits, so per token of context
+  read the chips read at least HBM / (HBM - W) times its KV bytes: the weights' share vanishes
+  only as the batch fills all of memory."""
+  total_hbm = devices * hw.hbm_bytes
+  weights = _weight_bytes(cfg)
+  if weights >= total_hbm:
+    return 0.0
+  if kv_bytes <= 0:
+    return float("inf")
+  return devices * hw.hbm_bw * (total_hbm - weights) / (total_hbm * kv_bytes)
+
+
+def roofline(cfg: ModelConfig, prompt_lens, output_lens, *, hardware: Hardware | None = None,
+             devices: int = 0, prefill_hw: Hardware | None = None, prefill_devices: int = 0,
+             decode_hw: Hardware | None = None, decode_devices: int = 0) -> Roofline:
+  """The bound at peak FLOP/s and bandwidth (no MFU / MBU below 1, no overheads).
+
+  Either `devices` chips of `hardware` that both phases share (any colocated or disaggregated
+  configuration on them), or a split: prefill alone on `prefill_devices` chips of `prefill_hw`
+  and decode alone on `decode_devices` of `decode_hw` (a disaggregated configuration, possibly of
+  two kinds of chip). Lengths: the workload's requests (arrays) or one request's (numbers)."""
+  work = _per_request(cfg, prompt_lens, output_lens)
+  limits = {}
+  if hardware is not None:
+    if devices < 1:
+      raise ValueError(f"roofline over {devices} devices")
+    limits["compute"] = devices * hardware.peak_flops / (work["prefill_flops"]
+                                                         + work["decode_flops"])
+    limits["decode memory"] = _decode_memory_rate(cfg, hardware, devices, work["decode_kv_bytes"])
+  else:
+    if prefill_hw is None or decode_hw is None or prefill_devices < 1 or decode_devices < 1:
+      raise ValueError("roofline needs hardware and devices, or both phases' chips and counts")
+    limits["prefill compute"] = prefill_devices * prefill_hw.peak_flops / work["prefill_flops"]
+    limits["decode compute"] = (decode_devices * decode_hw.peak_flops
+                                / max(work["decode_flops"], 1e-30))
+    limits["decode memory"] = _decode_memory_rate(cfg, decode_hw, decode_devices,
+                                                  work["decode_kv_bytes"])
+  bound = min(limits, key=limits.get)
+  rate = limits[bound]
+  return Roofline(rate, rate * work["output_tokens"], bound, limits)

@@ -95,3 +95,63 @@ def test_arrivals():
       arrivals.arrival_times(5, rate)
   with pytest.raises(WorkloadError, match="burstiness"):
     arrivals.arrival_times(5, 1.0, burstiness=0)
+
+
+@pytest.mark.parametrize("name,prompt,output", [("1k_1k", 1024, 1024), ("4k_256", 4096, 256),
+                                                ("8k_128", 8192, 128)])
+def test_real_scale_grids(name, prompt, output):
+  prompt_lens, output_lens = workloads.preset_lengths(name, 2000, seed=0)
+  assert prompt_lens.min() >= int(prompt * 0.9) and prompt_lens.max() <= int(prompt * 1.1)
+  assert output_lens.min() >= int(output * 0.9) and output_lens.max() <= int(output * 1.1)
+  assert np.mean(prompt_lens) == pytest.approx(prompt, rel=0.02)
+  assert np.mean(output_lens) == pytest.approx(output, rel=0.02)
+  # The first n of a larger draw are a smaller draw; build() has the same lengths.
+  small = workloads.preset_lengths(name, 5, seed=0)
+  np.testing.assert_array_equal(small[0], prompt_lens[:5])
+  reqs = workloads.build(name, num_prompts=5, vocab_size=100, tokenizer=None, seed=0,
+                         first_id=3)
+  assert [len(r.prompt_token_ids) for r in reqs] == small[0].tolist()
+  assert [r.output_len for r in reqs] == small[1].tolist()
+  assert all(3 <= t < 100 for r in reqs for t in r.prompt_token_ids)
+  # Lengths can be overridden as for the demo presets.
+  p, o = workloads.preset_lengths(name, 50, seed=0, input_len=100, output_len=10,
+                                  range_ratio=0.0)
+  assert set(p) == {100} and set(o) == {10}
+
+
+def test_chat_is_sharegpt_like():
+  prompt_lens, output_lens = workloads.preset_lengths("chat", 20000, seed=0)
+  # DistServe's ShareGPT averages (755 / 200), pairs under 2,048 tokens, at least 4 each.
+  assert np.mean(prompt_lens) == pytest.approx(755, rel=0.03)
+  assert np.mean(output_lens) == pytest.approx(200, rel=0.03)
+  assert (prompt_lens + output_lens).max() < 2048
+  assert prompt_lens.min() >= 4 and output_lens.min() >= 4
+  # Heavy-tailed: medians well below the means, long outputs present.
+  assert np.median(output_lens) < 0.8 * np.mean(output_lens)
+  assert np.percentile(output_lens, 99) > 3 * np.mean(output_lens)
+  p, o = workloads.preset_lengths("chat", 20000, seed=0, input_len=1510, output_len=400)
+  assert np.mean(p) == pytest.approx(1510, rel=0.05) and np.mean(o) == pytest.approx(400,
+                                                                                   rel=0.05)
+  with pytest.raises(WorkloadError, match="--random_range_ratio=0.5 does not apply to "
+                     "--dataset_name=chat"):
+    workloads.preset_lengths("chat", 10, seed=0, range_ratio=0.5)
+
+
+def test_demo_presets_keep_their_lengths():
+  """The CPU results in docs/BENCHMARKS.md use the demo-scale presets: same draws as before."""
+  reqs = workloads.build("prefill_heavy", num_prompts=50, vocab_size=50, tokenizer=None, seed=0)
+  p, o = workloads.preset_lengths("prefill_heavy", 50, seed=0)
+  assert p.tolist() == [len(r.prompt_token_ids) for r in reqs]
+  assert o.tolist() == [r.output_len for r in reqs]
+  assert 288 <= p.min() and p.max() <= 480 and 12 <= o.min() and o.max() <= 20
+
+
+def test_bad_dataset_names_say_what_is_allowed():
+  with pytest.raises(WorkloadError, match=r"--dataset_name='16k_1' is not one of random, "
+                     r"sharegpt, prefill_heavy, decode_heavy, chat, 1k_1k, 4k_256, 8k_128"):
+    workloads.build("16k_1", num_prompts=1, vocab_size=10, tokenizer=None, seed=0)
+  with pytest.raises(WorkloadError, match=r"--dataset_name='sharegpt' is not one of random, "
+                     r"prefill_heavy"):
+    workloads.preset_lengths("sharegpt", 1, seed=0)
+  with pytest.raises(WorkloadError, match="--num_prompts=0"):
+    workloads.preset_lengths("chat", 0, seed=0)

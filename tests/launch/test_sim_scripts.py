@@ -52,28 +52,68 @@ def test_simulate_hardware_model(tmp_path, repo_root):
               "--mode=disagg", "--prefill_tp=2", "--decode_tp=2", "--num_decode_workers=2",
               "--config.engine.max_seq_len=2048", *WORKLOAD, f"--output_json={out}")
   assert done.returncode == 0, done.stderr[-2000:]
-  assert json.loads(out.read_text())["completed"] == 30
+  result = json.loads(out.read_text())
+  assert result["completed"] == 30
+  assert result["above_roofline"] is False
+  assert result["request_throughput"] <= result["roofline_request_rate"]
+  assert result["output_throughput"] <= result["roofline_output_tokens_per_s"]
+
+
+def test_simulate_real_scale_preset_on_two_kinds_of_chip(tmp_path, repo_root):
+  out = tmp_path / "sim.json"
+  done = _run(repo_root, "simulate.py", "--hardware=h100+a100", "--model_config=llama3_8b",
+              "--mode=disagg", "--dataset_name=chat", "--num_prompts=120", "--request_rate=4",
+              "--warmup_fraction=0.5", "--goodput=ttft:1000,tpot:100",
+              "--config.engine.max_seq_len=2048", f"--output_json={out}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["scored_requests"] < 120 and result["above_roofline"] is False
+  assert result["mean_transfer_ms"] > 0  # between nodes, over the network
+  done = _run(repo_root, "simulate.py", "--hardware=h100+a100", "--model_config=llama3_8b",
+              "--mode=colocated", *WORKLOAD)
+  assert done.returncode != 0 and "needs --mode=disagg" in done.stderr
 
 
 def test_plan_llama3_8b_on_v5e(tmp_path, repo_root):
   out, plot = tmp_path / "plan.json", tmp_path / "pareto.png"
   done = _run(repo_root, "plan.py", "--model_config=llama3_8b", "--hardware=v5e",
-              "--num_devices=8", "--dataset_name=prefill_heavy", "--simulate_top=10",
-              "--num_prompts=80", f"--output_json={out}", f"--plot={plot}", timeout=120)
+              "--num_devices=8", "--dataset_name=prefill_heavy", "--simulate_top=2",
+              f"--output_json={out}", f"--plot={plot}", timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "assumptions:" in done.stdout and "MFU" in done.stdout
+  assert "roofline of 8 x v5e" in done.stdout
   assert "prefill:decode split as the mix shifts" in done.stdout
   result = json.loads(out.read_text())
   configs = result["configs"]
   assert configs and configs[0]["goodput_per_device"] >= configs[-1]["goodput_per_device"]
   assert all(c["devices"] <= 8 for c in configs)
+  assert result["above_roofline"] == 0 and not any(c["above_roofline"] for c in configs)
+  assert all(c["goodput"] <= result["roofline"]["request_rate"] for c in configs)
   assert plot.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_plan_real_scale_on_h100_stays_under_the_roofline(tmp_path, repo_root):
+  out = tmp_path / "plan.json"
+  done = _run(repo_root, "plan.py", "--model_config=llama3_8b", "--hardware=h100",
+              "--num_devices=2", "--dataset_name=4k_256", "--goodput=ttft:2000,tpot:50",
+              "--simulate_top=2", "--compare_mix=false", f"--output_json={out}", timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["workload"]["mean_prompt"] == pytest.approx(4096, rel=0.02)
+  bound = result["roofline"]["request_rate"]
+  for c in result["configs"]:
+    assert c["sustained"] and not c["above_roofline"]
+    assert c["goodput"] <= c["roofline_request_rate"] <= bound * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("args,message", [
     (["--model_config=gpt5", "--hardware=v5e"], "llama3_8b"),
     (["--model_config=llama3_8b", "--hardware=tpu9"], "v5e"),
+    (["--model_config=llama3_8b", "--hardware=h100+tpu9"], "--hardware='tpu9' is not one of"),
     (["--model_config=llama3_70b", "--hardware=v5e", "--num_devices=2"], "no room"),
+    (["--model_config=llama3_8b", "--hardware=h100", "--dataset_name=16k_1"],
+     "--dataset_name='16k_1' is not one of random, prefill_heavy, decode_heavy, chat, 1k_1k"),
 ])
 def test_plan_bad_input(repo_root, args, message):
   done = _run(repo_root, "plan.py", *args, timeout=120)
