@@ -9,8 +9,8 @@ included, and mirrors the engine's loops around them:
   previous one and then collects the previous step's tokens: the loop runs one step ahead, so a
   request that finished still rides in the step dispatched before its last token was read.
 - disaggregated (`engine/disagg.py`): prefill workers take `policy.prefill_batch` (the oldest
-  request plus others of its length bucket, within the staging budget of one longest bucket of
-  KV per decode worker); each decode worker's transfers run one at a time; each decode loop
+  request plus others of its length bucket, within the staging budget: one longest bucket of KV
+  for the in-process engine, none for a cluster's workers); each decode worker's transfers run one at a time; each decode loop
   iteration inserts arrived KV (`policy.insert_arrived`), grows the batch by a token
   (`policy.decode_step`; preempted requests go back to the head of the prefill queue) and
   dispatches the decode step, one step ahead like the colocated loop. Prefill and decode steps
@@ -245,8 +245,12 @@ class _Disagg:
     self.waiting: collections.deque[SimRequest] = collections.deque()
     self.prefill_free = [0.0] * num_prefill_workers
     self.workers = [_DecodeWorker(_pool(profile), j) for j in range(num_decode_workers)]
-    # The staging budget: one longest length bucket of KV per decode worker.
-    self.staging = policy.TokenBudget(max(profile.length_buckets) * num_decode_workers)
+    # The staging budget, as the engines set it: the in-process engine lets one longest length
+    # bucket of prefilled KV wait on its decode devices (`engine.memory`); a cluster's workers
+    # (xPyD, `disagg_jax/cluster`) keep waiting KV on the prefill side until a decode worker
+    # pulls it, without a budget.
+    cluster = num_prefill_workers > 1 or num_decode_workers > 1
+    self.staging = policy.TokenBudget(2**62 if cluster else max(profile.length_buckets))
     self.prefill_busy_until = 0.0
     self.replaying = replaying
     self.trace = trace
