@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from disagg_jax.kv.pages import pages_for
@@ -242,7 +243,7 @@ def prefill_batch(waiting: collections.deque, *, bucket_of: Callable[[int], int]
     return None
   chosen = [head]
   limit = max_batch_for(bucket)
-  for request in list(waiting)[1:]:
+  for request in itertools.islice(waiting, 1, None):
     if len(chosen) == limit:
       break
     if bucket_of(request.num_to_compute) == bucket and staging.reserve(request, bucket):

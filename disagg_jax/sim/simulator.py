@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import heapq
 from typing import Sequence
 
@@ -255,7 +256,8 @@ class _Disagg:
     self.replaying = replaying
     self.trace = trace
     self.jitter = _Jitter(profile)
-    self.bucket_of = lambda n: buckets.pick(n, profile.length_buckets)
+    self.bucket_of = functools.lru_cache(maxsize=None)(
+        lambda n: buckets.pick(n, profile.length_buckets))
     self.live = len(requests)
 
   def max_batch_for(self, bucket: int) -> int:
