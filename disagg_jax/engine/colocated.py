@@ -24,6 +24,7 @@ class ColocatedScheduler(Worker):
   """Runs on its own thread; `put` (a new request) and `wake` may be called from any thread.
   `queue` holds the requests waiting for a slot. With `trace` set (a `sched.trace.Trace`), every
   enqueue and every decision is recorded."""
+  name = "colocated"
 
   def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int, finish):
     super().__init__()
@@ -40,7 +41,6 @@ class ColocatedScheduler(Worker):
     self.finish = finish
     self.policy = policy_lib.ColocatedPolicy(chunk_size=chunk_size,
                                              max_chunks_per_shard=self.rows_per_shard[-1])
-    self.trace = None
 
   def shapes(self, max_width: int):
     """(description, thunk compiling it) for every step shape whose page table is at most
@@ -54,13 +54,6 @@ class ColocatedScheduler(Worker):
                       lambda r=rows, c=c, w=width: self._run_mixed([], r, c, w,
                                                                    precompile=True)))
     return out
-
-  def put(self, item, front: bool = False) -> None:
-    with self.cv:
-      if self.trace is not None:
-        self.trace.add("colocated", "enqueue", (item.request_id,))
-      (self.queue.appendleft if front else self.queue.append)(item)
-      self.cv.notify()
 
   def run_mixed_discarded(self, rows_per_shard: int, chunk_len: int, width: int) -> None:
     """Dispatches a mixed step of that shape with no chunks and no decoding rows (all writes
@@ -92,7 +85,7 @@ class ColocatedScheduler(Worker):
     with self.cv:
       step = self.policy.schedule(core.slots, self.queue)
       if self.trace is not None:
-        self.trace.add("colocated", "decide", step.describe(core.slots))
+        self.trace.add(self.name, "decide", step.describe(core.slots))
     now = time.perf_counter()
     for slot, _, _ in step.chunks:
       metrics = core.slots.requests[slot].metrics

@@ -80,6 +80,7 @@ class PrefillWorker(Worker):
 
   A batch holds at most `max_batch` prompts and `max_tokens` padded tokens (one prompt per dp
   row of the prefill mesh at least)."""
+  name = "prefill"
 
   def __init__(self, steps: ModelSteps, params, plan: TransferPlan, *, length_buckets,
                max_batch: int, max_tokens: int, handoff, finish, staging: StagingBudget):
@@ -93,14 +94,6 @@ class PrefillWorker(Worker):
     self.handoff = handoff  # (request, prefix KV, bucket) -> None
     self.finish = releasing(staging, finish)
     self.staging = staging
-    self.trace = None  # a sched.trace.Trace: enqueues and decisions are recorded
-
-  def put(self, item, front: bool = False) -> None:
-    with self.cv:
-      if self.trace is not None:
-        self.trace.add("prefill", "enqueue", (item.request_id, front))
-      (self.queue.appendleft if front else self.queue.append)(item)
-      self.cv.notify()
 
   def batch_buckets_for(self, length: int) -> tuple[int, ...]:
     """The batch sizes of `length`-token prefill steps within the token limit."""

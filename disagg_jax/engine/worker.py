@@ -15,8 +15,13 @@ class Worker:
     self.cv = threading.Condition()
     self.stopped = False
 
+  name = "worker"  # the worker's name in traces
+  trace = None  # a sched.trace.Trace: enqueues (and the subclass's decisions) are recorded
+
   def put(self, item, front: bool = False) -> None:
     with self.cv:
+      if self.trace is not None:
+        self.trace.add(self.name, "enqueue", (item.request_id, front))
       if front:
         self.queue.appendleft(item)
       else:

@@ -94,7 +94,7 @@ def test_simulator_takes_the_engines_decisions(mode, num_pages, hf_checkpoint):
   assert [len(o.output_token_ids) for o in outputs] == list(output_lens)
 
   worker = "colocated" if mode == "colocated" else "prefill"
-  enqueued = {p[0]: t for t, p in trace.of(worker, "enqueue") if mode == "colocated" or not p[1]}
+  enqueued = {p[0]: t for t, p in trace.of(worker, "enqueue") if not p[1]}
   arrivals = [enqueued[str(i)] for i in range(n)]
   replayed = Trace()
   if mode == "colocated":
