@@ -70,7 +70,7 @@ class DecodeCore:
 
   def width(self) -> int:
     """The page-table width (pages) this step needs: the bucket of the longest sequence."""
-    return buckets.pick(max(self.slots.max_pages_in_use(), 1), self.widths)
+    return self.slots.table_width(self.widths)
 
   def page_table(self, width: int | None = None):
     """The page table's first `width` columns on device, re-uploaded only after it changed."""
@@ -95,8 +95,7 @@ class DecodeCore:
   def decode_rows(self, decoding: list[int]) -> int:
     """Rows per dp row the next decode step must compute: the bucket covering every decoding
     slot's index within its dp row."""
-    per_shard = self.slots.slots_per_shard
-    return buckets.pick(max(s % per_shard for s in decoding) + 1, self.row_buckets)
+    return self.slots.decode_rows(decoding, self.row_buckets)
 
   def dispatch_decode(self, decoding: list[int]) -> None:
     """Dispatches one decode step over the slots' prefix holding `decoding` (asynchronously)."""

@@ -257,18 +257,24 @@ class Engine(EngineAPI):
     """Blocks until every step dispatched on the decode (colocated: the only) mesh has run."""
     jax.block_until_ready((self.core.tokens, self.core.kv_pages))
 
-  def mixed_step_shapes(self) -> list[tuple[int, int]]:
-    """Colocated: (chunk rows over all dp rows, chunk length) of every mixed step shape."""
-    scheduler = self.scheduler
-    return [(rows * scheduler.dp, c) for rows in scheduler.rows_per_shard
-            for c in scheduler.chunk_lens]
+  def decode_step_shapes(self) -> list[tuple[int, int]]:
+    """(rows over all dp rows, page-table width in pages) of every decode step shape."""
+    dp = self.core.steps.dp
+    return [(rows * dp, w) for rows in self.core.row_buckets for w in self.core.widths]
 
-  def run_mixed_step(self, chunk_rows: int, chunk_len: int) -> None:
-    """Colocated: dispatches a mixed step of `chunk_rows` x `chunk_len` chunks (one of
-    `mixed_step_shapes`) at the widest page table (contexts up to max_seq_len), with no chunk
-    or decode row live: every write is dropped."""
+  def mixed_step_shapes(self) -> list[tuple[int, int, int]]:
+    """Colocated: (chunk rows over all dp rows, chunk length, page-table width in pages) of
+    every mixed step shape."""
+    scheduler = self.scheduler
+    return [(rows * scheduler.dp, c, w) for rows in scheduler.rows_per_shard
+            for c in scheduler.chunk_lens for w in scheduler.widths]
+
+  def run_mixed_step(self, chunk_rows: int, chunk_len: int, width: int | None = None) -> None:
+    """Colocated: dispatches a mixed step of `chunk_rows` x `chunk_len` chunks over a
+    `width`-page table (one of `mixed_step_shapes`; default the widest, contexts up to
+    max_seq_len), with no chunk or decode row live: every write is dropped."""
     self.scheduler.run_mixed_discarded(chunk_rows // self.scheduler.dp, chunk_len,
-                                       self.core.widths[-1])
+                                       width or self.core.widths[-1])
 
   def prefill_step_shapes(self) -> list[tuple[int, int]]:
     """Disagg: (batch, length) of every prefill step shape, length bucket by length bucket."""

@@ -19,6 +19,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 from disagg_jax.engine import buckets
 
 
@@ -35,10 +37,18 @@ class StepProfile:
   # costs decode_s + decode_per_seq_s x active sequences + decode_per_token_s x their tokens.
   decode_per_seq_s: float = 0.0
   decode_per_token_s: float = 0.0
+  # Measured tables (CPU): the decode loop's cadence per step shape (rows over all dp rows,
+  # page-table width in pages), and `decode_ref`, the shape that gives decode_s. A decode step of
+  # another shape costs decode_time() plus the table's difference to the reference
+  # (`decode_shape_s`). Empty for analytic tables, whose steps read only live pages.
+  decode_shapes_s: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+  decode_ref: tuple[int, ...] = ()
   # colocated
   chunk_size: int = 0
   chunk_batch: int = 0
   mixed_s: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+  # the same per (chunk rows, chunk length, page-table width in pages); mixed_s holds the widest
+  mixed_widths_s: dict[tuple[int, int, int], float] = dataclasses.field(default_factory=dict)
   # disaggregated
   prefill_batch: int = 0
   length_buckets: tuple[int, ...] = ()
@@ -57,6 +67,11 @@ class StepProfile:
   # reads a step's tokens after dispatching the next; disaggregated: the first token, the
   # prefill worker's host work around the step).
   read_lag_s: float = 0.0
+  # Waking from idle (CPU hosts): [idle seconds, extra seconds to the first token] of lone
+  # requests sent after the engine sat idle that long, against sent back to back. An engine
+  # that sleeps between requests pays it (threads and the device's thread pool wake slowly);
+  # empty: none.
+  wake_s: list = dataclasses.field(default_factory=list)
   # Step-to-step variability: measured decode gaps over their median (empty: deterministic). The
   # simulator scales each step by a draw from these.
   jitter: list = dataclasses.field(default_factory=list)
@@ -64,8 +79,9 @@ class StepProfile:
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
-    for key in ("mixed_s", "prefill_s"):
-      out[key] = [[b, s, t] for (b, s), t in sorted(getattr(self, key).items())]
+    for key in ("mixed_s", "prefill_s", "decode_shapes_s", "mixed_widths_s"):
+      out[key] = [[*shape, t] for shape, t in sorted(getattr(self, key).items())]
+    out["decode_ref"] = list(self.decode_ref)
     for key in ("insert_s", "transfer_s"):
       out[key] = [[s, t] for s, t in sorted(getattr(self, key).items())]
     out["length_buckets"] = list(self.length_buckets)
@@ -75,8 +91,10 @@ class StepProfile:
   def from_json(cls, data: dict) -> "StepProfile":
     data = dict(data)
     try:
-      for key in ("mixed_s", "prefill_s"):
-        data[key] = {(int(b), int(s)): float(t) for b, s, t in data.get(key, [])}
+      for key in ("mixed_s", "prefill_s", "decode_shapes_s", "mixed_widths_s"):
+        data[key] = {tuple(int(n) for n in row[:-1]): float(row[-1])
+                     for row in data.get(key, [])}
+      data["decode_ref"] = tuple(int(n) for n in data.get("decode_ref", ()))
       for key in ("insert_s", "transfer_s"):
         data[key] = {int(s): float(t) for s, t in data.get(key, [])}
       data["length_buckets"] = tuple(data.get("length_buckets", ()))
@@ -115,7 +133,10 @@ class StepProfile:
                          f"{buckets.chunk_rows(self.chunk_batch)}")
       changes.update(chunk_size=chunk_size, chunk_batch=chunk_batch,
                      mixed_s={(b, c): t for (b, c), t in self.mixed_s.items()
-                              if b <= chunk_batch and c <= chunk_size})
+                              if b <= chunk_batch and c <= chunk_size},
+                     mixed_widths_s={(b, c, w): t for (b, c, w), t
+                                     in self.mixed_widths_s.items()
+                                     if b <= chunk_batch and c <= chunk_size})
     elif prefill_batch is not None:
       if prefill_batch not in buckets.batch_buckets(self.prefill_batch):
         raise ValueError(f"prefill_batch={prefill_batch} is not one of this profile's batch "
@@ -127,15 +148,49 @@ class StepProfile:
 
   # ------------------------------------------------------------------ lookups used by the sim
 
-  def decode_time(self, active: int, context_tokens: int) -> float:
+  def decode_time(self, active: int, context_tokens: int,
+                  shape: tuple[int, int] | None = None) -> float:
+    """A decode step over `active` sequences holding `context_tokens` tokens; `shape`: its
+    (rows, page-table width) as `decode_shape` gives it, where the profile has a shape table."""
     return (self.decode_s + self.decode_per_seq_s * active
-            + self.decode_per_token_s * context_tokens)
+            + self.decode_per_token_s * context_tokens + self.decode_shape_s(shape))
 
-  def mixed(self, num_chunks: int, longest: int) -> float:
-    chunk_batches = buckets.chunk_rows(self.chunk_batch)
-    chunk_lens = buckets.chunk_lens(self.chunk_size)
-    return self.mixed_s[(buckets.pick(num_chunks, chunk_batches),
-                         buckets.pick(longest, chunk_lens))]
+  def decode_shape(self, pool, decoding) -> tuple[int, int] | None:
+    """The (rows, page-table width) of the engine's decode step over the `decoding` slots of
+    `pool` (a `sched.pool.SlotPool` of one shard); None without a shape table."""
+    if not self.decode_shapes_s or not decoding:
+      return None
+    rows = sorted({r for r, _ in self.decode_shapes_s})
+    widths = sorted({w for _, w in self.decode_shapes_s})
+    return pool.decode_rows(decoding, rows), pool.table_width(widths)
+
+  def decode_shape_s(self, shape: tuple[int, int] | None) -> float:
+    """What a decode step of `shape` costs beyond one of the reference shape (0 without)."""
+    if shape is None or not self.decode_shapes_s:
+      return 0.0
+    reference = self.decode_shapes_s[tuple(self.decode_ref)]
+    return self.decode_shapes_s.get(shape, reference) - reference
+
+  def wake(self, idle: float) -> float:
+    """Extra seconds before a request that finds the engine idle for `idle` seconds gets
+    served: the measured `wake_s` interpolated (nothing before the shortest idle measured,
+    the longest's beyond it)."""
+    if not self.wake_s or idle <= 0:
+      return 0.0
+    points = sorted(self.wake_s)
+    return float(np.interp(idle, [0.0] + [p[0] for p in points],
+                           [0.0] + [max(p[1], 0.0) for p in points]))
+
+  def mixed(self, num_chunks: int, longest: int, pool=None) -> float:
+    """A mixed step of `num_chunks` chunks, the longest `longest` tokens; with `pool` (the
+    slots after the step's admissions), at the page-table width it needs where the profile
+    has the widths, else at the widest."""
+    key = (buckets.pick(num_chunks, buckets.chunk_rows(self.chunk_batch)),
+           buckets.pick(longest, buckets.chunk_lens(self.chunk_size)))
+    if pool is None or not self.mixed_widths_s:
+      return self.mixed_s[key]
+    widths = sorted({w for _, _, w in self.mixed_widths_s})
+    return self.mixed_widths_s[(*key, pool.table_width(widths))]
 
   def prefill(self, batch: int, bucket: int) -> float:
     return self.prefill_s[(buckets.pick(batch, buckets.batch_buckets(self.prefill_batch)),

@@ -183,7 +183,9 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
     elif in_flight is None and not waiting and not pool.occupied():
       if not pending:
         break
-      now = max(now, pending[0].arrival)  # the loop sleeps until a request comes
+      # The loop sleeps until a request comes, and takes a while to wake.
+      idle = pending[0].arrival - now
+      now = max(now, pending[0].arrival) + profile.wake(idle)
     iteration += 1
     while pending and pending[0].arrival <= now:
       waiting.append(pending.popleft())
@@ -196,11 +198,13 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
         request = pool.requests[slot]
         request.prefill_start = now if request.prefill_start is None else request.prefill_start
       if step.chunks:
-        seconds = (profile.mixed(len(step.chunks), max(n for _, _, n in step.chunks))
+        # The mixed step's table covers its decode rows at the step's width.
+        seconds = (profile.mixed(len(step.chunks), max(n for _, _, n in step.chunks), pool)
                    + profile.decode_time(len(step.decode), _context(pool, step.decode))
                    - profile.decode_s)
       else:
-        seconds = profile.decode_time(len(step.decode), _context(pool, step.decode))
+        seconds = profile.decode_time(len(step.decode), _context(pool, step.decode),
+                                      profile.decode_shape(pool, step.decode))
       device_free = max(now, device_free) + jitter(seconds)
       dispatched = (rules.commit(pool, step), device_free)
       if _dispatch_blocks(profile):
@@ -280,6 +284,8 @@ class _Disagg:
     if self.trace is not None:
       self.trace.add("prefill", "decide", (tuple(r.request_id for r in chosen), bucket), t=now)
     profile = self.profile
+    if not self.replaying and self.idle(now):
+      now += profile.wake(now - self.busy_until())
     seconds = profile.prefill(len(chosen), bucket)
     decoding = sum(len(w.pool.decoding()) for w in self.workers)
     if any(w.device_free > now or decoding for w in self.workers):
@@ -302,6 +308,17 @@ class _Disagg:
         target.transfers.append((end + profile.read_lag_s, request, bucket))
     return end
 
+  def idle(self, now: float) -> bool:
+    """Whether every worker sleeps at `now` (nothing prefilling, decoding or in transit)."""
+    return now >= self.busy_until() and all(
+        w.next_iter is None and not w.transfers and not w.arrived and w.in_flight is None
+        for w in self.workers)
+
+  def busy_until(self) -> float:
+    """When the engine's last work ended."""
+    return max([self.prefill_busy_until]
+               + [max(w.device_free, w.transfer_free) for w in self.workers])
+
   # ------------------------------------------------------------------ transfer
 
   def transfer(self, now: float, w: _DecodeWorker) -> tuple[float, tuple]:
@@ -315,7 +332,8 @@ class _Disagg:
       start = max(now, w.device_free)
       decoding = w.pool.decoding()
       if decoding:
-        start += profile.decode_time(len(decoding), _context(w.pool, decoding))
+        start += profile.decode_time(len(decoding), _context(w.pool, decoding),
+                                     profile.decode_shape(w.pool, decoding))
     request.transfer_end = start + profile.transfer_s[bucket]
     w.transfer_free = request.transfer_end
     return request.transfer_end, (request, bucket)
@@ -345,7 +363,8 @@ class _Disagg:
       self.requeue(now, request)
     dispatched = None
     if decoding:
-      seconds = profile.decode_time(len(decoding), _context(w.pool, decoding))
+      seconds = profile.decode_time(len(decoding), _context(w.pool, decoding),
+                                    profile.decode_shape(w.pool, decoding))
       # Slowed while a prefill runs or a request is on its way here (on CPU the prefill and
       # transfer threads' host work competes with the loop's).
       if (self.prefill_busy_until > now or w.transfers or w.arrived

@@ -10,7 +10,8 @@ What it relies on, all public (`disagg_jax.engine.engine.Engine`):
   - the serving API (`engine.api.EngineAPI`): `add_request`, `mode`, `limits`, `num_devices`;
   - `config` (page_size, decode_batch, prefill_batch, chunk_size, chunk_batch), `page_capacity`
     and `length_buckets`;
-  - the step hooks: `wait_decode`, `mixed_step_shapes` / `run_mixed_step` (colocated),
+  - the step hooks: `wait_decode`, `decode_step_shapes`, `mixed_step_shapes` /
+    `run_mixed_step` (colocated),
     `prefill_step_shapes` / `run_prefill_step`, `extract_kv`, `transfer_kv` and
     `run_insert_step` (disaggregated).
 It must run on an idle engine (no requests in flight). The contention factors it measures with a
@@ -28,6 +29,8 @@ import numpy as np
 
 from disagg_jax.engine import buckets
 from disagg_jax.engine.sampling import SamplingParams
+from disagg_jax.kv.pages import pages_for
+from disagg_jax.sched.pool import SlotPool
 from disagg_jax.sim.profile import StepProfile
 
 
@@ -59,16 +62,28 @@ def _pipelined_time(thunk, block, iters: int) -> float:
   return statistics.median(times)
 
 
-def _decode_cadence(engine, num_requests: int, new_tokens: int, during=None):
-  """Median gap between decode tokens (each request's first gap excluded) of `num_requests`
-  short-prompt requests served by the running engine, `new_tokens` tokens each (capped by the
-  engine's max_seq_len). With `during`, it runs on another thread while waves of such requests
-  keep the decode loop busy, and its result is returned too. Returns (median gap, during's
-  result, all gaps)."""
-  prompt = 8
-  sampling = SamplingParams(max_new_tokens=max(min(new_tokens,
-                                                   engine.limits.max_seq_len - prompt), 3),
-                            ignore_eos=True)
+def _probe_prompt(engine, width: int) -> int:
+  """A probe prompt's length for decode steps `width` pages wide: 8 tokens at the narrowest
+  width, else one token past the next narrower width (so the table is exactly `width` wide)."""
+  widths = sorted({w for _, w in engine.decode_step_shapes()})
+  if width == widths[0]:
+    return 8
+  return widths[widths.index(width) - 1] * engine.config.page_size + 1
+
+
+def _decode_cadence(engine, num_requests: int, new_tokens: int, width: int | None = None,
+                    during=None):
+  """The decode loop's cadence at one step shape: the median gap between tokens of
+  `num_requests` probe requests served together, counted only while all of them decode (after
+  the last one's first token, before the first one's last), so that neither their prefill nor
+  a changing batch is in it. Their prompts keep the page table `width` pages wide (default the
+  narrowest) for `new_tokens` tokens each (capped to stay within the width and max_seq_len).
+  With `during`, it runs on another thread while waves of such requests keep the decode loop
+  busy, and its result is returned too. Returns (median gap, during's result, all gaps)."""
+  width = width or min(w for _, w in engine.decode_step_shapes())
+  prompt = _probe_prompt(engine, width)
+  room = min(width * engine.config.page_size, engine.limits.max_seq_len) - prompt
+  sampling = SamplingParams(max_new_tokens=max(min(new_tokens, room), 1), ignore_eos=True)
   result, done = {}, threading.Event()
   if during is not None:
     def run():
@@ -79,9 +94,13 @@ def _decode_cadence(engine, num_requests: int, new_tokens: int, during=None):
     thread.start()
   gaps = []
   while True:
-    streams = [engine.add_request([10 + i % 50] * prompt, sampling) for i in range(num_requests)]
-    for stream in streams:
-      gaps += list(np.diff(stream.result().metrics.token_times)[1:])
+    streams = [engine.add_request([10 + (i + k) % 50 for k in range(prompt)], sampling)
+               for i in range(num_requests)]
+    times = [np.asarray(stream.result().metrics.token_times) for stream in streams]
+    all_in, first_out = max(t[0] for t in times), min(t[-1] for t in times)
+    wave = [g for t in times for a, b in zip(t[1:-1], t[2:]) if a >= all_in and b <= first_out
+            for g in [b - a]]
+    gaps += wave or [g for t in times for g in np.diff(t)[1:]]
     if during is None or done.is_set():
       break
   return float(np.median(gaps)), result.get("value"), gaps
@@ -93,7 +112,9 @@ def _read_lag(engine, profile: StepProfile, iters: int) -> float:
   of 4 x `iters` probes (one at a time; a few alone are noisy, 13-19 ms between profiles)."""
   if profile.mode == "colocated":
     prompt = min(profile.chunk_size, 64, profile.max_seq_len - 3)
-    step = profile.mixed(1, prompt)
+    pool = SlotPool(1, pages_for(prompt + 2, profile.page_size), profile.page_size)
+    pool.assign(None, prompt + 1, 0)
+    step = profile.mixed(1, prompt, pool)
   else:
     prompt = min(64, profile.max_seq_len - 3)
     step = profile.prefill(1, buckets.pick(prompt, profile.length_buckets))
@@ -104,6 +125,28 @@ def _read_lag(engine, profile: StepProfile, iters: int) -> float:
     m = stream.result().metrics
     lags.append(m.token_times[0] - m.arrival - step)
   return max(float(np.median(lags)), 0.0)
+
+
+WAKE_IDLE_S = (0.03, 0.1, 0.3, 1.0)
+
+
+def _wake(engine, iters: int) -> list[list[float]]:
+  """[idle seconds, extra TTFT] for each of WAKE_IDLE_S: lone 64-token requests, each sent that
+  long after the previous one finished, against the same sent back to back (medians)."""
+  prompt = min(64, engine.limits.max_seq_len - 3)
+  sampling = SamplingParams(max_new_tokens=2, ignore_eos=True)
+
+  def ttft(idle: float) -> float:
+    times = []
+    for i in range(max(iters, 3)):
+      time.sleep(idle)
+      m = engine.add_request([10 + (i + k) % 50 for k in range(prompt)],
+                             sampling).result().metrics
+      times.append(m.token_times[0] - m.arrival)
+    return statistics.median(times)
+  ttft(0.0)  # warm
+  base = ttft(0.0)
+  return [[idle, max(ttft(idle) - base, 0.0)] for idle in WAKE_IDLE_S]
 
 
 def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> StepProfile:
@@ -125,28 +168,46 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
   # CPU devices run one computation at a time: a dispatch returns once the previous one has run,
   # and a copy onto the decode devices waits for their decode step.
   profile.transfer_waits_for_decode = jax.devices()[0].platform == "cpu"
-  # The decode step as the engine's own loop achieves it (dispatch, sampling, streaming and all),
-  # from the token gaps of short requests: with 2 and with a full batch of them, so the host's
-  # per-sequence work gives decode_per_seq_s.
+  # The decode step as the engine's own loop achieves it (dispatch, sampling, streaming and
+  # all), from the token gaps of probe requests, per step shape: a few requests (the smallest
+  # rows bucket) and a full batch (every row), at each page-table width. The host's work per
+  # sequence is inside these cadences, so decode_per_seq_s stays 0 for measured tables.
   # A fresh engine's first steps run slow (thread pools and buffers warming up): a discarded
   # warm-up probe first, then the quicker of two probes (the machine's other load only ever
   # slows one down).
+  shapes = engine.decode_step_shapes()
+  row_totals = sorted({r for r, _ in shapes})
+  widths = sorted({w for _, w in shapes})
   few, full = min(2, config.decode_batch), config.decode_batch
+  few_rows = next(r for r in row_totals if r >= few)
+  repeats = 2 if iters >= 3 else 1
   _decode_cadence(engine, few, 4 * iters + 8)
-  few_s, _, gaps = min((_decode_cadence(engine, few, 10 * iters + 8) for _ in range(2)),
+  few_s, _, gaps = min((_decode_cadence(engine, few, 10 * iters + 8) for _ in range(repeats)),
                        key=lambda probe: probe[0])
   gaps = np.asarray(gaps)
   profile.jitter = [float(q) for q in np.quantile(gaps / np.median(gaps), np.linspace(0, 1, 41))]
-  full_s = min(_decode_cadence(engine, full, 4 * iters + 8)[0] for _ in range(2))
-  profile.decode_per_seq_s = max(full_s - few_s, 0.0) / max(full - few, 1)
-  profile.decode_s = few_s - few * profile.decode_per_seq_s
+  profile.decode_ref = (few_rows, widths[0])
+  profile.decode_shapes_s[profile.decode_ref] = profile.decode_s = few_s
+  for width in widths:
+    for count, rows in ((few, few_rows), (full, row_totals[-1])):
+      if (rows, width) not in profile.decode_shapes_s:
+        # A full batch decodes all the width allows: the window with every request decoding
+        # must outlast its admissions.
+        tokens = 10 * iters + 8 if count == few else engine.limits.max_seq_len
+        profile.decode_shapes_s[(rows, width)] = min(
+            _decode_cadence(engine, count, tokens, width)[0] for _ in range(repeats))
   if engine.mode == "colocated":
     profile.chunk_size, profile.chunk_batch = config.chunk_size, config.chunk_batch
-    # At the widest page table (contexts up to max_seq_len), as the profile always measured.
-    for rows, c in engine.mixed_step_shapes():
-      profile.mixed_s[(rows, c)] = _pipelined_time(
-          lambda r=rows, c=c: engine.run_mixed_step(r, c), block_decode, iters)
+    # Per page-table width; mixed_s keeps the widest (contexts up to max_seq_len).
+    widest = max(w for _, _, w in engine.mixed_step_shapes())
+    for rows, c, width in engine.mixed_step_shapes():
+      seconds = _pipelined_time(lambda r=rows, c=c, w=width: engine.run_mixed_step(r, c, w),
+                                block_decode, iters)
+      profile.mixed_widths_s[(rows, c, width)] = seconds
+      if width == widest:
+        profile.mixed_s[(rows, c)] = seconds
     profile.read_lag_s = _read_lag(engine, profile, iters)
+    profile.wake_s = _wake(engine, iters)
     return profile
 
   profile.prefill_batch = config.prefill_batch
@@ -197,4 +258,5 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
   profile.meta["contention_bucket"] = bucket
   profile.meta["contention_probe"] = dict(profile.contention)
   profile.read_lag_s = _read_lag(engine, profile, iters)
+  profile.wake_s = _wake(engine, iters)
   return profile
