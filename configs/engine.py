@@ -23,5 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Step shapes for sequences up to this many tokens compile at start-up, longer ones on
       # first use; -1: all at start-up.
       precompile_len=128,
+      # disagg: how a request's KV moves to the decode mesh: "request" (once its prefill has
+      # finished) or "layers:N" (prefill runs N layers at a time; each group's KV moves while
+      # the next computes). Either way only the pages the prompt fills move.
+      transfer="request",
+      transfers_in_flight=4,  # disagg: KV pieces being copied at once
   ))
   return config

@@ -39,6 +39,9 @@ flags.DEFINE_float("warmup_fraction", 0.0, "Score only requests arriving after t
 flags.DEFINE_string("model_config", None, "--hardware: a model of configs/models instead of "
                     "--model_path, e.g. llama3_8b.")
 flags.DEFINE_string("output_json", None, "The simulated run's metrics (JSON).")
+flags.DEFINE_enum("decode_host", "same", ["same", "other"],
+                  "--hardware, disagg: decode chips on the prefill chips' host (KV over NVLink / "
+                  "ICI) or on another host (over the network).")
 FLAGS = flags.FLAGS
 
 
@@ -129,10 +132,13 @@ def _analytic_profile(cfg, prefill_hw, hw, mean_prompt: int):
                                 decode_batch=e.decode_batch, max_seq_len=max_seq_len,
                                 chunk_size=e.chunk_size, chunk_batch=e.chunk_batch,
                                 prompt_len=mean_prompt)
+  from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
   return analytic.profile_for(cfg, hw, mode="disagg", tp=FLAGS.decode_tp or 1,
                               prefill_tp=FLAGS.prefill_tp or 1, decode_batch=e.decode_batch,
                               max_seq_len=max_seq_len, prefill_batch=e.prefill_batch,
-                              prefill_hw=prefill_hw)
+                              prefill_hw=prefill_hw,
+                              layers_per_group=parse_transfer(e.transfer, cfg.num_layers),
+                              across_hosts=FLAGS.decode_host == "other")
 
 
 def _roofline(analytic_model, prompt_lens, output_lens):

@@ -35,6 +35,9 @@ class RequestRecord:
   phases: dict[str, float] = dataclasses.field(default_factory=dict)
   error: str | None = None
   output_token_ids: list[int] | None = None  # kept when the backend reports them
+  # Disaggregated: the whole KV transfer, first copy starting to last landing (the "transfer"
+  # phase is only its part after the first token, the exposed transfer).
+  transfer_total: float | None = None
 
   @property
   def tpot(self) -> float | None:
@@ -51,7 +54,8 @@ class RequestRecord:
     times = m.token_times
     return cls(prompt_len, len(output.output_token_ids), True, times[0] - m.arrival,
                [float(g) for g in np.diff(times)], times[-1] - m.arrival, m.phases(),
-               output_token_ids=list(output.output_token_ids))
+               output_token_ids=list(output.output_token_ids),
+               transfer_total=m.transfer_total())
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
@@ -126,6 +130,9 @@ def compute(records: list[RequestRecord], duration: float,
     values = np.asarray([r.phases.get(phase, 0.0) for r in done] or [0.0]) * 1e3
     out[f"mean_{phase}_ms"] = float(np.mean(values))
     out[f"p99_{phase}_ms"] = float(np.percentile(values, 99))
+  totals = np.asarray([r.transfer_total for r in done if r.transfer_total is not None] or [0.0])
+  out["mean_transfer_total_ms"] = float(np.mean(totals)) * 1e3
+  out["p99_transfer_total_ms"] = float(np.percentile(totals, 99)) * 1e3
   return out
 
 

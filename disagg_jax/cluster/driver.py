@@ -36,6 +36,7 @@ from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import DEMO_MODEL_DIR
 from disagg_jax.models.tokenizer import load_tokenizer
+from disagg_jax.transfer.pieces import parse_transfer
 
 FAILURE_POLICIES = ("error", "reprefill")
 MAX_ATTEMPTS = 3  # prefills per request before it fails (pull failures, dead workers)
@@ -108,6 +109,7 @@ class ClusterEngine(EngineAPI):
       if devices % tp:
         raise ValueError(f"--{what}_tp={tp} does not divide --{what}_devices={devices}")
       parallel.check_tp(self.model_cfg, tp)
+    parse_transfer(config.transfer, self.model_cfg.num_layers)  # a bad value fails here, once
     self.config = config
     self.limits = Limits.for_model(self.model_cfg, config.max_seq_len, config.max_prefill_length)
     self.tokenizer = load_tokenizer(model_dir, self.model_cfg.bos_token_id,
@@ -273,7 +275,7 @@ class ClusterEngine(EngineAPI):
     worker.requests.add(request.state.request_id)
     request.decode = worker
     item = self._item(request)
-    item.update(uuid=event["uuid"], bucket=event["bucket"], computed=computed,
+    item.update(pieces=event["pieces"], bucket=event["bucket"], computed=computed,
                 address=prefill.address, prefill_id=prefill.index)
     worker.actor.accept.remote(item)
 
@@ -388,7 +390,7 @@ class ClusterEngine(EngineAPI):
     del worker
     m = request.state.metrics
     m.transfer_start, m.transfer_end = _perf(event["transfer_start"]), _perf(event["transfer_end"])
-    self._to_release.setdefault(event["prefill_id"], []).append(event["uuid"])
+    self._to_release.setdefault(event["prefill_id"], []).extend(event["uuids"])
 
   def _on_preempted(self, request, event, worker) -> None:
     worker.requests.discard(request.state.request_id)

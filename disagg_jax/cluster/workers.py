@@ -127,11 +127,13 @@ class PrefillServer:
     model, config, limits, steps, server = _build(spec)
     from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
     from disagg_jax.engine.disagg import PrefillWorker, StagingBudget  # pylint: disable=g-import-not-at-top
+    from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.plan import TransferPlan  # pylint: disable=g-import-not-at-top
     self.spec, self.jax, self.server = spec, jax, server
     self.plan = TransferPlan(model.cfg, model.mesh, decode_blocks=spec.decode_blocks)
     self.outbox = _Outbox()
-    self.offers: dict[int, tuple[float, list, int]] = {}  # uuid -> (time, blocks, bucket)
+    self.offers: dict[int, tuple[float, list]] = {}  # uuid -> (time offered, blocks)
+    self._parts: dict[str, list[dict]] = {}  # request id -> its pieces offered so far
     self._uuids = itertools.count(1)
     self._lock = threading.Lock()
     # Offers wait on this worker until pulled or expired (the lease), not on decode devices.
@@ -139,7 +141,9 @@ class PrefillServer:
         steps, model.params, self.plan,
         length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
         max_batch=config.prefill_batch, max_tokens=config.max_prefill_tokens,
-        handoff=self._offer, finish=self._finished, staging=StagingBudget(2**62))
+        handoff=self._offer, discard=self._discard, finish=self._finished,
+        staging=StagingBudget(2**62), layers_per_group=parse_transfer(config.transfer,
+                                                                      model.cfg.num_layers))
     for _, thunk in self.worker.shapes(config.precompile_tokens(limits.max_seq_len)):
       thunk()
     threading.Thread(target=self.worker.run, daemon=True).start()
@@ -176,19 +180,35 @@ class PrefillServer:
 
   # ------------------------------------------------------------------ worker callbacks
 
-  def _offer(self, request, packed, bucket: int) -> None:
-    blocks = self.plan.source_blocks(packed)
-    uuid = next(self._uuids)
-    with self._lock:
-      self.offers[uuid] = (time.time(), blocks, bucket)
-    self.server.await_pull(uuid, blocks)
+  def _offer(self, request, pieces, bucket: int | None) -> None:
+    """Offers each KV piece for pulling as soon as it is cut (one pull per piece); the
+    request's last pieces come with its bucket, and then the driver hears it is prefilled."""
+    parts = self._parts.setdefault(request.request_id, [])
+    for piece in pieces:
+      blocks = self.plan.source_blocks(piece.arrays)
+      uuid = next(self._uuids)
+      with self._lock:
+        self.offers[uuid] = (time.time(), blocks)
+      self.server.await_pull(uuid, blocks)
+      parts.append({"uuid": uuid, "layers": list(piece.layers), "first_page": piece.first_page,
+                    "pages": piece.num_pages})
+    if bucket is None:
+      return
+    del self._parts[request.request_id]
     self.worker.staging.release(request)
     m = request.metrics
-    self.outbox.add({"kind": "prefilled", "request_id": request.request_id, "uuid": uuid,
+    self.outbox.add({"kind": "prefilled", "request_id": request.request_id, "pieces": parts,
                      "bucket": bucket, "computed": len(request.tokens_to_compute),
                      "output_ids": list(request.output_ids), "time": time.time(),
                      "prefill_start": m.prefill_start and _wall(m.prefill_start),
                      "first_token": m.first_token and _wall(m.first_token)})
+
+  def _discard(self, request) -> None:
+    """The request ended at prefill: its offered pieces expire at the next sweep."""
+    with self._lock:
+      for part in self._parts.pop(request.request_id, []):
+        if part["uuid"] in self.offers:
+          self.offers[part["uuid"]] = (0.0, self.offers[part["uuid"]][1])
 
   def _finished(self, request) -> None:
     m = request.metrics
@@ -211,7 +231,7 @@ class PrefillServer:
         expired = [(u, o) for u, o in self.offers.items() if now - o[0] > self.spec.kv_lease_s]
         for uuid, _ in expired:
           del self.offers[uuid]
-      for uuid, (_, blocks, _) in expired:
+      for uuid, (_, blocks) in expired:
         connection = connection or self.server.connect(self.server.address())
         specs = [self.jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=b.sharding)
                  for b in blocks]
@@ -228,6 +248,7 @@ class DecodeServer:
     from disagg_jax.engine import buckets, memory  # pylint: disable=g-import-not-at-top
     from disagg_jax.engine.decode_core import DecodeCore  # pylint: disable=g-import-not-at-top
     from disagg_jax.engine.disagg import DisaggDecodeLoop, StagingBudget  # pylint: disable=g-import-not-at-top
+    from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.plan import DecodeLayout  # pylint: disable=g-import-not-at-top
     self.spec, self.jax, self.server, self.model = spec, jax, server, model
     self.layout = DecodeLayout(model.cfg, model.mesh)
@@ -241,11 +262,14 @@ class DecodeServer:
     self.core.params = model.params
     self.outbox = _Outbox()
     # Pulls are routed here only while pages are free (the driver's view): no staging limit.
+    self.page_size = config.page_size
     self.loop = DisaggDecodeLoop(
         self.core, length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
-        finish=self._finished, requeue=self._preempted, staging=StagingBudget(2**62))
-    spec_of = lambda s: jax.ShapeDtypeStruct(self.layout.shape(s), model.dtype,
-                                             sharding=self.layout.sharding)
+        finish=self._finished, requeue=self._preempted, staging=StagingBudget(2**62),
+        layers_per_group=parse_transfer(config.transfer, model.cfg.num_layers))
+    spec_of = lambda layers, pages: jax.ShapeDtypeStruct(
+        self.layout.shape(pages * config.page_size, layers), model.dtype,
+        sharding=self.layout.sharding)
     for _, thunk in self.loop.shapes(config.precompile_tokens(limits.max_seq_len), spec_of):
       thunk()
     self._connections: dict[str, Any] = {}
@@ -292,25 +316,34 @@ class DecodeServer:
       state = _state(item, self.outbox)
       state.metrics.transfer_start, state.metrics.transfer_end = started, time.time()
       self.outbox.add({"kind": "pulled", "request_id": item["request_id"],
-                       "uuid": item["uuid"], "prefill_id": item["prefill_id"],
-                       "transfer_start": started, "transfer_end": time.time()})
+                       "uuids": [part["uuid"] for part in item["pieces"]],
+                       "prefill_id": item["prefill_id"], "transfer_start": started,
+                       "transfer_end": time.time()})
       self.loop.deliver(state, blocks, item["bucket"])
 
-  def _pull(self, item: dict):
+  def _pull(self, item: dict) -> list:
+    """Pulls the request's KV pieces, one pull each, in the order they were offered."""
+    from disagg_jax.transfer.pieces import Piece  # pylint: disable=g-import-not-at-top
     address = item["address"]
     if address not in self._connections:
       self._connections[address] = self.server.connect(address)
-    specs = self.layout.pull_specs(item["bucket"], self.model.dtype)
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(
-        self.jax.block_until_ready(self._connections[address].pull(item["uuid"], specs))),
-                              daemon=True)
-    thread.start()
-    thread.join(self.spec.pull_timeout_s)
-    if not result:
-      raise TimeoutError(f"pull {item['uuid']} from {address} took over "
-                         f"{self.spec.pull_timeout_s} s")
-    return self.layout.assemble(result[0])
+    out = []
+    for part in item["pieces"]:
+      start, stop = part["layers"]
+      specs = self.layout.pull_specs(part["pages"] * self.page_size, self.model.dtype,
+                                     stop - start)
+      result: list = []
+      thread = threading.Thread(target=lambda specs=specs, part=part: result.append(
+          self.jax.block_until_ready(self._connections[address].pull(part["uuid"], specs))),
+                                daemon=True)
+      thread.start()
+      thread.join(self.spec.pull_timeout_s)
+      if not result:
+        raise TimeoutError(f"pull {part['uuid']} from {address} took over "
+                           f"{self.spec.pull_timeout_s} s")
+      out.append(Piece((start, stop), part["first_page"], part["pages"],
+                       self.layout.assemble(result[0])))
+    return out
 
   def _finished(self, request) -> None:
     self.outbox.add({"kind": "finished", "request_id": request.request_id,

@@ -77,13 +77,15 @@ _ARRAYS = (np.ndarray, np.generic, jax.Array, jax.ShapeDtypeStruct)
 
 def _shape_key(args) -> tuple:
   """The shapes of a call's array arguments; for a list or tuple (a prompt's KV, sampling
-  settings) the shape of its first array. Other pytrees (params) have fixed shapes: skipped."""
+  settings) its length and the shape of its first array (a layer group's KV is a list as long
+  as the group). Other pytrees (params) have fixed shapes: skipped."""
   key = []
   for a in args:
+    length = len(a) if isinstance(a, list) else None
     while isinstance(a, (list, tuple)) and a:
       a = a[0]
     if isinstance(a, _ARRAYS):
-      key.append(a.shape)
+      key.append(a.shape if length is None else (length, a.shape))
   return tuple(key)
 
 

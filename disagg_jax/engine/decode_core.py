@@ -121,14 +121,24 @@ class DecodeCore:
     else:
       self.tokens, self.kv_pages = self.steps.mixed(*args)
 
-  def insert(self, prefix, page_ids, slot: int, token: int, precompile: bool = False) -> None:
-    """Writes an arrived KV `prefix` into the pages `page_ids` (num_pages: dropped) and sets the
-    slot's next input token (slot num_slots: none); with `precompile`, only compiles."""
-    args = (self.kv_pages, self.tokens, prefix, page_ids, np.int32(slot), np.int32(token))
+  def insert(self, pieces, page_ids, slot: int, token: int) -> None:
+    """Writes a request's arrived KV `pieces` (`transfer.pieces.Piece`, each a page block of a
+    layer group) into its pages `page_ids` (the request's, from its first page) and sets the
+    slot's next input token (slot num_slots: none)."""
+    for piece in pieces:
+      self.insert_block(piece, page_ids[piece.first_page:piece.first_page + piece.num_pages])
+    self.tokens = self.steps.set_token(self.tokens, np.int32(slot), np.int32(token))
+
+  def insert_block(self, piece, page_ids, precompile: bool = False) -> None:
+    """Writes one piece into the pages `page_ids` (num_pages: dropped); with `precompile`,
+    only compiles that shape."""
+    start, stop = piece.layers
+    args = (self.kv_pages[start:stop], piece.arrays, np.asarray(page_ids, np.int32))
     if precompile:
-      self.steps.insert_prefix.precompile(*args)
-    else:
-      self.kv_pages, self.tokens = self.steps.insert_prefix(*args)
+      self.steps.insert_block.precompile(*args)
+      return
+    written = self.steps.insert_block(*args)
+    self.kv_pages = self.kv_pages[:start] + list(written) + self.kv_pages[stop:]
 
   def precompile_decode(self, width: int, rows: int) -> None:
     """Compiles the decode step for page tables `width` pages wide and `rows` rows per dp row

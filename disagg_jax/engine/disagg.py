@@ -1,12 +1,16 @@
 """The disaggregated pipeline: prefill on one mesh, decode on another, KV moved in between.
 
 Three threads, joined by queues (JetStream's split, simplified):
-  prefill  — batches waiting prompts of one length bucket, runs `prefill` on the prefill mesh,
-             emits each first token and cuts each request's KV out of the batch (`extract`);
-  transfer — moves each request's KV to the decode mesh, one whole-buffer device-to-device
-             copy per decode device (`disagg_jax.transfer.TransferPlan`), and waits for the
-             copy, so the decode loop only ever inserts KV that has arrived;
-  decode   — inserts arrived requests into free slots (`insert_prefix`, donated page pool) and
+  prefill  — batches waiting prompts of one length bucket, runs `prefill` on the prefill mesh
+             (with `--config.engine.transfer=layers:N`, as groups of N layers), emits each
+             first token and cuts each request's KV out of the batch as page blocks
+             (`extract`; exactly the pages its prompt fills, `transfer.pieces`);
+  transfer — moves each piece to the decode mesh, one whole-buffer device-to-device copy per
+             decode device (`disagg_jax.transfer.TransferPlan`), up to `transfers_in_flight`
+             pieces at once; a landing thread waits for each and hands complete requests on,
+             so the decode loop only ever inserts KV that has arrived. A layer group's pieces
+             leave as soon as the group is computed, while the next group runs;
+  decode   — inserts arrived requests into free slots (`insert_block`, donated page pool) and
              runs continuous-batching decode steps.
 KV that is prefilled but not yet in the page pool waits in staging buffers on the decode devices.
 A `StagingBudget` of tokens bounds it: prefill reserves a request's length bucket before running
@@ -16,10 +20,10 @@ backs off instead of filling the decode devices. Preempted requests go back to p
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -32,7 +36,9 @@ from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.engine.worker import Worker
 from disagg_jax.kv import cache as kv_cache
+from disagg_jax.kv.pages import pages_for
 from disagg_jax.sched import policy as policy_lib
+from disagg_jax.transfer import pieces as pieces_lib
 from disagg_jax.transfer.plan import TransferPlan
 
 
@@ -79,19 +85,27 @@ class PrefillWorker(Worker):
   """Prefill thread: length-bucketed batches of waiting requests (`queue`) on the prefill mesh.
 
   A batch holds at most `max_batch` prompts and `max_tokens` padded tokens (one prompt per dp
-  row of the prefill mesh at least)."""
+  row of the prefill mesh at least). Each request's KV goes to `handoff(request, pieces,
+  bucket)` as it is computed: layer group by layer group with `bucket` None, then the last group
+  with its length bucket once the request goes on to decode; `discard(request)` instead if it
+  ended with its first token."""
   name = "prefill"
 
   def __init__(self, steps: ModelSteps, params, plan: TransferPlan, *, length_buckets,
-               max_batch: int, max_tokens: int, handoff, finish, staging: StagingBudget):
+               max_batch: int, max_tokens: int, handoff, finish, staging: StagingBudget,
+               discard=None, layers_per_group: int | None = None):
     super().__init__()
     self.steps = steps
     self.params = params
     self.extract = steps.make_extract(plan)
+    self.groups = pieces_lib.layer_groups(steps.cfg.num_layers,
+                                          layers_per_group or steps.cfg.num_layers)
+    self.group_steps = steps.prefill_groups(self.groups)
     self.length_buckets = length_buckets
     self.batch_buckets = buckets.batch_buckets(max_batch, steps.dp)
     self.max_tokens = max_tokens
-    self.handoff = handoff  # (request, prefix KV, bucket) -> None
+    self.handoff = handoff  # (request, pieces, bucket | None) -> None
+    self.discard = discard or (lambda request: None)
     self.finish = releasing(staging, finish)
     self.staging = staging
 
@@ -112,23 +126,46 @@ class PrefillWorker(Worker):
     sampling_arrays = SamplingArrays.from_params(sampling, tokens.shape[0])
     return (self.params, *self.steps.put_rows(tokens, lengths, sampling_arrays))
 
-  def prefill_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling):
+  def prefill_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling, on_group=None):
     """Runs one prefill step: tokens int32[B, S] (B a batch bucket), lengths int32[B], sampling
-    settings of the first rows -> (first tokens int32[B] on the host, the batch's KV)."""
-    result = self.steps.prefill(*self._inputs(tokens, lengths, sampling))
-    return np.asarray(result.tokens), result.kv
+    settings of the first rows -> (first tokens int32[B] on the host, the last layer group's
+    KV). Layer group by layer group: `on_group(g, kv)` gets each group's KV as soon as it is
+    dispatched, before the next group is."""
+    params, inputs, lengths_d, sampling_d = self._inputs(tokens, lengths, sampling)
+    last = len(self.group_steps) - 1
+    for g, step in enumerate(self.group_steps):
+      out = step(params, inputs, lengths_d, sampling_d)
+      inputs, kv = (out.tokens, out.kv) if g == last else out
+      if on_group is not None:
+        on_group(g, kv)
+    return np.asarray(inputs), kv
+
+  def pieces(self, kv, row: int, num_pages: int, group: int) -> list[pieces_lib.Piece]:
+    """Row `row`'s first `num_pages` pages of a layer group's KV, as page blocks."""
+    blocks = self.extract(kv, np.int32(row), np.int32(num_pages))
+    return [pieces_lib.Piece(self.groups[group], first, size, blocks[size.bit_length() - 1],
+                             group)
+            for first, size in pieces_lib.page_blocks(num_pages)]
 
   def _compile(self, batch: int, length: int) -> None:
     cfg, steps = self.steps.cfg, self.steps
-    self.steps.prefill.precompile(*self._inputs(np.zeros((batch, length), np.int32),
-                                                np.ones(batch, np.int32), []))
+    args = self._inputs(np.zeros((batch, length), np.int32), np.ones(batch, np.int32), [])
     dense = parallel.dense_kv_sharding(cfg, steps.mesh)
     layer = jax.ShapeDtypeStruct((batch, length, cfg.num_kv_heads, cfg.head_dim), steps.dtype,
                                  sharding=dense)
-    kv = [kv_cache.LayerKV(layer, layer) for _ in range(cfg.num_layers)]
-    self.extract.precompile(kv, np.int32(0))
+    hidden = jax.ShapeDtypeStruct((batch, length, cfg.hidden_size), steps.dtype,
+                                  sharding=parallel.batch_sharding(steps.mesh))
+    sizes = set()
+    for g, step in enumerate(self.group_steps):
+      step.precompile(args[0], args[1] if g == 0 else hidden, *args[2:])
+      start, stop = self.groups[g]
+      sizes.add(stop - start)
+    for size in sizes:
+      kv = [kv_cache.LayerKV(layer, layer) for _ in range(size)]
+      self.extract.precompile(kv, np.int32(0), np.int32(1))
 
   def run(self) -> None:
+    ps = self.steps.page_size
     while True:
       batch = self._next_batch()
       if batch is None:
@@ -142,15 +179,29 @@ class PrefillWorker(Worker):
         tokens[i, :len(request.tokens_to_compute)] = request.tokens_to_compute
         lengths[i] = len(request.tokens_to_compute)
         request.metrics.prefill_start = request.metrics.prefill_start or now
-      first, kv = self.prefill_batch(tokens, lengths, [r.sampling for r in requests])
+      num_pages = [pages_for(int(n), ps) for n in lengths[:len(requests)]]
+      held: dict[int, list] = {}
+
+      def on_group(g, kv):
+        # Every group's pieces are cut (dispatched) at once; all but the last leave at once.
+        for i, request in enumerate(requests):
+          if request.aborted:
+            continue
+          cut = self.pieces(kv, i, num_pages[i], g)
+          if g == len(self.groups) - 1:
+            held[i] = cut
+          else:
+            self.handoff(request, cut, None)
+      first, _ = self.prefill_batch(tokens, lengths, [r.sampling for r in requests], on_group)
       now = time.perf_counter()
       for i, request in enumerate(requests):
         if request.metrics.first_token is None:
           request.metrics.first_token = now
         if request.aborted or request.emit(int(first[i]), now):
+          self.discard(request)
           self.finish(request)
         else:
-          self.handoff(request, self.extract(kv, np.int32(i)), bucket)
+          self.handoff(request, held[i], bucket)
 
   def _next_batch(self):
     """The policy's next batch (`policy.prefill_batch`); None once stopped."""
@@ -181,23 +232,32 @@ class PrefillWorker(Worker):
 
 
 class TransferWorker:
-  """Transfer thread: each request's KV to the decode mesh, one device-to-device copy per decode
-  device (see TransferPlan)."""
+  """Transfer thread: each request's KV pieces to the decode mesh, one device-to-device copy per
+  decode device (see TransferPlan), up to `max_in_flight` pieces dispatched and not yet landed.
+  It never waits for a copy: its `landing` (a thread of its own) waits for each piece in order,
+  records its timeline, and delivers a request once all its pieces are in."""
 
-  def __init__(self, plan: TransferPlan, deliver, finish, staging: StagingBudget):
+  def __init__(self, plan: TransferPlan, deliver, finish, staging: StagingBudget,
+               max_in_flight: int = 4):
     self.plan = plan
-    self.deliver = deliver
-    self.finish = releasing(staging, finish)
-    self.staging = staging
     self.queue: queue.Queue = queue.Queue()
+    self._slots = threading.Semaphore(max(max_in_flight, 1))
+    self._stopped = False
+    self.landing = TransferLanding(deliver, releasing(staging, finish), self._slots.release)
 
-  def submit(self, request: RequestState, prefix: Any, bucket: int) -> None:
-    self.queue.put((request, prefix, bucket))
+  def submit(self, request: RequestState, pieces: list, bucket: int | None) -> None:
+    """Moves `pieces` of `request`'s KV; `bucket` set: they are its last, deliver it then."""
+    self.queue.put(("move", request, pieces, bucket))
+
+  def discard(self, request: RequestState) -> None:
+    """`request` ended at prefill: drop its pieces already moving."""
+    self.queue.put(("drop", request, [], None))
 
   def wake(self) -> None:
-    """Nothing to do: aborted requests are dropped when they reach the front of the queue."""
+    """Nothing to do: aborted requests are dropped when their last piece has landed."""
 
   def stop(self) -> None:
+    self._stopped = True
     self.queue.put(None)
 
   def run(self) -> None:
@@ -205,14 +265,78 @@ class TransferWorker:
       item = self.queue.get()
       if item is None:
         return
-      request, prefix, bucket = item
+      kind, request, pieces, bucket = item
+      for piece in pieces:
+        while not self._slots.acquire(timeout=0.1):
+          if self._stopped:
+            return
+        start = time.perf_counter()
+        moved = self.plan.transfer(piece.arrays)
+        self.landing.put(("piece", request, piece, moved, time.perf_counter() - start))
+      if kind == "drop" or bucket is not None:
+        self.landing.put((kind, request, bucket))
+
+
+class TransferLanding:
+  """Landing thread: waits for each dispatched piece in order (its KV computed, then its copy
+  landed), records it in the request's timeline, and hands a request on once its last piece is
+  in (`deliver`; an aborted request goes to `finish`).
+
+  Timeline (RequestMetrics.transfer_timeline, one entry per piece, perf_counter seconds):
+  `computed` when the piece's KV was ready on the prefill mesh, `landed` when its copy was
+  ready on the decode mesh (both observed at device completion, by waiting on the arrays),
+  `start` = max(computed, the previous piece's landing: copies of one link run in order),
+  `host_s` the host time to dispatch the copy."""
+
+  def __init__(self, deliver, finish, landed):
+    self.deliver = deliver
+    self.finish = finish
+    self.landed = landed  # called once per piece landed (frees an in-flight slot)
+    self.queue: queue.Queue = queue.Queue()
+
+  def put(self, item) -> None:
+    self.queue.put(item)
+
+  def wake(self) -> None:
+    """Nothing to do: aborted requests are dropped when their last piece has landed."""
+
+  def stop(self) -> None:
+    self.queue.put(None)
+
+  def run(self) -> None:
+    arrived: dict[str, list] = {}
+    link_free = 0.0
+    while True:
+      item = self.queue.get()
+      if item is None:
+        return
+      if item[0] == "piece":
+        _, request, piece, moved, host_s = item
+        jax.block_until_ready(piece.arrays)
+        computed = time.perf_counter()
+        jax.block_until_ready(moved)
+        landed = time.perf_counter()
+        self.landed()
+        start = max(computed, link_free)
+        link_free = landed
+        m = request.metrics
+        m.transfer_timeline.append({
+            "group": piece.group, "layers": list(piece.layers), "first_page": piece.first_page,
+            "pages": piece.num_pages, "bytes": piece.nbytes(), "computed": computed,
+            "start": start, "landed": landed, "host_s": host_s})
+        m.transfer_start = start if m.transfer_start is None else min(m.transfer_start, start)
+        arrived.setdefault(request.request_id, []).append(
+            dataclasses.replace(piece, arrays=moved))
+        continue
+      kind, request, bucket = item
+      pieces = arrived.pop(request.request_id, [])
+      if kind == "drop":
+        continue
       if request.aborted:
         self.finish(request)
         continue
-      request.metrics.transfer_start = time.perf_counter()
-      moved = jax.block_until_ready(self.plan.transfer(prefix))
       request.metrics.transfer_end = time.perf_counter()
-      self.deliver(request, moved, bucket)
+      self.deliver(request, pieces, bucket)
 
 
 class DisaggDecodeLoop(Worker):
@@ -220,32 +344,42 @@ class DisaggDecodeLoop(Worker):
   continuous-batching decode steps."""
 
   def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue,
-               staging: StagingBudget):
+               staging: StagingBudget, layers_per_group: int | None = None):
     super().__init__()
     self.core = core
+    num_layers = core.steps.cfg.num_layers
+    self.group_sizes = [b - a for a, b in pieces_lib.layer_groups(
+        num_layers, layers_per_group or num_layers)]
     self.length_buckets = length_buckets
     self.finish = releasing(staging, finish)
     self.requeue = requeue  # a preempted request goes back to prefill
     self.staging = staging
     self.trace = None  # a sched.trace.Trace: arrivals and decisions are recorded
 
-  def deliver(self, request: RequestState, prefix: Any, bucket: int) -> None:
+  def deliver(self, request: RequestState, pieces: list, bucket: int) -> None:
     with self.cv:
       if self.trace is not None:
         self.trace.add("decode", "arrive", (request.request_id,))
-      self.queue.append((request, prefix, bucket))
+      self.queue.append((request, pieces, bucket))
       self.cv.notify()
 
-  def shapes(self, max_len: int, prefix_spec):
-    """(description, thunk compiling it) of the decode widths and insert buckets up to `max_len`
-    tokens; prefix_spec(bucket) is a ShapeDtypeStruct of a bucket's KV as it arrives."""
-    ps = self.core.steps.page_size
-    out = [(f"decode rows={r} width={w}", lambda w=w, r=r: self.core.precompile_decode(w, r))
-           for w in self.core.widths if w * ps <= max(max_len, self.core.widths[0] * ps)
-           for r in self.core.row_buckets]
-    out += [(f"insert len={s}", lambda s=s: self.insert_discarded(prefix_spec(s), s,
-                                                                  precompile=True))
-            for s in self.length_buckets if s <= max_len]
+  def shapes(self, max_len: int, piece_spec):
+    """(description, thunk compiling it) of the decode widths and the KV inserts of requests up
+    to `max_len` tokens; piece_spec(layers, pages) is a ShapeDtypeStruct of a piece of that
+    many layers and pages as it arrives."""
+    core = self.core
+    ps = core.steps.page_size
+    out = [(f"decode rows={r} width={w}", lambda w=w, r=r: core.precompile_decode(w, r))
+           for w in core.widths if w * ps <= max(max_len, core.widths[0] * ps)
+           for r in core.row_buckets]
+    most = max([s for s in self.length_buckets if s <= max_len] or self.length_buckets[:1])
+    for layers in sorted(set(self.group_sizes)):
+      for pages in pieces_lib.block_sizes(most // ps):
+        piece = pieces_lib.Piece((0, layers), 0, pages, piece_spec(layers, pages))
+        out.append((f"insert layers={layers} pages={pages}",
+                    lambda piece=piece: self.insert_discarded([piece], precompile=True)))
+    out.append(("set token", lambda: core.steps.set_token.precompile(core.tokens, np.int32(0),
+                                                                     np.int32(0))))
     return out
 
   def run(self) -> None:
@@ -278,9 +412,9 @@ class DisaggDecodeLoop(Worker):
       if self.trace is not None:
         self.trace.add("decode", "decide",
                        policy_lib.describe_decode(core.slots, inserted, decoding, preempted))
-    for (request, prefix, bucket), slot in inserted:
+    for (request, pieces, bucket), slot in inserted:
       if core.slots.requests[slot] is request:  # not preempted by this very step
-        self._insert(request, prefix, bucket, slot)
+        self._insert(request, pieces, bucket, slot)
       self.staging.release(request)
     for request in preempted:
       request.restart()
@@ -298,15 +432,16 @@ class DisaggDecodeLoop(Worker):
       if self.core.slots.requests[slot].aborted:
         self.finish(self.core.release(slot))
 
-  def insert_discarded(self, prefix, bucket: int, precompile: bool = False) -> None:
-    """Runs (or with `precompile` only compiles) the insert step for a `bucket`-token prefix
-    whose writes are all dropped: for compiling ahead and for timing it."""
+  def insert_discarded(self, pieces, precompile: bool = False) -> None:
+    """Runs (or with `precompile` only compiles) the inserts of `pieces` with every page write
+    dropped: for compiling ahead and for timing them."""
     core = self.core
-    core.insert(prefix, np.full(bucket // core.steps.page_size, core.slots.num_pages, np.int32),
-                core.slots.num_slots, 0, precompile=precompile)
+    for piece in pieces:
+      core.insert_block(piece, np.full(piece.num_pages, core.slots.num_pages, np.int32),
+                        precompile=precompile)
 
-  def _insert(self, request: RequestState, prefix, bucket: int, slot: int) -> None:
+  def _insert(self, request: RequestState, pieces, bucket: int, slot: int) -> None:
     """Writes `request`'s arrived KV into its slot's pages."""
     core = self.core
-    core.insert(prefix, core.slots.prompt_page_ids(slot, request.num_to_compute, bucket), slot,
+    core.insert(pieces, core.slots.prompt_page_ids(slot, request.num_to_compute, bucket), slot,
                 request.output_ids[-1])

@@ -42,6 +42,7 @@ from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import Model
+from disagg_jax.transfer.pieces import parse_transfer
 from disagg_jax.transfer.plan import TransferPlan
 
 MODES = ("colocated", "disagg")
@@ -63,6 +64,8 @@ class EngineConfig:
   chunk_batch: int = 4  # colocated: chunks per step
   precompile_len: int = 128  # shapes up to this many tokens compile at start-up; -1: all
   attention_impl: str = "auto"
+  transfer: str = "request"  # disagg: request | layers:N (transfer.pieces)
+  transfers_in_flight: int = 4  # disagg: KV pieces being copied at once
 
   def precompile_tokens(self, max_seq_len: int) -> int:
     """Sequences up to this many tokens have their step shapes compiled at start-up."""
@@ -119,23 +122,28 @@ class Engine(EngineAPI):
       self._submit = self.scheduler.put
       shapes = self.scheduler.shapes(self._precompile_len() // ps)
     else:
+      per_group = parse_transfer(config.transfer, cfg.num_layers)
+      if config.transfers_in_flight < 1:
+        raise ValueError(f"--config.engine.transfers_in_flight={config.transfers_in_flight} "
+                         "must be >= 1")
       self.staging = StagingBudget(self.pool.staging_tokens)
       self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=self.length_buckets,
                                           finish=self._finish, requeue=self._requeue,
-                                          staging=self.staging)
+                                          staging=self.staging, layers_per_group=per_group)
       self.plan = TransferPlan(cfg, prefill_model.mesh, decode_model.mesh)
       self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish,
-                                     self.staging)
+                                     self.staging, max_in_flight=config.transfers_in_flight)
       self.prefill = PrefillWorker(self.prefill_steps, prefill_model.params, self.plan,
                                    length_buckets=self.length_buckets,
                                    max_batch=config.prefill_batch,
                                    max_tokens=config.max_prefill_tokens,
-                                   handoff=self.transfer.submit, finish=self._finish,
-                                   staging=self.staging)
-      self._workers = [self.prefill, self.transfer, self.decode_loop]
+                                   handoff=self.transfer.submit, discard=self.transfer.discard,
+                                   finish=self._finish, staging=self.staging,
+                                   layers_per_group=per_group)
+      self._workers = [self.prefill, self.transfer, self.transfer.landing, self.decode_loop]
       self._submit = self.prefill.put
       shapes = (self.prefill.shapes(self._precompile_len())
-                + self.decode_loop.shapes(self._precompile_len(), self._prefix_spec))
+                + self.decode_loop.shapes(self._precompile_len(), self._piece_spec))
     self._compile_ahead(shapes)
     for worker in self._workers:
       thread = threading.Thread(target=self._guard, args=(worker,), daemon=True,
@@ -219,7 +227,8 @@ class Engine(EngineAPI):
     if self.mode == "colocated":
       out["waiting"] = len(self.scheduler.queue)
     else:
-      out.update(waiting=len(self.prefill.queue), transferring=self.transfer.queue.qsize(),
+      out.update(waiting=len(self.prefill.queue),
+                 transferring=self.transfer.queue.qsize() + self.transfer.landing.queue.qsize(),
                  awaiting_slot=len(self.decode_loop.queue))
     return out
 
@@ -280,25 +289,32 @@ class Engine(EngineAPI):
     """Disagg: (batch, length) of every prefill step shape, length bucket by length bucket."""
     return [(b, s) for s in self.length_buckets for b in self.prefill.batch_buckets_for(s)]
 
-  def run_prefill_step(self, batch: int, length: int):
+  def run_prefill_step(self, batch: int, length: int) -> list:
     """Disagg: runs a prefill step of `batch` one-token prompts padded to `length` tokens
-    (one of `prefill_step_shapes`) and returns its KV, on the prefill mesh."""
-    _, kv = self.prefill.prefill_batch(np.zeros((batch, length), np.int32),
-                                       np.ones(batch, np.int32), [])
-    return kv
+    (one of `prefill_step_shapes`) and returns its KV, one list of layers per layer group
+    (`--config.engine.transfer`), on the prefill mesh."""
+    groups = []
+    self.prefill.prefill_batch(np.zeros((batch, length), np.int32), np.ones(batch, np.int32),
+                               [], on_group=lambda g, kv: groups.append(kv))
+    return groups
 
-  def extract_kv(self, kv):
-    """Disagg: the first request's KV of a prefill step's, packed for the decode mesh."""
-    return self.prefill.extract(kv, np.int32(0))
+  def extract_kv(self, groups: list) -> list:
+    """Disagg: the first request's KV of `run_prefill_step`'s, all its pages of every layer
+    group, as the pieces the transfer moves."""
+    length = groups[0][0].k.shape[1]
+    pages = pages_for(length, self.config.page_size)
+    return [piece for g, kv in enumerate(groups) for piece in self.prefill.pieces(kv, 0, pages, g)]
 
-  def transfer_kv(self, packed):
-    """Disagg: `extract_kv`'s arrays copied onto the decode mesh."""
-    return self.plan.transfer(packed)
+  def transfer_kv(self, pieces):
+    """Disagg: `extract_kv`'s pieces copied onto the decode mesh."""
+    return [dataclasses.replace(piece, arrays=self.plan.transfer(piece.arrays))
+            for piece in pieces]
 
   def run_insert_step(self, moved, length: int) -> None:
-    """Disagg: dispatches the insert step of `transfer_kv`'s KV of a `length`-token bucket
-    into the decode pool, every page write dropped."""
-    self.decode_loop.insert_discarded(moved, length)
+    """Disagg: dispatches the inserts of `transfer_kv`'s pieces into the decode pool, every
+    page write dropped."""
+    del length
+    self.decode_loop.insert_discarded(moved)
 
   # ------------------------------------------------------------------ internals
 
@@ -356,10 +372,10 @@ class Engine(EngineAPI):
     name = "decode" if self.mode == "disagg" else "colocated"
     return lines + self.pool.describe(name, self.model.mesh)
 
-  def _prefix_spec(self, bucket: int) -> jax.ShapeDtypeStruct:
-    """A `bucket`-token request's KV as it arrives on the decode mesh."""
-    return jax.ShapeDtypeStruct(self.plan.layout.shape(bucket), self.model.dtype,
-                                sharding=self.plan.decode_sharding)
+  def _piece_spec(self, layers: int, pages: int) -> jax.ShapeDtypeStruct:
+    """A KV piece of `layers` layers and `pages` pages as it arrives on the decode mesh."""
+    return jax.ShapeDtypeStruct(self.plan.layout.shape(pages * self.config.page_size, layers),
+                                self.model.dtype, sharding=self.plan.decode_sharding)
 
   def _compile_ahead(self, shapes) -> None:
     """Compiles (without running) the step shapes of sequences up to precompile_len tokens."""

@@ -27,6 +27,18 @@ class RequestMetrics:
   finished: float | None = None
   token_times: list[float] = dataclasses.field(default_factory=list)
   preemptions: int = 0
+  # Disaggregated: one entry per KV piece moved (engine.disagg.TransferWorker describes them).
+  transfer_timeline: list[dict] = dataclasses.field(default_factory=list)
+
+  def transfer_total(self) -> float | None:
+    """Seconds from the first KV piece's copy starting to the last one landing (None when
+    nothing moved); the part of it after the first token is the "transfer" phase."""
+    if self.transfer_start is None or self.transfer_end is None:
+      return None
+    return self.transfer_end - self.transfer_start
+
+  def transfer_bytes(self) -> int:
+    return sum(int(p["bytes"]) for p in self.transfer_timeline)
 
   def phases(self) -> dict[str, float]:
     """Seconds spent queued, prefilling, moving KV, and decoding; they sum to the end-to-end
@@ -35,7 +47,8 @@ class RequestMetrics:
     end = self.finished if self.finished is not None else self.arrival
     start = self.prefill_start if self.prefill_start is not None else end
     first = self.first_token if self.first_token is not None else end
-    arrived = self.transfer_end if self.transfer_end is not None else first
+    # KV streamed layer by layer can land before the first token is out: none exposed then.
+    arrived = max(self.transfer_end, first) if self.transfer_end is not None else first
     return {"queue": start - self.arrival, "prefill": first - start,
             "transfer": arrived - first, "decode": end - arrived}
 

@@ -5,8 +5,11 @@
     decode(params, kv_pages*, tokens, positions, page_table, sampling, rows)
                                                               -> (tokens, kv_pages)
   The serving engine's variants keep each slot's next input token on device:
-    make_extract(plan)(prompt_kv, row)                        -> one request's KV, packed
-    insert_prefix(kv_pages*, tokens, prefix_kv, page_ids, slot, token) -> (kv_pages, tokens)
+    prefill_groups(groups)[g](params, tokens | hidden, lengths, sampling)
+                                       -> (hidden, layer group g's KV); the last: like prefill
+    make_extract(plan)(prompt_kv, row, num_pages)             -> one request's KV as page blocks
+    insert_block(layer_pages*, block, page_ids)               -> layer_pages
+    set_token(tokens, slot, token)                            -> tokens
     mixed(params, kv_pages*, tokens, positions, page_table, sampling, chunk...)
                                                               -> (tokens, kv_pages)
 
@@ -19,6 +22,7 @@ the step's longest sequence, so short contexts never pay for max_seq_len.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,6 +37,7 @@ from disagg_jax.engine.sampling import SamplingArrays, sample
 from disagg_jax.kv import cache as kv_cache
 from disagg_jax.kv import layout as kv_layout
 from disagg_jax.models.loading import Model
+from disagg_jax.transfer import pieces
 from disagg_jax.transfer.plan import TransferPlan
 
 
@@ -67,13 +72,18 @@ class ModelSteps:
                                          out_shardings=(rows, pages)))
     # Only the page pool is donated: the engine keeps reading a step's token array after
     # dispatching the next step (it is tiny anyway).
-    self.insert_prefix = Step("insert_prefix", jax.jit(self._insert_prefix, donate_argnums=(0,),
-                                                       out_shardings=(pages, rows)))
+    self.insert_block = Step("insert_block", jax.jit(self._insert_block, donate_argnums=(0,),
+                                                     out_shardings=pages))
+    self.set_token = Step("set_token", jax.jit(lambda tokens, slot, token:
+                                               tokens.at[slot].set(token), out_shardings=rows))
+    self._groups: dict[tuple, list[Step]] = {}
     self.mixed = Step("mixed", jax.jit(self._mixed, donate_argnums=(1,),
                                        out_shardings=(rows, pages)))
 
   def all_steps(self) -> list[Step]:
-    return [self.prefill, self.insert, self.decode, self.insert_prefix, self.mixed]
+    group_steps = [step for steps in self._groups.values() for step in steps]
+    return [self.prefill, self.insert, self.decode, self.insert_block, self.set_token,
+            self.mixed, *group_steps]
 
   def put_rows(self, *arrays):
     """Host arrays -> device arrays with their rows over dp (what the steps expect)."""
@@ -101,6 +111,45 @@ class ModelSteps:
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
     return PrefillResult(sample(logits, sampling, last), logits, kv)
+
+  def prefill_groups(self, groups: tuple[tuple[int, int], ...]) -> list[Step]:
+    """The prefill step as one step per layer group ([start, stop) each, in order): the first
+    takes the tokens, each passes its hidden states on, and every one returns its layers' KV
+    ([B, S, Hkv, D] per layer); the last returns a PrefillResult. One group is `prefill`."""
+    if len(groups) == 1:
+      return [self.prefill]
+    if groups not in self._groups:
+      rows = parallel.batch_sharding(self.mesh)
+      dense = parallel.dense_kv_sharding(self.cfg, self.mesh)
+      steps = []
+      for g, (start, stop) in enumerate(groups):
+        last = g == len(groups) - 1
+        fn = functools.partial(self._prefill_group, start=start, stop=stop, first=g == 0,
+                               last=last)
+        out = PrefillResult(rows, rows, dense) if last else (rows, dense)
+        steps.append(Step(f"prefill layers {start}-{stop - 1}",
+                          jax.jit(fn, out_shardings=out)))
+      self._groups[groups] = steps
+    return self._groups[groups]
+
+  def _prefill_group(self, params, inputs, lengths, sampling: SamplingArrays, *, start: int,
+                     stop: int, first: bool, last: bool):
+    """Layers [start, stop) of the prefill step. inputs: int32[B, S] tokens (first group) or
+    the previous group's hidden states [B, S, H]."""
+    model = self._model(params)
+    if first:
+      inputs = model.embed(rows_constraint(inputs, self.layout))
+    b, s = inputs.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    attention = PromptAttention(lengths, self.attention_impl, self.layout)
+    hidden, kv = model.run_layers(inputs, positions, attention, start, stop)
+    if not last:
+      return hidden, kv
+    hidden = model.final_norm(hidden)
+    index = jnp.maximum(lengths - 1, 0)
+    hidden_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+    logits = model.logits(hidden_last)
+    return PrefillResult(sample(logits, sampling, index), logits, kv)
 
   def _insert(self, kv_pages, prompt_kv, page_ids):
     """prompt_kv [B, S, Hkv, D] per layer, rows over dp; page_ids int32[B, S // page_size]: the
@@ -130,21 +179,32 @@ class ModelSteps:
   # ------------------------------------------------------------------ serving-engine variants
 
   def make_extract(self, plan: TransferPlan):
-    """extract(prompt_kv, row): one row of a prefill batch's KV (list[LayerKV [B, S, Hkv, D]]),
-    packed into the arrays `plan` moves to the decode mesh."""
-    def extract(prompt_kv, row):
-      stacked = jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
-      return plan.pack(stacked)  # [L, 2, S, Hkv, D] -> the plan's source layout
-    return Step("extract", jax.jit(extract, out_shardings=plan.source_shardings))
+    """extract(prompt_kv, row, num_pages): one row of a prefill batch's KV (list[LayerKV
+    [B, S, Hkv, D]], any group of layers) as page blocks, each packed into the arrays `plan`
+    moves to the decode mesh: block k holds 2^k pages starting where the set bits of num_pages
+    above k end (`transfer.pieces.page_blocks`), so the blocks of num_pages's set bits are
+    exactly its first num_pages pages. One compiled program per batch shape, whatever
+    num_pages (int32, traced)."""
+    ps = self.page_size
 
-  def _insert_prefix(self, kv_pages, tokens, prefix_blocks, page_ids, slot, token):
-    """Writes one request's KV, as it arrives ([d, L, 2, S, Hkv/d, D], see TransferPlan; the same
-    on every dp row), into its pages (int32[S / ps], num_pages to skip; all from the dp block of
-    `slot`) and sets its slot's next input token."""
-    prefix_kv = TransferPlan.unpack(prefix_blocks)
+    def extract(prompt_kv, row, num_pages):
+      stacked = jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
+      blocks = []
+      for size in pieces.block_sizes(stacked.shape[2] // ps):
+        k = size.bit_length() - 1
+        first = (num_pages >> (k + 1)) << (k + 1)
+        block = jax.lax.dynamic_slice_in_dim(stacked, first * ps, size * ps, axis=2)
+        blocks.append(plan.pack(block))  # [L, 2, T, Hkv, D] -> the plan's source layout
+      return blocks
+    return Step("extract", jax.jit(extract))
+
+  def _insert_block(self, layer_pages, block, page_ids):
+    """Writes a page block of one request's KV, as it arrives ([d, Lg, 2, T, Hkv/d, D], see
+    TransferPlan; the same on every dp row), into the pages `layer_pages` (the Lg layers it
+    covers) at page_ids int32[T / ps] (all from the dp block of the request's slot)."""
+    prefix_kv = TransferPlan.unpack(block)
     batched = [kv_cache.LayerKV(layer[0][None], layer[1][None]) for layer in prefix_kv]
-    kv_pages = self.layout.write_prompts(kv_pages, batched, page_ids[None], rows_sharded=False)
-    return kv_pages, tokens.at[slot].set(token)
+    return self.layout.write_prompts(layer_pages, batched, page_ids[None], rows_sharded=False)
 
   def _mixed(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays,
              chunk_tokens, chunk_slots, chunk_context, chunk_lens, chunk_final):

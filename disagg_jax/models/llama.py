@@ -154,15 +154,26 @@ class Transformer(nnx.Module):
     The layers are a Python loop, unrolled under jit, each with its own cache buffers: carrying the
     cache through `lax.scan` costs several times the step time (see DESIGN.md's anchors).
     """
-    x = jnp.take(self.embedding[...], tokens, axis=0)
+    x = self.embed(tokens)
+    x, new_cache = self.run_layers(x, positions, attention, 0, len(self.layers), kv_cache)
+    return self.final_norm(x), new_cache
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens, axis=0)
+
+  def run_layers(self, x: jax.Array, positions: jax.Array, attention: Attention, start: int,
+                 stop: int, kv_cache: Sequence[LayerCache] | None = None
+                 ) -> tuple[jax.Array, list[LayerCache]]:
+    """Layers [start, stop) over hidden states x (a prefill can run its layers in groups);
+    kv_cache holds those layers' caches."""
     inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
     cos, sin = rope_lib.rotary_tables(positions, inv_freq)
-    kv_cache = kv_cache if kv_cache is not None else [None] * len(self.layers)
+    kv_cache = kv_cache if kv_cache is not None else [None] * (stop - start)
     new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, cos, sin, i, attention, kv_cache[i])
+    for i in range(start, stop):
+      x, layer_cache = self.layers[i](x, cos, sin, i, attention, kv_cache[i - start])
       new_cache.append(layer_cache)
-    return self.final_norm(x), new_cache
+    return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., hidden] -> float32 logits [..., V]."""

@@ -183,12 +183,13 @@ def step_time(cost: StepCost, cfg: ModelConfig, hw: Hardware, tp: int) -> float:
 
 
 def transfer_time(cfg: ModelConfig, hw: Hardware, tokens: int,
-                  decode_hw: Hardware | None = None) -> float:
+                  decode_hw: Hardware | None = None, across_hosts: bool = False) -> float:
   """One request's KV from the prefill chips to the decode chips: over NVLink / ICI when they are
-  the same kind (one node / slice), else between nodes at the slower chip's network bandwidth."""
+  the same kind on one node / slice, else (other kinds, or `across_hosts`) between nodes at the
+  slower chip's network bandwidth."""
   bw = hw.link_bw
-  if decode_hw is not None and decode_hw.name != hw.name:
-    bw = min(hw.network_bw, decode_hw.network_bw)
+  if across_hosts or (decode_hw is not None and decode_hw.name != hw.name):
+    bw = min(hw.network_bw, (decode_hw or hw).network_bw)
   return (tokens * cfg.kv_bytes_per_token(DTYPE_BYTES) / (bw * hw.link_efficiency)
           + hw.collective_latency_s)
 
@@ -208,10 +209,13 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
                 max_seq_len: int, prefill_tp: int | None = None, prefill_batch: int = 4,
                 chunk_size: int = 512, chunk_batch: int = 4,
                 prefill_hw: Hardware | None = None,
-                prompt_len: int | None = None) -> StepProfile:
+                prompt_len: int | None = None, layers_per_group: int | None = None,
+                across_hosts: bool = False) -> StepProfile:
   """A step-time table as launch/profile.py would measure it on `hw` (decode on `hw`; prefill on
   `prefill_hw`, default the same chip). `prompt_len` (the workload's mean prompt) places the
-  colocated engine's chunks in their prompts.
+  colocated engine's chunks in their prompts. Disaggregated, the KV moves in groups of
+  `layers_per_group` layers (None: whole requests, `--config.engine.transfer`), over the
+  network when `across_hosts` (else NVLink / ICI between chips of one kind).
 
   The table's decode step is linear in the active sequences and their context
   (StepProfile.decode_time), while the roofline step is max(compute, memory): weight reads
@@ -253,9 +257,12 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
   for s in profile.length_buckets:
     for b in buckets.batch_buckets(prefill_batch):
       profile.prefill_s[(b, s)] = step_time(prefill_cost(cfg, b, s), cfg, prefill_hw, ptp)
-    profile.transfer_s[s] = transfer_time(cfg, prefill_hw, s, hw)
+    profile.transfer_s[s] = transfer_time(cfg, prefill_hw, s, hw, across_hosts)
     profile.insert_s[s] = s * cfg.kv_bytes_per_token(DTYPE_BYTES) / (tp * hw.hbm_bw * hw.mbu)
-  profile.meta.update(prefill_tp=ptp, prefill_hardware=prefill_hw.name)
+  profile.transfer_latency_s = prefill_hw.collective_latency_s
+  profile.transfer_groups = -(-cfg.num_layers // (layers_per_group or cfg.num_layers))
+  profile.meta.update(prefill_tp=ptp, prefill_hardware=prefill_hw.name,
+                      across_hosts=across_hosts)
   return profile
 
 

@@ -55,6 +55,12 @@ class StepProfile:
   prefill_s: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
   insert_s: dict[int, float] = dataclasses.field(default_factory=dict)
   transfer_s: dict[int, float] = dataclasses.field(default_factory=dict)
+  # How the KV moves (`--config.engine.transfer`): in this many layer groups, each leaving as
+  # its layers are computed (1: the whole request after its prefill), each copy paying
+  # transfer_latency_s besides its bytes. transfer_s is per length bucket of KV; a request
+  # moves only its prompt's pages (`transfer_time`).
+  transfer_groups: int = 1
+  transfer_latency_s: float = 0.0
   # step time with the other phase running at the same time / alone (1.0: no interference);
   # "prefill_per_seq" adds to the prefill factor per decoding sequence
   contention: dict[str, float] = dataclasses.field(
@@ -191,6 +197,25 @@ class StepProfile:
       return self.mixed_s[key]
     widths = sorted({w for _, _, w in self.mixed_widths_s})
     return self.mixed_widths_s[(*key, pool.table_width(widths))]
+
+  def transfer_time(self, tokens: int) -> float:
+    """Seconds to move `tokens` tokens of KV (whole pages) in one copy: transfer_s interpolated
+    linearly over its length buckets (extrapolated from the two shortest below the first)."""
+    lengths = sorted(self.transfer_s)
+    times = [self.transfer_s[n] for n in lengths]
+    if len(lengths) == 1:
+      return times[0] * tokens / lengths[0]
+    if tokens < lengths[0]:
+      slope = (times[1] - times[0]) / (lengths[1] - lengths[0])
+      return max(times[0] - slope * (lengths[0] - tokens), 0.0)
+    return float(np.interp(tokens, lengths, times))
+
+  def transfer_groups_time(self, tokens: int) -> float:
+    """One layer group's copy of a `tokens`-token request: its share of the bytes plus the
+    fixed cost of a copy."""
+    whole = self.transfer_time(tokens)
+    return (self.transfer_latency_s
+            + max(whole - self.transfer_latency_s, 0.0) / max(self.transfer_groups, 1))
 
   def prefill(self, batch: int, bucket: int) -> float:
     return self.prefill_s[(buckets.pick(batch, buckets.batch_buckets(self.prefill_batch)),

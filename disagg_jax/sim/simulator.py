@@ -65,6 +65,7 @@ class SimRequest:
   finish_reason: str | None = None
   staged: int = 0
   preemptions: int = 0
+  group_ready: tuple = ()  # when each layer group's KV was computed (its prefill)
 
   def __post_init__(self):
     self.compute_len = self.compute_len or self.prompt_len
@@ -94,8 +95,10 @@ class SimRequest:
     phases = {"queue": self.prefill_start - self.arrival, "prefill": first - self.prefill_start,
               "transfer": max(arrived - first, 0.0), "decode": last - max(arrived, first)}
     gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+    total = (self.transfer_end - self.transfer_start
+             if self.transfer_start is not None and self.transfer_end is not None else None)
     return RequestRecord(self.prompt_len, len(self.times), True, first - self.arrival, gaps,
-                         last - self.arrival, phases)
+                         last - self.arrival, phases, transfer_total=total)
 
 
 @dataclasses.dataclass
@@ -304,8 +307,12 @@ class _Disagg:
       else:
         target = max(self.workers, key=lambda w: w.free_pages())
         target.promised += pages_for(request.num_to_compute + 1, profile.page_size)
-        # The KV leaves once the worker has read the first token.
-        target.transfers.append((end + profile.read_lag_s, request, bucket))
+        # The KV leaves once the worker has read the first token; streamed by layer group,
+        # each group as soon as it is computed.
+        groups = max(profile.transfer_groups, 1)
+        request.group_ready = tuple(now + (end - now) * (g + 1) / groups
+                                    for g in range(groups - 1)) + (end + profile.read_lag_s,)
+        target.transfers.append((request.group_ready[0], request, bucket))
     return end
 
   def idle(self, now: float) -> bool:
@@ -334,7 +341,15 @@ class _Disagg:
       if decoding:
         start += profile.decode_time(len(decoding), _context(w.pool, decoding),
                                      profile.decode_shape(w.pool, decoding))
-    request.transfer_end = start + profile.transfer_s[bucket]
+    # Only the pages the prompt fills move; group by group, each copy waiting for its group.
+    tokens = pages_for(request.num_to_compute, profile.page_size) * profile.page_size
+    if len(request.group_ready) <= 1:
+      end = start + profile.transfer_time(tokens)
+    else:
+      end, per_group = start, profile.transfer_groups_time(tokens)
+      for ready in request.group_ready:
+        end = max(end, ready) + per_group
+    request.transfer_end = end
     w.transfer_free = request.transfer_end
     return request.transfer_end, (request, bucket)
 

@@ -212,6 +212,8 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
 
   profile.prefill_batch = config.prefill_batch
   profile.length_buckets = tuple(engine.length_buckets)
+  # A request's KV moves in this many layer groups; transfer_s is all of them.
+  profile.transfer_groups = len(engine.prefill.groups)
   extracted = {}
   for b, s in engine.prefill_step_shapes():
     def run(b=b, s=s):

@@ -29,9 +29,10 @@ _LLAMA3_ROPE = {
 }
 
 
-def _config(family: str):
+def _config(family: str, num_layers: int = 2):
   import transformers  # pylint: disable=g-import-not-at-top
-  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
+                num_hidden_layers=num_layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
   if family in ("llama3", "llama3_legacy_rope"):
@@ -52,12 +53,12 @@ def _config(family: str):
   raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
 
 
-def build_hf_model(family: str, seed: int = 0):
+def build_hf_model(family: str, seed: int = 0, num_layers: int = 2):
   """A transformers model of `family` with random weights, in float32."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(_config(family),
+  model = transformers.AutoModelForCausalLM.from_config(_config(family, num_layers),
                                                         attn_implementation="eager")
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -71,10 +72,10 @@ def build_hf_model(family: str, seed: int = 0):
 
 
 def write_checkpoint(family: str, out_dir: str, *, seed: int = 0, dtype: str = "float32",
-                     max_shard_size: str | None = None):
+                     max_shard_size: str | None = None, num_layers: int = 2):
   """Saves a tiny `family` checkpoint to out_dir and returns the transformers model (float32)."""
   import torch  # pylint: disable=g-import-not-at-top
-  model = build_hf_model(family, seed)
+  model = build_hf_model(family, seed, num_layers)
   to_save = model.to(torch.bfloat16) if dtype == "bfloat16" else model
   kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
   to_save.save_pretrained(out_dir, **kwargs)

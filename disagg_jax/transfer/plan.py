@@ -138,13 +138,15 @@ class DecodeLayout:
     self.d = kv_blocks(cfg, decode_mesh)
     self.sharding = NamedSharding(decode_mesh, P(parallel.TP) if self.d > 1 else P())
 
-  def shape(self, num_tokens: int) -> tuple[int, ...]:
+  def shape(self, num_tokens: int, num_layers: int | None = None) -> tuple[int, ...]:
     cfg = self.cfg
-    return (self.d, cfg.num_layers, 2, num_tokens, cfg.num_kv_heads // self.d, cfg.head_dim)
+    return (self.d, num_layers or cfg.num_layers, 2, num_tokens, cfg.num_kv_heads // self.d,
+            cfg.head_dim)
 
-  def pull_specs(self, num_tokens: int, dtype) -> list[jax.ShapeDtypeStruct]:
+  def pull_specs(self, num_tokens: int, dtype, num_layers: int | None = None
+                 ) -> list[jax.ShapeDtypeStruct]:
     """One single-device spec per block, on the first decode device that holds it."""
-    shape = self.shape(num_tokens)
+    shape = self.shape(num_tokens, num_layers)
     first = {}
     for device, index in self.sharding.addressable_devices_indices_map(shape).items():
       first.setdefault(index[0].indices(self.d)[0], device)

@@ -12,8 +12,10 @@ import pytest
 from disagg_jax.cluster.driver import ClusterEngine
 from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.sampling import SamplingParams
+from disagg_jax.kv.pages import pages_for
 from disagg_jax.models import loading
 from disagg_jax.testing import helpers, tiny_hf
+from disagg_jax.transfer.pieces import page_blocks
 
 CONFIG = EngineConfig(max_seq_len=128, decode_batch=4, prefill_batch=2)
 SAMPLING = SamplingParams(max_new_tokens=12)
@@ -42,16 +44,17 @@ def run_script(repo_root, script, *flags):
   return result
 
 
-@pytest.mark.parametrize("prefill_workers, decode_workers", [(1, 1), (2, 1), (1, 2)])
-def test_generate_script_matches_single(prefill_workers, decode_workers, model_dir, prompts,
-                                        expected, tmp_path, repo_root):
+@pytest.mark.parametrize("prefill_workers, decode_workers, transfer", [
+    (1, 1, "request"), (2, 1, "request"), (1, 2, "layers:1")])
+def test_generate_script_matches_single(prefill_workers, decode_workers, transfer, model_dir,
+                                        prompts, expected, tmp_path, repo_root):
   in_path, out_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   in_path.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
   run_script(repo_root, "generate.py", f"--model_path={model_dir}", "--mode=disagg",
              "--cluster=ray", f"--num_prefill_workers={prefill_workers}",
              f"--num_decode_workers={decode_workers}", f"--prompts_file={in_path}",
              f"--output_file={out_path}", "--max_new_tokens=12", "--config.engine.max_seq_len=128",
-             "--config.engine.decode_batch=4")
+             "--config.engine.decode_batch=4", f"--config.engine.transfer={transfer}")
   outputs = [json.loads(l)["output_token_ids"] for l in out_path.read_text().splitlines()]
   assert outputs == expected
 
@@ -94,14 +97,16 @@ def test_decode_worker_killed_mid_stream(policy, model_dir, prompts, expected):
                      on_decode_failure=policy, progress=False) as engine:
     streams = [engine.add_request(p, long) for p in chosen]
     wait_for(lambda: all(len(s._queue.queue) >= 3 for s in streams), what="tokens streaming")
-    victim = engine.decode_workers[0]
+    # The worker holding the most of them (routing follows free pages, so not always worker 0).
+    victim = max(engine.decode_workers, key=lambda w: len(w.requests))
     os.kill(victim.pid, signal.SIGKILL)
     start = time.time()
     outputs = [s.result(timeout=120) for s in streams]
     assert time.time() - start < 60  # ended or recomputed within the deadline, nothing hung
     hit = [o for o in outputs if o.finish_reason == "error"]
     if policy == "error":
-      assert hit and all("decode worker 0" in o.error and "died" in o.error for o in hit)
+      assert hit and all(f"decode worker {victim.index}" in o.error and "died" in o.error
+                         for o in hit)
     else:
       # Recomputed from prompt + tokens so far on the surviving worker: the same tokens.
       assert not hit
@@ -130,5 +135,8 @@ def test_unpulled_kv_expires_and_is_freed(model_dir, prompts):
     outputs = engine.generate(prompts[:3], SAMPLING)  # prefilled, offered, never pulled
     assert all(o.finish_reason == "error" and "no decode worker is alive" in o.error
                for o in outputs)
-    wait_for(lambda: engine.stats()["kv_offers_expired"] == 3
+    # One offer per KV piece: a page block of each prompt's pages (transfer.pieces).
+    offered = sum(len(page_blocks(pages_for(len(p), CONFIG.page_size))) for p in prompts[:3])
+    assert offered == 4  # 1, 2 and 3 pages
+    wait_for(lambda: engine.stats()["kv_offers_expired"] == offered
              and engine.stats()["kv_offers"] == 0, timeout=30, what="leases to expire")

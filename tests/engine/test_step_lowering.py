@@ -85,8 +85,10 @@ def _step_args(steps: ModelSteps, plan: TransferPlan):
                                       jnp.bfloat16, dense),
                                 _spec(mesh, (b, s, cfg.num_kv_heads, cfg.head_dim),
                                       jnp.bfloat16, dense)) for _ in range(cfg.num_layers)]
-  prefix = jax.ShapeDtypeStruct(plan.layout.shape(s), jnp.bfloat16,
-                                sharding=plan.decode_sharding)
+  block = jax.ShapeDtypeStruct(plan.layout.shape(s, 1), jnp.bfloat16,
+                               sharding=plan.decode_sharding)
+  hidden = _spec(mesh, (b, s, cfg.hidden_size), jnp.bfloat16, P(parallel.DP))
+  first, rest = steps.prefill_groups(((0, 1), (1, cfg.num_layers)))
   scalar = _spec(mesh, (), jnp.int32)
   bc, c = CHUNKS
   extract = steps.make_extract(plan)
@@ -95,10 +97,12 @@ def _step_args(steps: ModelSteps, plan: TransferPlan):
       "insert": (steps.insert, (pool, prompt_kv, rows((b, s // PAGE_SIZE)))),
       "decode": (steps.decode, (params, pool, rows((BATCH,)), rows((BATCH,)),
                                 rows((BATCH, WIDTH)), sampling(BATCH), rows((BATCH // 2,)))),
-      "extract": (extract, (prompt_kv, scalar)),
-      "insert_prefix": (steps.insert_prefix, (pool, rows((BATCH,)), prefix,
-                                              _spec(mesh, (s // PAGE_SIZE,), jnp.int32),
-                                              scalar, scalar)),
+      "prefill_group_first": (first, (params, rows((b, s)), rows((b,)), sampling(b))),
+      "prefill_group_last": (rest, (params, hidden, rows((b,)), sampling(b))),
+      "extract": (extract, (prompt_kv, scalar, scalar)),
+      "insert_block": (steps.insert_block, (pool[:1], block,
+                                            _spec(mesh, (s // PAGE_SIZE,), jnp.int32))),
+      "set_token": (steps.set_token, (rows((BATCH,)), scalar, scalar)),
       "mixed": (steps.mixed, (params, pool, rows((BATCH,)), rows((BATCH,)),
                               rows((BATCH, WIDTH)), sampling(BATCH), rows((bc, c)), rows((bc,)),
                               rows((bc,)), rows((bc,)), rows((bc,), jnp.bool_))),
@@ -127,7 +131,7 @@ def test_every_step_lowers(platform, mesh_name):
         continue
       assert exported.nr_devices == dp * tp, name
       inside, outside = _kernel_calls(exported, target)
-      if name in ("prefill", "decode", "mixed"):
+      if name in ("prefill", "decode", "mixed") or name.startswith("prefill_group"):
         assert inside + outside > 0, f"{name}: no {target} call: the kernel was not used"
         if dp * tp > 1:
           assert outside == 0, f"{name}: {outside} kernel calls outside shard_map"
