@@ -40,6 +40,11 @@ flags.DEFINE_string("model_path", None, "Or a checkpoint directory whose config.
 flags.DEFINE_string("hardware", "v5e", "v5e, v5p, v6e, h100, h200, a100, or PREFILL+DECODE "
                     "(e.g. h100+a100).")
 flags.DEFINE_integer("num_devices", 8, "Chips to plan for.")
+flags.DEFINE_string("transfer", "request", "How disaggregated units move KV, as the engine's "
+                    "--config.engine.transfer: request or layers:N (docs/TRANSFER.md).")
+flags.DEFINE_enum("decode_host", "same", ["same", "other"],
+                  "Decode chips on the prefill chips' host (KV over NVLink / ICI) or on another "
+                  "(over the network).")
 flags.DEFINE_string("dataset_name", "random", "Workload (lengths only): chat, 1k_1k, 4k_256, "
                     "8k_128 (real scale), random, prefill_heavy, decode_heavy (demo scale).")
 flags.DEFINE_integer("num_prompts", 4096, "Requests drawn from the workload; a simulated rate "
@@ -231,9 +236,12 @@ def main(argv):
           f"({bound.request_rate / FLAGS.num_devices:.4g} per device, "
           f"{bound.output_tokens_per_s:.4g} output tokens/s), {bound.bound}-bound")
   try:
-    ranked, screened = planner.plan(cfg, hw, FLAGS.num_devices, workload,
-                                    simulate_top=FLAGS.simulate_top, prefill_hw=prefill_hw,
-                                    sustain=sustain)
+    from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
+    ranked, screened = planner.plan(
+        cfg, hw, FLAGS.num_devices, workload, simulate_top=FLAGS.simulate_top,
+        prefill_hw=prefill_hw, sustain=sustain,
+        layers_per_group=parse_transfer(FLAGS.transfer, cfg.num_layers),
+        across_hosts=FLAGS.decode_host == "other")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   print(f"\n{screened} configurations screened, {len(ranked)} simulated, "

@@ -202,7 +202,8 @@ def enumerate_candidates(cfg: ModelConfig, hw: analytic.Hardware, num_devices: i
 
 
 def unit_profile(c: Candidate, cfg: ModelConfig, hw: analytic.Hardware, max_seq_len: int,
-                 prefill_hw: analytic.Hardware | None = None, prompt_len: int | None = None):
+                 prefill_hw: analytic.Hardware | None = None, prompt_len: int | None = None,
+                 layers_per_group: int | None = None, across_hosts: bool = False):
   if c.mode == "colocated":
     return analytic.profile_for(cfg, hw, mode="colocated", tp=c.decode_tp,
                                 decode_batch=c.decode_batch, max_seq_len=max_seq_len,
@@ -210,7 +211,8 @@ def unit_profile(c: Candidate, cfg: ModelConfig, hw: analytic.Hardware, max_seq_
                                 prompt_len=prompt_len)
   return analytic.profile_for(cfg, hw, mode="disagg", tp=c.decode_tp, prefill_tp=c.prefill_tp,
                               decode_batch=c.decode_batch, max_seq_len=max_seq_len,
-                              prefill_batch=c.prefill_batch, prefill_hw=prefill_hw)
+                              prefill_batch=c.prefill_batch, prefill_hw=prefill_hw,
+                              layers_per_group=layers_per_group, across_hosts=across_hosts)
 
 
 def unit_roofline(c: Candidate, cfg: ModelConfig, hw: analytic.Hardware, workload: Workload,
@@ -469,9 +471,12 @@ def plan(cfg: ModelConfig, hw: analytic.Hardware, num_devices: int, workload: Wo
          simulate_top: int = 12, per_shape: int = 1, max_seq_len: int | None = None,
          modes: Sequence[str] = ("colocated", "disagg"),
          prefill_hw: analytic.Hardware | None = None,
-         sustain: Sustain = SUSTAIN) -> tuple[list[Planned], int]:
+         sustain: Sustain = SUSTAIN, layers_per_group: int | None = None,
+         across_hosts: bool = False) -> tuple[list[Planned], int]:
   """(simulated configurations best first, number of configurations screened). `hw` runs decode
-  (and colocated engines); `prefill_hw`, when another kind, runs prefill (disaggregated only)."""
+  (and colocated engines); `prefill_hw`, when another kind, runs prefill (disaggregated only).
+  Disaggregated units move KV in groups of `layers_per_group` layers (None: per request), over
+  the network when `across_hosts`."""
   max_seq_len = max_seq_len or workload.max_seq_len
   hetero = prefill_hw is not None and prefill_hw.name != hw.name
   if hetero:
@@ -488,7 +493,8 @@ def plan(cfg: ModelConfig, hw: analytic.Hardware, num_devices: int, workload: Wo
     key = _unit_key(c)
     if key not in profiles:
       profiles[key] = unit_profile(c, cfg, hw, max_seq_len, prefill_hw,
-                                   int(np.mean(workload.prompt_lens)))
+                                   int(np.mean(workload.prompt_lens)), layers_per_group,
+                                   across_hosts)
     shape = dataclasses.replace(key, decode_batch=0, prefill_batch=0, chunk_size=0,
                                 chunk_batch=0, num_prefill_workers=c.num_prefill_workers,
                                 num_decode_workers=c.num_decode_workers)
