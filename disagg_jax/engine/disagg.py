@@ -262,19 +262,42 @@ class TransferWorker:
 
   def run(self) -> None:
     while True:
-      item = self.queue.get()
-      if item is None:
+      items = [self.queue.get()]
+      # Whatever else is already waiting goes in the same dispatch: small pieces of several
+      # requests travel as one batch of copies.
+      while not self.queue.empty() and items[-1] is not None:
+        items.append(self.queue.get())
+      if not self._move([item for item in items if item is not None]) or items[-1] is None:
         return
-      kind, request, pieces, bucket = item
+
+  def _move(self, items) -> bool:
+    """Dispatches the copies of `items` (as many per call as in-flight slots allow) and queues
+    them, and the items' ends, for landing in order. False once stopped."""
+    batch = []  # (request, piece) whose copies are dispatched together
+
+    def flush() -> None:
+      if not batch:
+        return
+      start = time.perf_counter()
+      moved = self.plan.transfer_many([piece.arrays for _, piece in batch])
+      host_s = (time.perf_counter() - start) / len(batch)
+      for (request, piece), arrays in zip(batch, moved):
+        self.landing.put(("piece", request, piece, arrays, host_s))
+      batch.clear()
+
+    for kind, request, pieces, bucket in items:
       for piece in pieces:
-        while not self._slots.acquire(timeout=0.1):
-          if self._stopped:
-            return
-        start = time.perf_counter()
-        moved = self.plan.transfer(piece.arrays)
-        self.landing.put(("piece", request, piece, moved, time.perf_counter() - start))
+        if not self._slots.acquire(blocking=False):
+          flush()  # the slots free as these land
+          while not self._slots.acquire(timeout=0.1):
+            if self._stopped:
+              return False
+        batch.append((request, piece))
       if kind == "drop" or bucket is not None:
+        flush()
         self.landing.put((kind, request, bucket))
+    flush()
+    return True
 
 
 class TransferLanding:
@@ -286,7 +309,7 @@ class TransferLanding:
   `computed` when the piece's KV was ready on the prefill mesh, `landed` when its copy was
   ready on the decode mesh (both observed at device completion, by waiting on the arrays),
   `start` = max(computed, the previous piece's landing: copies of one link run in order),
-  `host_s` the host time to dispatch the copy."""
+  `host_s` the host time to dispatch the copy (its share of a batch's dispatch)."""
 
   def __init__(self, deliver, finish, landed):
     self.deliver = deliver

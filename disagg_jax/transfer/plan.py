@@ -81,10 +81,22 @@ class TransferPlan:
 
   def transfer(self, arrays: list[jax.Array]) -> jax.Array:
     """The packed arrays -> [d, L, 2, S, Hkv/d, D] on the decode mesh, one copy per device."""
-    shape = (self.d,) + arrays[0].shape[1:]
-    routes = self._routes(shape)
-    pieces = [jax.device_put(arrays[k].addressable_data(i), device) for k, i, device in routes]
-    return jax.make_array_from_single_device_arrays(shape, self.decode_sharding, pieces)
+    return self.transfer_many([arrays])[0]
+
+  def transfer_many(self, items: list[list[jax.Array]]) -> list[jax.Array]:
+    """Several requests' (or pieces') packed arrays at once: every copy of all of them in one
+    `jax.device_put` call (one host dispatch for the batch), one array per item."""
+    sources, devices, shapes = [], [], []
+    for arrays in items:
+      shape = (self.d,) + arrays[0].shape[1:]
+      shapes.append(shape)
+      for k, i, device in self._routes(shape):
+        sources.append(arrays[k].addressable_data(i))
+        devices.append(device)
+    moved = iter(jax.device_put(sources, devices))
+    return [jax.make_array_from_single_device_arrays(
+        shape, self.decode_sharding, [next(moved) for _ in range(len(self._routes(shape)))])
+            for shape in shapes]
 
   def source_blocks(self, arrays: list[jax.Array]) -> list[jax.Array]:
     """The packed arrays as d single-device buffers, block j holding decode block j (what a

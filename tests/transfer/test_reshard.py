@@ -77,16 +77,22 @@ def test_transfer_plan_moves_whole_buffers(prefill_tp, decode_tp, family, monkey
   decode_mesh = parallel.make_mesh(devices[4:4 + decode_tp], decode_tp)
   plan = TransferPlan(cfg, prefill_mesh, decode_mesh)
   kv = np.random.default_rng(0).normal(size=(2, 2, 32, cfg.num_kv_heads, 8)).astype(np.float32)
-  packed = jax.jit(plan.pack, out_shardings=plan.source_shardings)(
-      jax.device_put(kv, NamedSharding(prefill_mesh, P())))
+  pack = jax.jit(plan.pack, out_shardings=plan.source_shardings)
+  packed = pack(jax.device_put(kv, NamedSharding(prefill_mesh, P())))
+  # A second, shorter item: several pieces move in one batch of copies (transfer_many).
+  other = pack(jax.device_put(kv[:, :, :16] + 1, NamedSharding(prefill_mesh, P())))
   spy = HostCopySpy(monkeypatch)
   moved = jax.block_until_ready(plan.transfer(packed))
+  batch = jax.block_until_ready(plan.transfer_many([packed, other]))
   assert spy.calls == []
   monkeypatch.undo()
   assert moved.sharding == plan.decode_sharding
   assert {d.id for d in moved.devices()} == {d.id for d in decode_mesh.devices.flat}
   unpacked = jax.jit(TransferPlan.unpack)(moved)
   np.testing.assert_array_equal(np.asarray(unpacked), kv)
+  for arrived, want in zip(batch, (kv, kv[:, :, :16] + 1)):
+    assert arrived.sharding == plan.decode_sharding
+    np.testing.assert_array_equal(np.asarray(jax.jit(TransferPlan.unpack)(arrived)), want)
 
 
 def test_the_spy_sees_jaxs_own_host_round_trip(monkeypatch):
