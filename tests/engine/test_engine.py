@@ -41,8 +41,7 @@ def assert_all_pages_free(engine):
 @pytest.mark.parametrize("family, mode, prefill_tp, decode_tp", [
     ("llama3", "colocated", 1, 1),
     ("qwen3", "colocated", 2, 2),
-    ("llama3", "disagg", 1, 1),
-    ("qwen2", "disagg", 2, 2),
+    ("qwen2", "disagg", 2, 2),  # llama3 disagg 1->1: tests/engine/test_transfer.py
     ("qwen3", "disagg", 4, 2),
     ("mistral", "disagg", 2, 4),
     ("llama3_legacy_rope", "disagg", 4, 1),
