@@ -1,5 +1,6 @@
 """Default engine configuration; override any field from the command line, e.g.
-`--config.engine.page_size=32 --config.engine.decode_batch=64`. docs/CLI.md describes each."""
+`--config.engine.page_size=32 --config.engine.decode_batch=64`. The comments below describe each
+(docs/TRANSFER.md the transfer settings)."""
 
 import ml_collections
 
