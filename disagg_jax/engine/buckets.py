@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from disagg_jax.kv.pages import page_aligned
+from disagg_jax.sched.pool import pick  # pylint: disable=unused-import  (buckets.pick)
 
 
 def length_buckets(max_len: int, page_size: int, smallest: int = 16,
@@ -43,13 +42,6 @@ def batch_buckets(max_batch: int, multiple: int = 1) -> tuple[int, ...]:
     n *= 2
   out.append(top * multiple)
   return tuple(out)
-
-
-def pick(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
 def chunk_rows(chunk_batch: int, dp: int = 1) -> tuple[int, ...]:

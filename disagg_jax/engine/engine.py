@@ -310,10 +310,9 @@ class Engine(EngineAPI):
     return [dataclasses.replace(piece, arrays=self.plan.transfer(piece.arrays))
             for piece in pieces]
 
-  def run_insert_step(self, moved, length: int) -> None:
+  def run_insert_step(self, moved) -> None:
     """Disagg: dispatches the inserts of `transfer_kv`'s pieces into the decode pool, every
     page write dropped."""
-    del length
     self.decode_loop.insert_discarded(moved)
 
   # ------------------------------------------------------------------ internals

@@ -78,13 +78,13 @@ class SlotPool:
   def table_width(self, widths) -> int:
     """The page-table width (pages) a step needs: the first of the ascending `widths` that
     covers the longest sequence in the pool."""
-    return _first_covering(max(self.max_pages_in_use(), 1), widths)
+    return pick(max(self.max_pages_in_use(), 1), widths)
 
   def decode_rows(self, decoding, row_buckets) -> int:
     """Rows per shard a decode step over `decoding` computes: the first of the ascending
     `row_buckets` covering every decoding slot's index within its shard (the slots in use are
     a prefix of each shard: requests take the lowest free slot)."""
-    return _first_covering(max(s % self.slots_per_shard for s in decoding) + 1, row_buckets)
+    return pick(max(s % self.slots_per_shard for s in decoding) + 1, row_buckets)
 
   def pages_needed(self, slot: int, num_tokens: int) -> int:
     """Pages to add so that `slot` can hold `num_tokens` tokens."""
@@ -135,7 +135,8 @@ class SlotPool:
     self._free[self.shard_of(slot)] += self.held[slot]
 
 
-def _first_covering(n: int, sizes) -> int:
+def pick(n: int, sizes) -> int:
+  """The first of the ascending `sizes` that is at least `n` (the shape bucket covering n)."""
   for size in sizes:
     if n <= size:
       return size

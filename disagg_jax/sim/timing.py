@@ -98,8 +98,8 @@ def _decode_cadence(engine, num_requests: int, new_tokens: int, width: int | Non
                for i in range(num_requests)]
     times = [np.asarray(stream.result().metrics.token_times) for stream in streams]
     all_in, first_out = max(t[0] for t in times), min(t[-1] for t in times)
-    wave = [g for t in times for a, b in zip(t[1:-1], t[2:]) if a >= all_in and b <= first_out
-            for g in [b - a]]
+    wave = [b - a for t in times for a, b in zip(t[1:-1], t[2:])
+            if a >= all_in and b <= first_out]
     gaps += wave or [g for t in times for g in np.diff(t)[1:]]
     if during is None or done.is_set():
       break
@@ -226,7 +226,7 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
     def transfer(s=s):
       moved[s] = engine.transfer_kv(extracted[s])
     profile.transfer_s[s] = _median_time(transfer, lambda: jax.block_until_ready(moved), iters)
-    profile.insert_s[s] = _median_time(lambda s=s: engine.run_insert_step(moved[s], s),
+    profile.insert_s[s] = _median_time(lambda s=s: engine.run_insert_step(moved[s]),
                                        block_decode, iters)
   # Interference: a prefill step of one `contention_bucket`-token request (default: the middle
   # length bucket) run back to back while the engine decodes two requests, against alone; and
