@@ -29,5 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
       # the next computes). Either way only the pages the prompt fills move.
       transfer="request",
       transfers_in_flight=4,  # disagg: KV pieces being copied at once
+      # Keep the KV of full prompt pages by content and reuse it for any later prompt that
+      # starts with the same tokens (docs/PREFIX_CACHING.md).
+      prefix_caching=True,
   ))
   return config

@@ -26,7 +26,7 @@ class DecodeCore:
   """One decode batch of `num_slots` rows over a page pool, on the mesh of `steps`."""
 
   def __init__(self, steps: ModelSteps, *, num_slots: int, pages_per_shard: int,
-               max_seq_len: int):
+               max_seq_len: int, prefix_caching: bool = False, salt: bytes = b""):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     self.steps = steps
@@ -34,7 +34,7 @@ class DecodeCore:
     ps = steps.page_size
     self.widths = buckets.width_buckets(max_seq_len, ps)
     self.slots = DecodeSlots(num_slots, pages_per_shard, ps, self.widths[-1],
-                             num_shards=steps.dp)
+                             num_shards=steps.dp, prefix_caching=prefix_caching, salt=salt)
     self.kv_pages = steps.init_pages(self.slots.num_pages)
     # Decode steps compute a prefix of each dp row's slots: the rows they index, per prefix length.
     per_shard = self.slots.slots_per_shard

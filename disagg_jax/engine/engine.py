@@ -46,6 +46,11 @@ from disagg_jax.transfer.pieces import parse_transfer
 from disagg_jax.transfer.plan import TransferPlan
 
 MODES = ("colocated", "disagg")
+
+
+def cache_salt(cfg: ModelConfig) -> bytes:
+  """The prefix cache's salt for a model: pages are named only within one model's KV."""
+  return repr(cfg).encode()
 COMPILE_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -66,6 +71,7 @@ class EngineConfig:
   attention_impl: str = "auto"
   transfer: str = "request"  # disagg: request | layers:N (transfer.pieces)
   transfers_in_flight: int = 4  # disagg: KV pieces being copied at once
+  prefix_caching: bool = True  # reuse the KV of full pages already computed (kv.prefix_cache)
 
   def precompile_tokens(self, max_seq_len: int) -> int:
     """Sequences up to this many tokens have their step shapes compiled at start-up."""
@@ -107,7 +113,9 @@ class Engine(EngineAPI):
     self.page_capacity = self.pool.usable_pages
     self.core = DecodeCore(self.decode_steps, num_slots=config.decode_batch,
                            pages_per_shard=self.pool.pages_per_shard,
-                           max_seq_len=self.limits.max_seq_len)
+                           max_seq_len=self.limits.max_seq_len,
+                           prefix_caching=config.prefix_caching and mode == "colocated",
+                           salt=cache_salt(cfg))
     self.core.params = decode_model.params
     self._requests: dict[str, RequestState] = {}
     self._lock = threading.Lock()

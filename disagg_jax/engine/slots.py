@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from disagg_jax.kv.allocator import PageAllocator
 from disagg_jax.kv.pages import pages_for
 from disagg_jax.sched.pool import SlotPool
 
@@ -28,32 +27,18 @@ class DecodeSlots(SlotPool):
   `pages_per_shard` pages (each incl. its scratch page)."""
 
   def __init__(self, num_slots: int, pages_per_shard: int, page_size: int, pages_per_seq: int,
-               num_shards: int = 1):
-    super().__init__(num_slots, pages_per_shard, page_size, num_shards=num_shards,
-                     reserved=SCRATCH_PAGE + 1)
+               num_shards: int = 1, prefix_caching: bool = False, salt: bytes = b""):
     self.pages_per_seq = pages_per_seq
     self.num_pages = num_shards * pages_per_shard  # the whole pool; also the "skip" page id
-    self.allocators = [PageAllocator((k + 1) * pages_per_shard, page_size,
-                                     first_page=k * pages_per_shard + SCRATCH_PAGE + 1)
-                       for k in range(num_shards)]
-    self.pages: list[list[int]] = [[] for _ in range(num_slots)]
     self.page_table = np.full((num_slots, pages_per_seq), SCRATCH_PAGE, np.int32)
     self.table_version = 0  # bumped on every page-table change, so callers re-upload lazily
+    super().__init__(num_slots, pages_per_shard, page_size, num_shards=num_shards,
+                     reserved=SCRATCH_PAGE + 1, prefix_caching=prefix_caching, salt=salt)
 
-  def shard_free(self, shard: int) -> int:
-    return self.allocators[shard].num_free
-
-  def _take(self, slot: int, num_pages: int) -> None:
-    start = len(self.pages[slot])
-    new = self.allocators[self.shard_of(slot)].allocate(num_pages)
-    self.pages[slot].extend(new)
-    self.page_table[slot, start:start + num_pages] = new
-    self.table_version += 1
-
-  def _give_back(self, slot: int) -> None:
-    self.allocators[self.shard_of(slot)].free(self.pages[slot])
-    self.pages[slot] = []
+  def _pages_changed(self, slot: int) -> None:
+    pages = self.pages[slot]
     self.page_table[slot] = SCRATCH_PAGE
+    self.page_table[slot, :len(pages)] = pages
     self.table_version += 1
 
   def prompt_page_ids(self, slot: int, num_tokens: int, bucket: int) -> np.ndarray:

@@ -29,6 +29,7 @@ class RequestMetrics:
   preemptions: int = 0
   # Disaggregated: one entry per KV piece moved (engine.disagg.TransferWorker describes them).
   transfer_timeline: list[dict] = dataclasses.field(default_factory=list)
+  cached_tokens: int = 0  # prompt tokens whose KV was found cached (prefix caching)
 
   def transfer_total(self) -> float | None:
     """Seconds from the first KV piece's copy starting to the last one landing (None when
@@ -126,6 +127,10 @@ class RequestState:
   # Disaggregated: tokens of staging budget this request holds while its KV waits for a slot.
   staged: int = 0
   tokens_to_compute: list[int] = dataclasses.field(default_factory=list)
+  # Prefix caching: prompt tokens found cached when first admitted (None before), and the chain
+  # names of the sequence's full pages computed so far (`sched.pool.SlotPool.names`).
+  cached_tokens: int | None = None
+  page_names: list[bytes] = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     self.metrics.arrival = self.metrics.arrival or time.perf_counter()
@@ -146,6 +151,10 @@ class RequestState:
     """Tokens whose KV the sequence needs: prompt plus generated."""
     return len(self.prompt_ids) + len(self.output_ids)
 
+  def all_tokens(self) -> list[int]:
+    """The sequence so far: prompt, then generated tokens."""
+    return self.prompt_ids + self.output_ids
+
   def emit(self, token: int, now: float) -> bool:
     """Records a generated token; returns True when the request is now finished."""
     self.output_ids.append(token)
@@ -164,6 +173,7 @@ class RequestState:
     self.tokens_to_compute = self.prompt_ids + self.output_ids
 
   def output(self, tokenizer) -> RequestOutput:
+    self.metrics.cached_tokens = self.cached_tokens or 0
     return RequestOutput(self.request_id, list(self.prompt_ids), list(self.output_ids),
                          self.finish_reason, tokenizer.decode(self.output_ids) if tokenizer else "",
                          self.error, metrics=self.metrics)

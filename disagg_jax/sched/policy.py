@@ -8,12 +8,16 @@ thread or a clock.
 A request is anything with `arrival` (seconds; the oldest is served first and preempted last),
 `num_to_compute` (tokens whose KV the next prefill must compute: the prompt, or prompt plus
 output after a preemption), `num_computed` (of those, already in the pool; chunked prefill),
-`finish_reason` (None while running) and `restart()` (after preemption: recompute everything).
+`finish_reason` (None while running) and `restart()` (after preemption: recompute everything);
+with prefix caching also `cached_tokens` (None until first admitted, then how many of its prompt
+tokens were found cached), `page_names` and `all_tokens()` (see `sched.pool.SlotPool`).
 
 Decisions:
-- admission (`admission_shard`): a request enters a shard with a free slot and the pages for its
+- admission (`admission`): a request enters a shard with a free slot and the pages for its
   first tokens, keeping one page per decoding slot of the shard in reserve so admissions do not
-  force preemptions on the next step; of the shards that can, the one with the most free pages.
+  force preemptions on the next step; of the shards that can, the one holding the longest cached
+  prefix of it (prefix caching), then the one with the most free pages. Cached pages are shared,
+  not allocated; only the tokens after them are computed.
 - growth and preemption (`make_room`): each sequence gets the pages for its next tokens, oldest
   first; when a shard runs dry its youngest request is preempted (released; the caller requeues
   it) until the others fit.
@@ -51,19 +55,31 @@ class Request(Protocol):
 # ---------------------------------------------------------------------- shared decisions
 
 
-def admission_shard(pool: SlotPool, num_tokens: int) -> int | None:
-  """The shard to admit a `num_tokens` sequence into (see the module docstring), or None."""
-  need = pages_for(num_tokens, pool.page_size)
-  best = None
+def admission(pool: SlotPool, request, tokens_after: Callable[[int], int]):
+  """Where to admit `request` (see the module docstring): (shard, its cached pages there), or
+  None. `tokens_after(cached_tokens)`: the tokens its slot must hold once admitted, given how
+  many are found cached."""
+  best, best_key = None, None
   for shard in range(pool.num_shards):
     slots = pool.shard_slots(shard)
     if all(pool.requests[s] is not None for s in slots):
       continue
+    cached = pool.cached(shard, request)
+    tokens = tokens_after(len(cached) * pool.page_size)
+    need = (max(0, pages_for(tokens, pool.page_size) - len(cached))
+            + pool.cost(shard, cached))
     free = pool.shard_free(shard)
     reserve = sum(1 for s in slots if pool.positions[s] >= 0)
-    if free >= need + reserve and (best is None or free > pool.shard_free(best)):
-      best = shard
+    key = (len(cached), free)
+    if free >= need + reserve and (best is None or key > best_key):
+      best, best_key = (shard, cached), key
   return best
+
+
+def admission_shard(pool: SlotPool, num_tokens: int) -> int | None:
+  """The shard to admit a `num_tokens` sequence into, nothing cached, or None."""
+  choice = admission(pool, None, lambda _: num_tokens)
+  return None if choice is None else choice[0]
 
 
 def victim(pool: SlotPool, shard: int) -> int | None:
@@ -148,12 +164,17 @@ class ColocatedPolicy:
     admitted = []
     while waiting:
       request = waiting[0]
-      first = min(self.chunk_size, request.num_to_compute)
-      shard = admission_shard(pool, first)
-      if shard is None:
+      first = lambda cached, r=request: cached + min(self.chunk_size, r.num_to_compute - cached)
+      choice = admission(pool, request, first)
+      if choice is None:
         break
+      shard, cached = choice
       waiting.popleft()
-      slot = pool.assign(request, first, shard)
+      cached_tokens = len(cached) * pool.page_size
+      slot = pool.assign(request, first(cached_tokens), shard, cached)
+      request.num_computed = cached_tokens
+      if request.cached_tokens is None:
+        request.cached_tokens = cached_tokens
       self.prefilling.append(slot)
       admitted.append(slot)
     chunks = []
@@ -188,6 +209,7 @@ class ColocatedPolicy:
     for slot, start, n in step.chunks:
       request = pool.requests[slot]
       request.num_computed = start + n
+      pool.register(slot, request.num_computed)
       if request.num_computed == request.num_to_compute:
         self.prefilling.remove(slot)
         pool.positions[slot] = request.num_computed

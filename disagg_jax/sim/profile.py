@@ -81,6 +81,9 @@ class StepProfile:
   # Step-to-step variability: measured decode gaps over their median (empty: deterministic). The
   # simulator scales each step by a draw from these.
   jitter: list = dataclasses.field(default_factory=list)
+  # The engine reuses cached prompt pages (`--config.engine.prefix_caching`; the simulator's
+  # pool then caches pages by content like the engine's, for requests given with their tokens).
+  prefix_caching: bool = False
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:

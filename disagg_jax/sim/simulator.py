@@ -66,9 +66,22 @@ class SimRequest:
   staged: int = 0
   preemptions: int = 0
   group_ready: tuple = ()  # when each layer group's KV was computed (its prefill)
+  # Prefix caching: the prompt's token ids (None: no prefix can match), what the pool found
+  # cached at first admission, and the pool's names of the sequence's pages.
+  tokens: Sequence[int] | None = None
+  cached_tokens: int | None = None
+  page_names: list = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     self.compute_len = self.compute_len or self.prompt_len
+
+  def all_tokens(self) -> list[int]:
+    """The prompt's tokens, then stand-ins for the generated ones (negative, unique to this
+    request: the simulator does not know them, so they never match another request's)."""
+    prompt = list(self.tokens) if self.tokens is not None else [
+        -1 - self.index * 1_000_003 - i for i in range(self.prompt_len)]
+    return prompt + [-2 - self.index * 1_000_003 - self.prompt_len - i
+                     for i in range(len(self.times))]
 
   @property
   def request_id(self) -> str:
@@ -136,13 +149,18 @@ def _dispatch_blocks(profile: StepProfile) -> bool:
 
 
 def _pool(profile: StepProfile) -> SlotPool:
-  return SlotPool(profile.decode_batch, profile.num_pages, profile.page_size)
+  return SlotPool(profile.decode_batch, profile.num_pages, profile.page_size,
+                  prefix_caching=profile.prefix_caching)
 
 
-def _requests(prompt_lens, output_lens, arrivals) -> list[SimRequest]:
+def _requests(prompt_lens, output_lens, arrivals, prompts=None) -> list[SimRequest]:
+  """`prompts`: each request's token ids (for prefix caching), or None."""
   if not len(prompt_lens) == len(output_lens) == len(arrivals):
     raise ValueError("prompt_lens, output_lens and arrivals must have one entry per request")
-  return [SimRequest(i, float(a), int(p), max(int(o), 1))
+  if prompts is not None and [len(p) for p in prompts] != [int(n) for n in prompt_lens]:
+    raise ValueError("prompts must have one token list of prompt_lens[i] tokens per request")
+  return [SimRequest(i, float(a), int(p), max(int(o), 1),
+                     tokens=None if prompts is None else prompts[i])
           for i, (p, o, a) in enumerate(zip(prompt_lens, output_lens, arrivals))]
 
 
@@ -164,10 +182,11 @@ def _context(pool: SlotPool, slots) -> int:
 def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
                        output_lens: Sequence[int], arrivals: Sequence[float], *,
                        replay: Sequence[float] | None = None,
-                       trace: Trace | None = None) -> SimResult:
+                       trace: Trace | None = None, prompts=None) -> SimResult:
   """`replay`: the times of the engine loop's iterations (then `arrivals` are its enqueue
-  times); `trace` gets each decision, as the engine records them."""
-  requests = _requests(prompt_lens, output_lens, arrivals)
+  times); `trace` gets each decision, as the engine records them; `prompts`: the requests'
+  token ids, so that a prefix-caching profile finds shared prefixes."""
+  requests = _requests(prompt_lens, output_lens, arrivals, prompts)
   pending = collections.deque(sorted(requests, key=lambda r: (r.arrival, r.index)))
   waiting: collections.deque[SimRequest] = collections.deque()
   pool = _pool(profile)
@@ -489,13 +508,13 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
                     output_lens: Sequence[int], arrivals: Sequence[float], *,
                     num_prefill_workers: int = 1, num_decode_workers: int = 1,
                     replay: Sequence[tuple] | None = None,
-                    trace: Trace | None = None) -> SimResult:
+                    trace: Trace | None = None, prompts=None) -> SimResult:
   """xPyD: prefill workers share one FIFO queue (the cluster router sends each request to the
   prefill worker with the fewest queued tokens, which this approximates); a prefilled request
   goes to the decode worker with the most free pages net of those promised to requests on their
   way, as the router does; each decode worker's transfers run one at a time. `replay`: a
   recorded engine run's trace entries (one prefill and one decode worker)."""
-  requests = _requests(prompt_lens, output_lens, arrivals)
+  requests = _requests(prompt_lens, output_lens, arrivals, prompts)
   sim = _Disagg(profile, requests, num_prefill_workers=num_prefill_workers,
                 num_decode_workers=num_decode_workers, replaying=replay is not None,
                 trace=trace)
@@ -507,11 +526,14 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
 
 
 def simulate(profile: StepProfile, prompt_lens, output_lens, arrivals, *,
-             num_prefill_workers: int = 1, num_decode_workers: int = 1) -> SimResult:
+             num_prefill_workers: int = 1, num_decode_workers: int = 1,
+             prompts=None) -> SimResult:
+  """`prompts`: the requests' token ids (optional; with them a prefix-caching profile reuses
+  shared prefixes, as the engine does)."""
   if profile.mode == "colocated":
-    return simulate_colocated(profile, prompt_lens, output_lens, arrivals)
+    return simulate_colocated(profile, prompt_lens, output_lens, arrivals, prompts=prompts)
   if profile.mode == "disagg":
     return simulate_disagg(profile, prompt_lens, output_lens, arrivals,
                            num_prefill_workers=num_prefill_workers,
-                           num_decode_workers=num_decode_workers)
+                           num_decode_workers=num_decode_workers, prompts=prompts)
   raise ValueError(f"profile mode {profile.mode!r} is not colocated or disagg")

@@ -43,7 +43,8 @@ def _profile(engine, config) -> StepProfile:
   """A table with the engine's shapes and limits; its times do not matter when replaying."""
   slots = engine.core.slots
   base = dict(mode=engine.mode, page_size=config.page_size, decode_batch=config.decode_batch,
-              num_pages=slots.capacity, max_seq_len=config.max_seq_len, decode_s=0.001)
+              num_pages=slots.capacity, max_seq_len=config.max_seq_len, decode_s=0.001,
+              prefix_caching=slots.prefix_caching)
   if engine.mode == "colocated":
     return StepProfile(**base, chunk_size=config.chunk_size, chunk_batch=config.chunk_batch,
                        mixed_s={(b, c): 0.001 for b in buckets.chunk_rows(config.chunk_batch)
@@ -69,12 +70,14 @@ def _serve(engine, prompts, sampling, gaps):
   return [s.result(timeout=300) for s in streams]
 
 
-@pytest.mark.parametrize("mode, num_pages", [
-    ("colocated", None), ("colocated", 10), ("disagg", None), ("disagg", 10)])
-def test_simulator_takes_the_engines_decisions(mode, num_pages, hf_checkpoint):
+@pytest.mark.parametrize("mode, num_pages, shared", [
+    ("colocated", None, 0), ("colocated", 10, 0), ("colocated", None, 40), ("colocated", 12, 40),
+    ("disagg", None, 0), ("disagg", 10, 0)])
+def test_simulator_takes_the_engines_decisions(mode, num_pages, shared, hf_checkpoint):
+  """`shared`: every prompt starts with the same `shared` tokens (prefix caching at work)."""
   model_dir, _ = hf_checkpoint("llama3")
   # 9 usable pages of 16 tokens for 4 slots of up to 98 tokens: growth must preempt.
-  config = EngineConfig(max_seq_len=128, decode_batch=4, prefill_batch=2, chunk_size=32,
+  config = EngineConfig(max_seq_len=128 + shared, decode_batch=4, prefill_batch=2, chunk_size=32,
                         chunk_batch=2, num_pages=num_pages)
   rng = np.random.default_rng(7)
   n = 32
@@ -83,10 +86,16 @@ def test_simulator_takes_the_engines_decisions(mode, num_pages, hf_checkpoint):
   else:  # long outputs: sequences grow past what the pool holds
     prompt_lens, output_lens = rng.integers(1, 40, n), rng.integers(20, 60, n)
   prompts = helpers.random_prompts(prompt_lens, tiny_hf.VOCAB, seed=8)
+  if shared:
+    prefix = helpers.random_prompts([shared], tiny_hf.VOCAB, seed=9)[0]
+    prompts = [list(prefix) + list(p) for p in prompts]
+    prompt_lens = np.array([len(p) for p in prompts])
   sampling = [SamplingParams(max_new_tokens=int(k), ignore_eos=True) for k in output_lens]
   gaps = rng.exponential(0.01, n)
   with _engine(model_dir, mode, config) as engine:
-    _serve(engine, prompts[:4], sampling[:4], [0.0] * 4)  # compiles what start-up did not
+    # Compiles what start-up did not (other prompts: nothing of them is cached for the run).
+    _serve(engine, helpers.random_prompts(prompt_lens[:4], tiny_hf.VOCAB, seed=10),
+           sampling[:4], [0.0] * 4)
     trace = Trace()
     _attach(engine, trace)
     outputs = _serve(engine, prompts, sampling, gaps)
@@ -100,10 +109,10 @@ def test_simulator_takes_the_engines_decisions(mode, num_pages, hf_checkpoint):
   if mode == "colocated":
     simulator.simulate_colocated(profile, prompt_lens, output_lens, arrivals,
                                  replay=[t for t, _ in trace.of("colocated", "decide")],
-                                 trace=replayed)
+                                 trace=replayed, prompts=prompts)
   else:
     simulator.simulate_disagg(profile, prompt_lens, output_lens, arrivals,
-                              replay=trace.entries, trace=replayed)
+                              replay=trace.entries, trace=replayed, prompts=prompts)
   recorded, simulated = trace.decisions(), replayed.decisions()
   assert recorded.keys() == simulated.keys()
   for name in recorded:
@@ -112,6 +121,12 @@ def test_simulator_takes_the_engines_decisions(mode, num_pages, hf_checkpoint):
     assert len(simulated[name]) == len(recorded[name])
   preempted = sum(len(p[-1]) for decisions in recorded.values() for p in decisions
                   if isinstance(p[-1], tuple))
+  cached = [o.metrics.cached_tokens for o in outputs]
+  if shared:  # whole pages of the shared prefix, once its first prompt has computed them
+    assert max(cached) == shared // config.page_size * config.page_size
+    assert sum(c > 0 for c in cached) >= n // 2
+  else:
+    assert not any(cached)
   if num_pages is not None:
     assert preempted > 0
     assert sum(o.metrics.preemptions for o in outputs) == preempted

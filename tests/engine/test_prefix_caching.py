@@ -1,0 +1,49 @@
+"""Prefix caching in the serving engine: the same greedy tokens with it on and off."""
+
+import pytest
+
+from disagg_jax.engine.engine import EngineConfig
+from disagg_jax.engine.sampling import SamplingParams
+from disagg_jax.testing import helpers, tiny_hf
+
+from tests.engine.test_engine import assert_all_pages_free, make_engine, reference_outputs
+
+CONFIG = EngineConfig(max_seq_len=160, decode_batch=4, prefill_batch=2, chunk_size=32,
+                      chunk_batch=2)
+
+
+def _prompts():
+  """Prompts sharing a 50-token prefix, a repeated prompt, a prompt that is a prefix of another,
+  and a page-aligned one (all its pages cached on the second pass: its last page is recomputed)."""
+  prefix, a, b, c = helpers.random_prompts((50, 30, 7, 64), tiny_hf.VOCAB, seed=31)
+  return [prefix + a, prefix + b, prefix + a, prefix, prefix + a + b, c, c[:48], c]
+
+
+# Disaggregated: the flag is accepted and changes nothing yet (the decode side's pool does not
+# cache; docs/PREFIX_CACHING.md).
+@pytest.mark.parametrize("mode, tp, dp", [("colocated", 1, 1), ("colocated", 1, 2),
+                                          pytest.param("disagg", 1, 1, marks=pytest.mark.slow)])
+def test_greedy_tokens_are_the_same_with_prefix_caching(mode, tp, dp, hf_checkpoint):
+  model_dir, _ = hf_checkpoint("llama3")
+  prompts = _prompts()
+  sampling = SamplingParams(max_new_tokens=10)
+  expected = reference_outputs(model_dir, prompts, sampling)
+  for caching in (False, True):
+    config = EngineConfig(**{**CONFIG.__dict__, "prefix_caching": caching})
+    with make_engine(model_dir, mode, prefill_tp=tp, decode_tp=tp, prefill_dp=dp,
+                     decode_dp=dp, config=config) as engine:
+      cached = []
+      for _ in range(2):  # the second pass finds the first one's pages
+        outputs = engine.generate(prompts, sampling)
+        assert [o.output_token_ids for o in outputs] == expected
+        cached.append([o.metrics.cached_tokens for o in outputs])
+      # One request at a time: each finds what the ones before it computed.
+      for prompt, want in zip(prompts, expected):
+        assert engine.generate([prompt], sampling)[0].output_token_ids == want
+      assert_all_pages_free(engine)
+    if caching and mode == "colocated":
+      # Whole pages only, never the last prompt token (its logits give the first token).
+      assert cached[1] == [(len(p) - 1) // 16 * 16 for p in prompts]
+      assert cached[0][:2] == [0, 0]
+    else:
+      assert not any(cached[0] + cached[1])
