@@ -218,8 +218,11 @@ def define_workload_flags() -> None:
   from disagg_jax.bench import workloads  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum("dataset_name", "random", list(workloads.DATASETS),
                     "Workload: random, sharegpt (--dataset_path), prefill_heavy / decode_heavy "
-                    "(the demo model's scale), or real-scale presets: chat (ShareGPT-like, 755 / "
-                    "200 tokens on average), 1k_1k, 4k_256, 8k_128 (input_output tokens, +-10%).")
+                    "(the demo model's scale), real-scale presets: chat (ShareGPT-like, 755 / "
+                    "200 tokens on average), 1k_1k, 4k_256, 8k_128 (input_output tokens, +-10%); "
+                    "or shared prefixes (prefix caching): multiturn (conversations on shared "
+                    "system prompts), documents (questions about shared documents); see "
+                    "--multiturn_*.")
   flags.DEFINE_string("dataset_path", None, "ShareGPT JSON file (--dataset_name=sharegpt).")
   flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
   flags.DEFINE_float("request_rate", float("inf"), "Requests per second; inf sends all at once.")
@@ -232,6 +235,18 @@ def define_workload_flags() -> None:
                        "Output tokens (random: default 64; presets have their own; chat: the "
                        "mean).")
   flags.DEFINE_float("random_range_ratio", None, "Lengths vary in [len*(1-r), len*(1+r)].")
+  flags.DEFINE_integer("multiturn_turns", None, "multiturn: turns per conversation (default 4).")
+  flags.DEFINE_integer("multiturn_prefix_len", None,
+                       "multiturn: system prompt tokens (default 128); documents: document "
+                       "tokens (default 320).")
+  flags.DEFINE_integer("multiturn_num_prefixes", None,
+                       "multiturn / documents: distinct system prompts or documents (default 4).")
+  flags.DEFINE_integer("multiturn_turn_len", None,
+                       "multiturn: tokens of each user message; documents: of each question "
+                       "(default 32). Output tokens: --random_output_len (default 16).")
+  flags.DEFINE_float("multiturn_think_time", None,
+                     "multiturn: mean seconds between a conversation's turns (exponential; "
+                     "default 1.0).")
   flags.DEFINE_string("goodput", None, "SLOs for goodput, e.g. ttft:200,tpot:50 (milliseconds).")
   flags.DEFINE_integer("seed", 0, "Seed of the workload and the arrivals.")
 
@@ -261,8 +276,13 @@ def workload_from_flags(config, limits=None, model_cfg=None):
       FLAGS.dataset_name, num_prompts=FLAGS.num_prompts, vocab_size=model_cfg.vocab_size,
       tokenizer=tokenizer, seed=FLAGS.seed, dataset_path=FLAGS.dataset_path,
       input_len=FLAGS.random_input_len, output_len=FLAGS.random_output_len,
-      range_ratio=FLAGS.random_range_ratio, first_id=_first_plain_id(model_cfg))
+      range_ratio=FLAGS.random_range_ratio, first_id=_first_plain_id(model_cfg),
+      prefix={k: getattr(FLAGS, f"multiturn_{k}") for k in workloads.PREFIX_FIELDS
+              if k != "output_len"})
   workloads.check_limits(requests, limits.max_seq_len, limits.max_prefill_length)
+  if FLAGS.dataset_name in workloads.PREFIX_DEFAULTS:
+    requests, arrivals = workloads.conversation_arrivals(requests, FLAGS.request_rate,
+                                                         FLAGS.burstiness, FLAGS.seed)
   return requests, arrivals, slos
 
 

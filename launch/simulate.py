@@ -70,11 +70,15 @@ def main(argv):
     output_lens = [r.output_len for r in requests]
     if analytic_model:
       table = _analytic_profile(*analytic_model, int(sum(prompt_lens) / len(prompt_lens)))
+      table.prefix_caching = table.mode == "colocated"
+    # Prefix caching as the engine does it (colocated), unless switched off.
+    table.prefix_caching = table.prefix_caching and FLAGS.config.engine.prefix_caching
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   start = time.perf_counter()
   result = simulator.simulate(table, prompt_lens, output_lens, arrivals,
-                              num_prefill_workers=workers[0], num_decode_workers=workers[1])
+                              num_prefill_workers=workers[0], num_decode_workers=workers[1],
+                              prompts=[r.prompt_token_ids for r in requests])
   records, duration = result.records, result.duration
   if FLAGS.warmup_fraction:
     records, duration = metrics.steady_state(records, arrivals, FLAGS.warmup_fraction)

@@ -68,7 +68,8 @@ def main(argv):
       FLAGS.request_rate = rate
       requests, arrivals, slos = cli.workload_from_flags(FLAGS.config)
       sim = simulator.simulate(table, [len(r.prompt_token_ids) for r in requests],
-                               [r.output_len for r in requests], arrivals)
+                               [r.output_len for r in requests], arrivals,
+                               prompts=[r.prompt_token_ids for r in requests])
       simulated = metrics.compute(sim.records, sim.duration, slos)
       for repeat in range(FLAGS.repeats):
         records, duration = runner.run(engine, requests, arrivals, seed=FLAGS.seed,

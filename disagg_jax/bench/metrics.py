@@ -38,6 +38,7 @@ class RequestRecord:
   # Disaggregated: the whole KV transfer, first copy starting to last landing (the "transfer"
   # phase is only its part after the first token, the exposed transfer).
   transfer_total: float | None = None
+  cached_tokens: int = 0  # prompt tokens whose KV was found in the prefix cache
 
   @property
   def tpot(self) -> float | None:
@@ -55,7 +56,7 @@ class RequestRecord:
     return cls(prompt_len, len(output.output_token_ids), True, times[0] - m.arrival,
                [float(g) for g in np.diff(times)], times[-1] - m.arrival, m.phases(),
                output_token_ids=list(output.output_token_ids),
-               transfer_total=m.transfer_total())
+               transfer_total=m.transfer_total(), cached_tokens=m.cached_tokens)
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
@@ -133,6 +134,12 @@ def compute(records: list[RequestRecord], duration: float,
   totals = np.asarray([r.transfer_total for r in done if r.transfer_total is not None] or [0.0])
   out["mean_transfer_total_ms"] = float(np.mean(totals)) * 1e3
   out["p99_transfer_total_ms"] = float(np.percentile(totals, 99)) * 1e3
+  # Prefix caching: the share of prompt tokens found cached, and per request what was cached
+  # and what the prefill computed.
+  cached = sum(r.cached_tokens for r in done)
+  out["prefix_cache_hit_rate"] = cached / total_in if total_in else 0.0
+  out["mean_cached_prompt_tokens"] = cached / len(done) if done else 0.0
+  out["mean_computed_prompt_tokens"] = (total_in - cached) / len(done) if done else 0.0
   return out
 
 

@@ -33,6 +33,8 @@ async def _one(client, model: str, request: BenchRequest, ignore_eos: bool, seed
         payload = json.loads(line[len("data: "):])
         if payload.get("usage"):
           completion_tokens = payload["usage"]["completion_tokens"]
+          details = payload["usage"].get("prompt_tokens_details") or {}
+          record.cached_tokens = int(details.get("cached_tokens") or 0)
           phases = payload.get("phases_s") or {}
         # A token per chunk: this server sends one per token (text may be held back, so
         # empty); others put the last token in the chunk with finish_reason.

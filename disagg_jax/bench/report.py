@@ -27,6 +27,11 @@ def format_table(result: dict, title: str = "Serving Benchmark Result") -> str:
   row("SLO attainment:", result["slo_attainment"], "{:.1%}")
   row("Output token throughput (tok/s):", result["output_throughput"])
   row("Total token throughput (tok/s):", result["total_token_throughput"])
+  if "prefix_cache_hit_rate" in result:
+    row("Prefix cache hit rate:", result["prefix_cache_hit_rate"], "{:.1%}")
+    row("Mean prompt tokens cached / computed:", None)
+    lines[-1] = (lines[-1][:44] + f"{result['mean_cached_prompt_tokens']:>8.1f}/"
+                 f"{result['mean_computed_prompt_tokens']:>7.1f}")
   for key in LATENCIES + ("decode_itl",):
     lines.append(f"{_NAMES[key]:-^60}")
     for stat in ("mean", "median", "p90", "p99"):

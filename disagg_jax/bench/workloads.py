@@ -14,6 +14,17 @@ of 2,048 tokens or more redrawn, as DistServe filters ShareGPT) with means 755 a
 the ShareGPT averages DistServe reports (its Figure 7; multi-turn prompts, OPT tokenizer).
 `preset_lengths` draws any preset's lengths without token ids (the planner needs only lengths).
 
+Workloads with shared prefixes, for prefix caching (`multiturn_requests`, PREFIX_DEFAULTS):
+`multiturn`: conversations of `turns` turns, each starting with one of `num_prefixes` system
+prompts of `prefix_len` tokens; every turn adds a user message of `turn_len` tokens, and the next
+turn's prompt is the whole history: the earlier prompts, their answers (the workload's own
+recorded answers, of the output length, as a replayed chat trace has them; the model's actual
+answers differ, so their pages are computed anew) and a new message. Turn k + 1 arrives an
+exponential think time (mean `think_time` s) after turn k did (open loop: it does not wait for
+turn k's answer); conversations start at `request_rate / turns`, so requests arrive at about
+`request_rate`. `documents`: the same with one turn: questions of `turn_len` tokens about one
+of `num_prefixes` documents of `prefix_len` tokens.
+
 Built with a grain pipeline and seeded, so a (workload, seed) pair always yields the same
 requests, and the first n requests of a larger draw are the n of a smaller one.
 """
@@ -39,9 +50,14 @@ SCALED_PRESETS = {"1k_1k": (1024, 1024, 0.1), "4k_256": (4096, 256, 0.1),
 CHAT_MEANS = (755, 200)
 CHAT_LOGNORMAL = ((771.5, 0.8), (138.8, 1.0))
 CHAT_MAX_TOTAL = 2048
-DATASETS = ("random", "sharegpt", "prefill_heavy", "decode_heavy", "chat", *SCALED_PRESETS)
+# Shared-prefix workloads at the demo model's scale: (turns, prefix_len, num_prefixes, turn_len,
+# output_len, think_time seconds); the --multiturn_* flags override each.
+PREFIX_DEFAULTS = {"multiturn": (4, 128, 4, 32, 16, 1.0), "documents": (1, 320, 4, 32, 16, 0.0)}
+PREFIX_FIELDS = ("turns", "prefix_len", "num_prefixes", "turn_len", "output_len", "think_time")
+DATASETS = ("random", "sharegpt", "prefill_heavy", "decode_heavy", "chat", *SCALED_PRESETS,
+            *PREFIX_DEFAULTS)
 # Length-only presets (no dataset file): what plan.py and the analytic model accept.
-LENGTH_DATASETS = tuple(d for d in DATASETS if d != "sharegpt")
+LENGTH_DATASETS = tuple(d for d in DATASETS if d != "sharegpt" and d not in PREFIX_DEFAULTS)
 # vLLM's random defaults are 1024 / 128; ours fit the demo model's context.
 RANDOM_DEFAULTS = (256, 64, 0.0)
 SHAREGPT_MIN_LEN = 4
@@ -57,6 +73,53 @@ class WorkloadError(ValueError):
 class BenchRequest:
   prompt_token_ids: list[int]
   output_len: int
+  # Shared-prefix workloads: the conversation this turn belongs to (-1: none) and its arrival
+  # after the conversation's first turn, in seconds.
+  conversation: int = -1
+  offset: float = 0.0
+
+
+def multiturn_requests(num: int, *, turns: int, prefix_len: int, num_prefixes: int,
+                       turn_len: int, output_len: int, think_time: float, vocab_size: int,
+                       seed: int, first_id: int = 0) -> list[BenchRequest]:
+  """`num` requests (turns) of conversations sharing system prompts (see the module
+  docstring), in conversation order; `conversation_arrivals` times them."""
+  for name, value, low in (("turns", turns, 1), ("prefix_len", prefix_len, 0),
+                           ("num_prefixes", num_prefixes, 1), ("turn_len", turn_len, 1),
+                           ("output_len", output_len, 1)):
+    if value < low:
+      flag = "random_output_len" if name == "output_len" else f"multiturn_{name}"
+      raise WorkloadError(f"--{flag}={value} must be at least {low}")
+  if think_time < 0:
+    raise WorkloadError(f"--multiturn_think_time={think_time} must be >= 0")
+  rng = np.random.default_rng([seed, 7])
+  draw = lambda n: [int(t) for t in rng.integers(first_id, vocab_size, n)]
+  prefixes = [draw(prefix_len) for _ in range(num_prefixes)]
+  requests = []
+  conversation = 0
+  while len(requests) < num:
+    history, offset = list(prefixes[rng.integers(num_prefixes)]), 0.0
+    for _ in range(min(turns, num - len(requests))):
+      history += draw(turn_len)
+      requests.append(BenchRequest(list(history), output_len, conversation, offset))
+      history += draw(output_len)  # the recorded answer
+      offset += float(rng.exponential(think_time)) if think_time else 0.0
+    conversation += 1
+  return requests
+
+
+def conversation_arrivals(requests: Sequence[BenchRequest], request_rate: float,
+                          burstiness: float, seed: int) -> tuple[list[BenchRequest], np.ndarray]:
+  """Arrival times of a shared-prefix workload: conversations start as a (gamma) process at
+  `request_rate` / turns per conversation, each turn at its offset after the start. Returns
+  the requests and their times, sorted by time."""
+  from disagg_jax.bench import arrivals as arrivals_lib  # pylint: disable=g-import-not-at-top
+  num_conversations = max(r.conversation for r in requests) + 1
+  turns = len(requests) / num_conversations
+  starts = arrivals_lib.arrival_times(num_conversations, request_rate / turns, burstiness, seed)
+  times = np.array([starts[r.conversation] + r.offset for r in requests])
+  order = np.argsort(times, kind="stable")
+  return [requests[i] for i in order], times[order]
 
 
 def random_requests(num: int, input_len: int, output_len: int, range_ratio: float,
@@ -210,15 +273,24 @@ def preset_lengths(dataset_name: str, num: int, seed: int, input_len: int | None
 def build(dataset_name: str, *, num_prompts: int, vocab_size: int, tokenizer, seed: int,
           dataset_path: str | None = None, input_len: int | None = None,
           output_len: int | None = None, range_ratio: float | None = None,
-          first_id: int = 0) -> list[BenchRequest]:
+          first_id: int = 0, prefix: dict | None = None) -> list[BenchRequest]:
   """The requests of a workload. Presets take their lengths from PRESETS, SCALED_PRESETS or the
-  chat distribution unless given."""
+  chat distribution unless given; shared-prefix workloads from PREFIX_DEFAULTS, overridden by
+  `prefix` (keys PREFIX_FIELDS; None: the default)."""
   if dataset_name not in DATASETS:
     raise WorkloadError(f"--dataset_name={dataset_name!r} is not one of {', '.join(DATASETS)}")
   if num_prompts < 1:
     raise WorkloadError(f"--num_prompts={num_prompts} must be at least 1")
   if dataset_name == "sharegpt":
     return sharegpt_requests(dataset_path, num_prompts, tokenizer, seed)
+  if dataset_name in PREFIX_DEFAULTS:
+    turns, prefix_len, num_prefixes, turn_len, default_out, think = {
+        **dict(zip(PREFIX_FIELDS, PREFIX_DEFAULTS[dataset_name])),
+        **{k: v for k, v in (prefix or {}).items() if v is not None}}.values()
+    return multiturn_requests(num_prompts, turns=turns, prefix_len=prefix_len,
+                              num_prefixes=num_prefixes, turn_len=turn_len,
+                              output_len=output_len or default_out, think_time=think,
+                              vocab_size=vocab_size, seed=seed, first_id=first_id)
   if dataset_name == "chat" or dataset_name in SCALED_PRESETS:
     prompt_lens, output_lens = preset_lengths(dataset_name, num_prompts, seed, input_len,
                                               output_len, range_ratio)

@@ -231,7 +231,8 @@ class Engine(EngineAPI):
     slots = self.core.slots
     out = {"mode": self.mode, "in_flight": len(self._requests),
            "running": len(slots.occupied()), "free_pages": slots.num_free,
-           "total_pages": self.page_capacity}
+           "total_pages": self.page_capacity,
+           "cached_pages": sum(a.num_cached for a in slots.allocators)}
     if self.mode == "colocated":
       out["waiting"] = len(self.scheduler.queue)
     else:

@@ -118,7 +118,7 @@ class Server:
     finish = self._finish_reason(output, text)
     make = protocol.completion_body if kind == "completion" else protocol.chat_body
     return JSONResponse(make(request_id, self.model_name, text.text, finish, len(prompt_ids),
-                             len(output.output_token_ids)))
+                             len(output.output_token_ids), _cached(output)))
 
   async def _next(self, http_request: Request, items: asyncio.Queue, engine_id: str):
     """The next token or the final output; aborts the request if the client went away."""
@@ -159,7 +159,8 @@ class Server:
           if include_usage:  # plus this server's per-phase times, which clients may ignore
             yield _sse({"id": request_id, "object": chunk(request_id, "", "", None)["object"],
                         "created": int(time.time()), "model": self.model_name, "choices": [],
-                        "usage": protocol.usage(prompt_len, len(item.output_token_ids)),
+                        "usage": protocol.usage(prompt_len, len(item.output_token_ids),
+                                                _cached(item)),
                         "phases_s": item.metrics.phases() if item.metrics else None})
           yield "data: [DONE]\n\n"
           return
@@ -182,6 +183,11 @@ class Server:
     if output.finish_reason == "error":
       return "error"
     return output.finish_reason if output.finish_reason in ("stop", "length") else "abort"
+
+
+def _cached(output: RequestOutput) -> int:
+  """Prompt tokens the engine found in its prefix cache."""
+  return int(getattr(output.metrics, "cached_tokens", 0) or 0)
 
 
 def _delta(kind: str, text: str):

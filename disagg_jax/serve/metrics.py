@@ -49,12 +49,16 @@ class ServerMetrics:
                    for phase in ("queue", "prefill", "transfer", "decode")}
     self.finished = {}  # finish_reason -> count
     self.rejected = 0
+    self.prompt_tokens = 0
+    self.cached_tokens = 0  # of those, found in the prefix cache
 
   def observe(self, output) -> None:
     with self._lock:
       reason = output.finish_reason or "unknown"
       self.finished[reason] = self.finished.get(reason, 0) + 1
       m = output.metrics
+      self.prompt_tokens += len(output.prompt_token_ids)
+      self.cached_tokens += int(getattr(m, "cached_tokens", 0) or 0)
       if m is None or not m.token_times:
         return
       self.ttft.observe(m.token_times[0] - m.arrival)
@@ -71,7 +75,8 @@ class ServerMetrics:
               "waiting": "Requests waiting for prefill (or a slot, colocated).",
               "transferring": "Prefilled requests whose KV is moving to the decode mesh.",
               "awaiting_slot": "Requests whose KV arrived, waiting for a decode slot.",
-              "free_pages": "Free KV pages in the decode page pool.",
+              "free_pages": "Free KV pages in the decode page pool (incl. unreferenced cached).",
+              "cached_pages": "KV pages in the prefix cache (referenced or not).",
               "total_pages": "KV pages in the decode page pool."}
     for key, help_text in gauges.items():
       if key in engine_stats:
@@ -89,6 +94,16 @@ class ServerMetrics:
       lines += [f"# HELP {p}_requests_rejected_total Requests refused with 429.",
                 f"# TYPE {p}_requests_rejected_total counter",
                 f"{p}_requests_rejected_total {self.rejected}"]
+      hit_rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+      lines += [f"# HELP {p}_prompt_tokens_total Prompt tokens of finished requests.",
+                f"# TYPE {p}_prompt_tokens_total counter",
+                f"{p}_prompt_tokens_total {self.prompt_tokens}",
+                f"# HELP {p}_cached_prompt_tokens_total Of those, found in the prefix cache.",
+                f"# TYPE {p}_cached_prompt_tokens_total counter",
+                f"{p}_cached_prompt_tokens_total {self.cached_tokens}",
+                f"# HELP {p}_prefix_cache_hit_rate Cached prompt tokens / prompt tokens.",
+                f"# TYPE {p}_prefix_cache_hit_rate gauge",
+                f"{p}_prefix_cache_hit_rate {hit_rate}"]
       for hist in (self.ttft, self.itl, self.e2e, *self.phases.values()):
         lines += hist.render()
     return "\n".join(lines) + "\n"

@@ -100,18 +100,20 @@ def new_id(prefix: str) -> str:
   return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+  """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache."""
   return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "total_tokens": prompt_tokens + completion_tokens}
+          "total_tokens": prompt_tokens + completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
   return {"id": request_id, "object": "text_completion", "created": int(time.time()),
           "model": model,
           "choices": [{"index": 0, "text": text, "logprobs": None,
                        "finish_reason": finish_reason}],
-          "usage": usage(prompt_tokens, completion_tokens)}
+          "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
@@ -122,12 +124,12 @@ def completion_chunk(request_id: str, model: str, text: str, finish_reason: str 
 
 
 def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
-              prompt_tokens: int, completion_tokens: int) -> dict:
+              prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
   return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
           "model": model,
           "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                        "logprobs": None, "finish_reason": finish_reason}],
-          "usage": usage(prompt_tokens, completion_tokens)}
+          "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:

@@ -111,7 +111,8 @@ class SimRequest:
     total = (self.transfer_end - self.transfer_start
              if self.transfer_start is not None and self.transfer_end is not None else None)
     return RequestRecord(self.prompt_len, len(self.times), True, first - self.arrival, gaps,
-                         last - self.arrival, phases, transfer_total=total)
+                         last - self.arrival, phases, transfer_total=total,
+                         cached_tokens=self.cached_tokens or 0)
 
 
 @dataclasses.dataclass

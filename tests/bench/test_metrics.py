@@ -47,6 +47,12 @@ def test_hand_computed_timelines():
   assert result["request_goodput"] == pytest.approx(1 / 8)
   assert result["slo_attainment"] == pytest.approx(1 / 3)
   assert result["mean_transfer_ms"] == pytest.approx(125.0)  # A 250 ms, B 0 (colocated)
+  assert result["prefix_cache_hit_rate"] == 0.0
+  a.cached_tokens = 6  # of A's 10 prompt tokens; B's 5 all computed
+  cached = compute([a, b, c], duration=8.0)
+  assert cached["prefix_cache_hit_rate"] == pytest.approx(6 / 15)
+  assert cached["mean_cached_prompt_tokens"] == pytest.approx(3.0)
+  assert cached["mean_computed_prompt_tokens"] == pytest.approx(4.5)
   assert result["request_goodput"] <= result["request_throughput"]
 
 

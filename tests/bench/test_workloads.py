@@ -155,3 +155,41 @@ def test_bad_dataset_names_say_what_is_allowed():
     workloads.preset_lengths("sharegpt", 1, seed=0)
   with pytest.raises(WorkloadError, match="--num_prompts=0"):
     workloads.preset_lengths("chat", 0, seed=0)
+
+
+def test_multiturn_conversations_share_their_history():
+  reqs = workloads.build("multiturn", num_prompts=30, vocab_size=100, tokenizer=None, seed=3,
+                         output_len=5, prefix={"turns": 3, "prefix_len": 20, "num_prefixes": 2,
+                                               "turn_len": 7, "think_time": 1.0})
+  assert len(reqs) == 30 and max(r.conversation for r in reqs) == 9
+  systems = {tuple(r.prompt_token_ids[:20]) for r in reqs}
+  assert len(systems) == 2  # every conversation starts with one of the two system prompts
+  for conv in range(10):
+    turns = [r for r in reqs if r.conversation == conv]
+    assert [len(r.prompt_token_ids) for r in turns] == [27, 39, 51]  # + 7 user + 5 answer
+    for earlier, later in zip(turns, turns[1:]):
+      assert later.prompt_token_ids[:len(earlier.prompt_token_ids)] == earlier.prompt_token_ids
+      assert later.offset > earlier.offset
+    assert turns[0].offset == 0.0
+  ordered, times = workloads.conversation_arrivals(reqs, 6.0, 1.0, 0)
+  assert list(times) == sorted(times) and len(ordered) == 30
+  # Conversations start at 6 / 3 = 2 per second: the tenth at 10 / 2 = 5 s (vLLM's rescaling).
+  starts = [t for r, t in zip(ordered, times) if r.offset == 0.0]
+  assert max(starts) == pytest.approx(5.0)
+  again = workloads.build("multiturn", num_prompts=30, vocab_size=100, tokenizer=None, seed=3,
+                          output_len=5, prefix={"turns": 3, "prefix_len": 20, "num_prefixes": 2,
+                                                "turn_len": 7, "think_time": 1.0})
+  assert again == reqs
+
+
+def test_documents_and_bad_multiturn_flags():
+  docs = workloads.build("documents", num_prompts=12, vocab_size=100, tokenizer=None, seed=0)
+  assert {len(r.prompt_token_ids) for r in docs} == {352} and len(
+      {tuple(r.prompt_token_ids[:320]) for r in docs}) <= 4
+  assert all(r.offset == 0.0 for r in docs) and docs[-1].conversation == 11
+  with pytest.raises(WorkloadError, match="--multiturn_turns=0 must be at least 1"):
+    workloads.build("multiturn", num_prompts=4, vocab_size=100, tokenizer=None, seed=0,
+                    prefix={"turns": 0})
+  with pytest.raises(WorkloadError, match="--multiturn_think_time=-1"):
+    workloads.build("multiturn", num_prompts=4, vocab_size=100, tokenizer=None, seed=0,
+                    prefix={"think_time": -1.0})

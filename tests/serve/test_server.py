@@ -44,6 +44,9 @@ def test_completions_streamed_and_not_match_the_reference(live_server):
   assert streamed == text
   assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == reason
   assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+  # The same prompt again: its first (whole) page was cached by the first request.
+  assert response.usage.prompt_tokens_details.cached_tokens in (0, 16)
+  assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 16
   text_response = c.completions.create(model="tiny-qwen2", prompt="The quick brown fox",
                                        max_tokens=8, temperature=0)
   ids = live_server["model"].tokenizer.encode("The quick brown fox")
@@ -189,5 +192,7 @@ def test_models_health_metrics(live_server):
   for name in ("disagg_jax_running", "disagg_jax_waiting", "disagg_jax_page_usage",
                "disagg_jax_time_to_first_token_seconds_bucket",
                "disagg_jax_inter_token_latency_seconds_count", "disagg_jax_request_prefill_seconds_sum",
-               "disagg_jax_request_queue_seconds_count"):
+               "disagg_jax_request_queue_seconds_count", "disagg_jax_cached_pages",
+               "disagg_jax_prompt_tokens_total", "disagg_jax_cached_prompt_tokens_total",
+               "disagg_jax_prefix_cache_hit_rate"):
     assert name in metrics, name
