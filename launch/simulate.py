@@ -70,9 +70,9 @@ def main(argv):
     output_lens = [r.output_len for r in requests]
     if analytic_model:
       table = _analytic_profile(*analytic_model, int(sum(prompt_lens) / len(prompt_lens)))
-      table.prefix_caching = table.mode == "colocated"
-    # Prefix caching as the engine does it (colocated), unless switched off.
-    table.prefix_caching = table.prefix_caching and FLAGS.config.engine.prefix_caching
+    # Prefix caching as the engine does it (colocated), unless switched off: a policy setting,
+    # not a measured one, so tables profiled before it existed cache too.
+    table.prefix_caching = table.mode == "colocated" and FLAGS.config.engine.prefix_caching
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   start = time.perf_counter()

@@ -177,3 +177,22 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
     assert row["fitted_median_tpot_ms"] == pytest.approx(row["measured_median_tpot_ms"],
                                                          rel=0.02)
   assert factors["decode"] == pytest.approx(decode, abs=0.05)
+
+
+def test_colocated_prefix_caching_reuses_what_an_earlier_request_computed():
+  # Two 200-token prompts sharing their first 150 tokens, the second after the first finished:
+  # it finds 9 whole pages (144 tokens) cached and computes 56 tokens in one chunk (50 ms, not
+  # two chunks). Without the tokens, or with caching off, both compute everything.
+  shared = list(range(3, 153))
+  prompts = [shared + list(range(500, 550)), shared + list(range(600, 650))]
+  on = colocated_profile(prefix_caching=True)
+  cached = simulator.simulate(on, [200, 200], [3, 3], [0.0, 1.0], prompts=prompts)
+  assert [r.cached_tokens for r in cached.records] == [0, 144]
+  assert cached.records[1].ttft == pytest.approx(0.05)
+  m = metrics.compute(cached.records, cached.duration)
+  assert m["prefix_cache_hit_rate"] == pytest.approx(144 / 400)
+  for plain in (simulator.simulate(colocated_profile(), [200, 200], [3, 3], [0.0, 1.0],
+                                   prompts=prompts),
+                simulator.simulate(on, [200, 200], [3, 3], [0.0, 1.0])):
+    assert [r.cached_tokens for r in plain.records] == [0, 0]
+    assert plain.records[1].ttft == pytest.approx(0.10)
