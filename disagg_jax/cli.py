@@ -281,8 +281,8 @@ def workload_from_flags(config, limits=None, model_cfg=None):
               if k != "output_len"})
   workloads.check_limits(requests, limits.max_seq_len, limits.max_prefill_length)
   if FLAGS.dataset_name in workloads.PREFIX_DEFAULTS:
-    requests, arrivals = workloads.conversation_arrivals(requests, FLAGS.request_rate,
-                                                         FLAGS.burstiness, FLAGS.seed)
+    requests, arrivals = arrivals_lib.conversation_arrivals(requests, FLAGS.request_rate,
+                                                            FLAGS.burstiness, FLAGS.seed)
   return requests, arrivals, slos
 
 

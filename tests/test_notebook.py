@@ -3,9 +3,11 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 
+@pytest.mark.slow  # 80 s: the notebook's cells are the README's, tested by their own tests
 def test_quickstart_notebook_executes(repo_root):
   path = os.path.join(repo_root, "notebooks", "quickstart.ipynb")
   notebook = nbformat.read(path, as_version=4)

@@ -27,3 +27,16 @@ def arrival_times(num: int, request_rate: float, burstiness: float = 1.0,
   gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num)
   times = np.cumsum(gaps)
   return times * (num / request_rate) / times[-1]
+
+
+def conversation_arrivals(requests, request_rate: float,
+                          burstiness: float, seed: int) -> tuple[list, np.ndarray]:
+  """Arrival times of a shared-prefix workload: conversations start as a (gamma) process at
+  `request_rate` / turns per conversation, each turn at its offset after the start. Returns
+  the requests and their times, sorted by time."""
+  num_conversations = max(r.conversation for r in requests) + 1
+  turns = len(requests) / num_conversations
+  starts = arrival_times(num_conversations, request_rate / turns, burstiness, seed)
+  times = np.array([starts[r.conversation] + r.offset for r in requests])
+  order = np.argsort(times, kind="stable")
+  return [requests[i] for i in order], times[order]

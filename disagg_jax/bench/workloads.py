@@ -21,9 +21,10 @@ turn's prompt is the whole history: the earlier prompts, their answers (the work
 recorded answers, of the output length, as a replayed chat trace has them; the model's actual
 answers differ, so their pages are computed anew) and a new message. Turn k + 1 arrives an
 exponential think time (mean `think_time` s) after turn k did (open loop: it does not wait for
-turn k's answer); conversations start at `request_rate / turns`, so requests arrive at about
-`request_rate`. `documents`: the same with one turn: questions of `turn_len` tokens about one
-of `num_prefixes` documents of `prefix_len` tokens.
+turn k's answer); conversations start at `request_rate / turns`
+(`arrivals.conversation_arrivals`), so requests arrive at about `request_rate`. `documents`:
+the same with one turn: questions of `turn_len` tokens about one of `num_prefixes` documents of
+`prefix_len` tokens.
 
 Built with a grain pipeline and seeded, so a (workload, seed) pair always yields the same
 requests, and the first n requests of a larger draw are the n of a smaller one.
@@ -83,7 +84,7 @@ def multiturn_requests(num: int, *, turns: int, prefix_len: int, num_prefixes: i
                        turn_len: int, output_len: int, think_time: float, vocab_size: int,
                        seed: int, first_id: int = 0) -> list[BenchRequest]:
   """`num` requests (turns) of conversations sharing system prompts (see the module
-  docstring), in conversation order; `conversation_arrivals` times them."""
+  docstring), in conversation order; `arrivals.conversation_arrivals` times them."""
   for name, value, low in (("turns", turns, 1), ("prefix_len", prefix_len, 0),
                            ("num_prefixes", num_prefixes, 1), ("turn_len", turn_len, 1),
                            ("output_len", output_len, 1)):
@@ -106,20 +107,6 @@ def multiturn_requests(num: int, *, turns: int, prefix_len: int, num_prefixes: i
       offset += float(rng.exponential(think_time)) if think_time else 0.0
     conversation += 1
   return requests
-
-
-def conversation_arrivals(requests: Sequence[BenchRequest], request_rate: float,
-                          burstiness: float, seed: int) -> tuple[list[BenchRequest], np.ndarray]:
-  """Arrival times of a shared-prefix workload: conversations start as a (gamma) process at
-  `request_rate` / turns per conversation, each turn at its offset after the start. Returns
-  the requests and their times, sorted by time."""
-  from disagg_jax.bench import arrivals as arrivals_lib  # pylint: disable=g-import-not-at-top
-  num_conversations = max(r.conversation for r in requests) + 1
-  turns = len(requests) / num_conversations
-  starts = arrivals_lib.arrival_times(num_conversations, request_rate / turns, burstiness, seed)
-  times = np.array([starts[r.conversation] + r.offset for r in requests])
-  order = np.argsort(times, kind="stable")
-  return [requests[i] for i in order], times[order]
 
 
 def random_requests(num: int, input_len: int, output_len: int, range_ratio: float,

@@ -11,7 +11,11 @@ Three threads, joined by queues (JetStream's split, simplified):
              so the decode loop only ever inserts KV that has arrived. A layer group's pieces
              leave as soon as the group is computed, while the next group runs;
   decode   — inserts arrived requests into free slots (`insert_block`, donated page pool) and
-             runs continuous-batching decode steps.
+             runs continuous-batching decode steps. With prefix caching, its pool keeps the
+             pages of prompts it received and of sequences that ended; a new request whose
+             prefix it holds and whose uncached tail fits one chunk is not sent to prefill but
+             prefilled here, the tail in the colocated engine's mixed step beside the decode
+             rows (conditional disaggregation; docs/PREFIX_CACHING.md).
 KV that is prefilled but not yet in the page pool waits in staging buffers on the decode devices.
 A `StagingBudget` of tokens bounds it: prefill reserves a request's length bucket before running
 it and the reservation is released when the KV is in the pool (or the request ends), so prefill
@@ -20,6 +24,7 @@ backs off instead of filling the decode devices. Preempted requests go back to p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -30,7 +35,8 @@ import numpy as np
 
 from disagg_jax import parallel
 from disagg_jax.engine import buckets
-from disagg_jax.engine.decode_core import DecodeCore
+from disagg_jax.engine.colocated import ChunkedPrefill
+from disagg_jax.engine.decode_core import DecodeCore, InFlight
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
@@ -367,9 +373,14 @@ class DisaggDecodeLoop(Worker):
   continuous-batching decode steps."""
 
   def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue,
-               staging: StagingBudget, layers_per_group: int | None = None):
+               staging: StagingBudget, layers_per_group: int | None = None,
+               chunks: ChunkedPrefill | None = None):
     super().__init__()
     self.core = core
+    # Prefix caching: requests prefilled here (`route`), waiting for a slot, and the runner of
+    # their chunks (None: every request goes through prefill).
+    self.chunks = chunks
+    self.local: collections.deque = collections.deque()
     num_layers = core.steps.cfg.num_layers
     self.group_sizes = [b - a for a, b in pieces_lib.layer_groups(
         num_layers, layers_per_group or num_layers)]
@@ -378,6 +389,20 @@ class DisaggDecodeLoop(Worker):
     self.requeue = requeue  # a preempted request goes back to prefill
     self.staging = staging
     self.trace = None  # a sched.trace.Trace: arrivals and decisions are recorded
+
+  def route(self, request: RequestState) -> bool:
+    """Takes `request` to prefill here if this pool holds a prefix of it and the rest fits one
+    chunk (`policy.route_local`); False: it goes to the prefill mesh."""
+    if self.chunks is None:
+      return False
+    with self.cv:
+      if not policy_lib.route_local(self.core.slots, request, self.chunks.chunk_size):
+        return False
+      if self.trace is not None:
+        self.trace.add("decode", "local", (request.request_id,))
+      self.local.append(request)
+      self.cv.notify()
+    return True
 
   def deliver(self, request: RequestState, pieces: list, bucket: int) -> None:
     with self.cv:
@@ -401,6 +426,8 @@ class DisaggDecodeLoop(Worker):
         piece = pieces_lib.Piece((0, layers), 0, pages, piece_spec(layers, pages))
         out.append((f"insert layers={layers} pages={pages}",
                     lambda piece=piece: self.insert_discarded([piece], precompile=True)))
+    if self.chunks is not None:
+      out += self.chunks.shapes(max(max_len // ps, core.widths[0]))
     out.append(("set token", lambda: core.steps.set_token.precompile(core.tokens, np.int32(0),
                                                                      np.int32(0))))
     return out
@@ -412,8 +439,8 @@ class DisaggDecodeLoop(Worker):
     in_flight = None
     while True:
       with self.cv:
-        while (not self.stopped and not self.queue and not core.slots.occupied()
-               and in_flight is None):
+        while (not self.stopped and not self.queue and not self.local
+               and not core.slots.occupied() and in_flight is None):
           self.cv.wait()
         if self.stopped:
           return
@@ -421,27 +448,45 @@ class DisaggDecodeLoop(Worker):
       dispatched = self.step()
       if in_flight is not None:
         core.collect(in_flight, self.finish)
-      elif dispatched is None and self.queue:
+      elif dispatched is None and (self.queue or self.local):
         time.sleep(0.001)  # cannot insert with every page free; never spin on it regardless
       in_flight = dispatched
 
   def step(self):
     """Inserts what arrived and fits (`policy.insert_arrived`), grows the batch by a token
-    (preempting as `policy.decode_step`) and dispatches the decode step; its handle, or None."""
+    (preempting as `policy.decode_step`) and dispatches the decode step; its handle, or None.
+    While requests prefill here, the colocated policy plans the step instead (admitting them,
+    choosing their chunks, growing and preempting) and it runs as a mixed step."""
     core = self.core
+    plan = None
     with self.cv:
       inserted = policy_lib.insert_arrived(core.slots, self.queue, lambda item: item[0])
-      decoding, preempted = policy_lib.decode_step(core.slots)
+      if self.chunks is not None and (self.local or self.chunks.policy.prefilling):
+        plan = self.chunks.policy.schedule(core.slots, self.local)
+        decoding, preempted = plan.decode, plan.preempted
+        for request in preempted:  # restarted by the policy; recomputed by prefill instead
+          self.local.remove(request)
+      else:
+        decoding, preempted = policy_lib.decode_step(core.slots)
+        for request in preempted:
+          request.restart()
       if self.trace is not None:
         self.trace.add("decode", "decide",
                        policy_lib.describe_decode(core.slots, inserted, decoding, preempted))
+        if plan is not None:
+          self.trace.add("decode", "chunks", plan.describe(core.slots))
     for (request, pieces, bucket), slot in inserted:
       if core.slots.requests[slot] is request:  # not preempted by this very step
         self._insert(request, pieces, bucket, slot)
       self.staging.release(request)
     for request in preempted:
-      request.restart()
       self.requeue(request)
+    if plan is not None and plan.runs:
+      if plan.chunks:
+        self.chunks.dispatch(plan.chunks)
+      else:
+        core.dispatch_decode(plan.decode)
+      return InFlight(core.tokens, self.chunks.policy.commit(core.slots, plan))
     return core.decode(decoding) if decoding else None
 
   def _drop_aborted(self) -> None:
@@ -449,10 +494,17 @@ class DisaggDecodeLoop(Worker):
       aborted = [item for item in self.queue if item[0].aborted]
       for item in aborted:
         self.queue.remove(item)
+      local = [r for r in self.local if r.aborted]
+      for request in local:
+        self.local.remove(request)
     for request, _, _ in aborted:
+      self.finish(request)
+    for request in local:
       self.finish(request)
     for slot in self.core.slots.occupied():
       if self.core.slots.requests[slot].aborted:
+        if self.chunks is not None:
+          self.chunks.policy.forget(slot)
         self.finish(self.core.release(slot))
 
   def insert_discarded(self, pieces, precompile: bool = False) -> None:

@@ -31,7 +31,7 @@ from absl import logging
 
 from disagg_jax.engine import buckets, compiled, memory
 from disagg_jax.engine.api import EngineAPI
-from disagg_jax.engine.colocated import ColocatedScheduler
+from disagg_jax.engine.colocated import ChunkedPrefill, ColocatedScheduler
 from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.disagg import (DisaggDecodeLoop, PrefillWorker, StagingBudget,
                                       TransferWorker)
@@ -114,7 +114,7 @@ class Engine(EngineAPI):
     self.core = DecodeCore(self.decode_steps, num_slots=config.decode_batch,
                            pages_per_shard=self.pool.pages_per_shard,
                            max_seq_len=self.limits.max_seq_len,
-                           prefix_caching=config.prefix_caching and mode == "colocated",
+                           prefix_caching=config.prefix_caching,
                            salt=cache_salt(cfg))
     self.core.params = decode_model.params
     self._requests: dict[str, RequestState] = {}
@@ -135,9 +135,14 @@ class Engine(EngineAPI):
         raise ValueError(f"--config.engine.transfers_in_flight={config.transfers_in_flight} "
                          "must be >= 1")
       self.staging = StagingBudget(self.pool.staging_tokens)
+      # With prefix caching, cache hits with a short tail are prefilled on the decode mesh.
+      chunks = (ChunkedPrefill(self.core, chunk_size=config.chunk_size,
+                               chunk_batch=config.chunk_batch)
+                if config.prefix_caching else None)
       self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=self.length_buckets,
                                           finish=self._finish, requeue=self._requeue,
-                                          staging=self.staging, layers_per_group=per_group)
+                                          staging=self.staging, layers_per_group=per_group,
+                                          chunks=chunks)
       self.plan = TransferPlan(cfg, prefill_model.mesh, decode_model.mesh)
       self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish,
                                      self.staging, max_in_flight=config.transfers_in_flight)
@@ -149,7 +154,7 @@ class Engine(EngineAPI):
                                    finish=self._finish, staging=self.staging,
                                    layers_per_group=per_group)
       self._workers = [self.prefill, self.transfer, self.transfer.landing, self.decode_loop]
-      self._submit = self.prefill.put
+      self._submit = self._submit_disagg
       shapes = (self.prefill.shapes(self._precompile_len())
                 + self.decode_loop.shapes(self._precompile_len(), self._piece_spec))
     self._compile_ahead(shapes)
@@ -236,7 +241,7 @@ class Engine(EngineAPI):
     if self.mode == "colocated":
       out["waiting"] = len(self.scheduler.queue)
     else:
-      out.update(waiting=len(self.prefill.queue),
+      out.update(waiting=len(self.prefill.queue) + len(self.decode_loop.local),
                  transferring=self.transfer.queue.qsize() + self.transfer.landing.queue.qsize(),
                  awaiting_slot=len(self.decode_loop.queue))
     return out
@@ -335,6 +340,12 @@ class Engine(EngineAPI):
       state.finish_reason = "abort" if state.aborted else "error"
     state.metrics.finished = time.perf_counter()
     state.stream.finish(state.output(self.tokenizer))
+
+  def _submit_disagg(self, state: RequestState) -> None:
+    """To the decode loop if it holds a prefix of the prompt (`DisaggDecodeLoop.route`), else
+    to prefill."""
+    if not self.decode_loop.route(state):
+      self.prefill.put(state)
 
   def _requeue(self, state: RequestState) -> None:
     self.prefill.put(state, front=True)

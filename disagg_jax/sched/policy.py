@@ -279,7 +279,8 @@ def insert_arrived(pool: SlotPool, arrived: collections.deque,
                    request_of: Callable[[Any], Any] = lambda item: item) -> list[tuple[Any, int]]:
   """Arrived KV into free slots, FIFO, while the head fits (pages for its prefix and its first
   decoded token). Pops the inserted items from `arrived`; returns (item, slot) pairs. Each slot
-  decodes from the position after the prefix."""
+  decodes from the position after the prefix; with prefix caching its full prompt pages are
+  cached from now on (their insert is dispatched before any later step)."""
   inserted = []
   while arrived:
     request = request_of(arrived[0])
@@ -290,8 +291,19 @@ def insert_arrived(pool: SlotPool, arrived: collections.deque,
     item = arrived.popleft()
     slot = pool.assign(request, computed + 1, shard)
     pool.positions[slot] = computed
+    pool.register(slot, computed)
     inserted.append((item, slot))
   return inserted
+
+
+def route_local(pool: SlotPool, request, max_tail: int) -> bool:
+  """Disaggregated, with prefix caching: whether `request` is prefilled where its decode pool
+  already holds a prefix of it (conditional disaggregation): some shard holds cached pages of
+  it and the tokens after them fit `max_tail` (one chunk). Otherwise the prefill mesh computes
+  it all. The cache may change before admission; the request is then computed from whatever is
+  cached then, still correctly."""
+  best = max((len(pool.cached(k, request)) for k in range(pool.num_shards)), default=0)
+  return best > 0 and request.num_to_compute - best * pool.page_size <= max_tail
 
 
 def describe_decode(pool: SlotPool, inserted, decoding, preempted) -> tuple:

@@ -181,7 +181,8 @@ class SlotPool:
     finished, aborted or preempted sequence's KV stays reusable until evicted); returns the
     request that held it."""
     request = self.requests[slot]
-    self.register(slot, self.written(slot))
+    if self.prefix_caching:
+      self.register(slot, self.written(slot))
     self.allocators[self.shard_of(slot)].free(self.pages[slot])
     self.pages[slot] = []
     self._pages_changed(slot)

@@ -171,7 +171,7 @@ def test_multiturn_conversations_share_their_history():
       assert later.prompt_token_ids[:len(earlier.prompt_token_ids)] == earlier.prompt_token_ids
       assert later.offset > earlier.offset
     assert turns[0].offset == 0.0
-  ordered, times = workloads.conversation_arrivals(reqs, 6.0, 1.0, 0)
+  ordered, times = arrivals.conversation_arrivals(reqs, 6.0, 1.0, 0)
   assert list(times) == sorted(times) and len(ordered) == 30
   # Conversations start at 6 / 3 = 2 per second: the tenth at 10 / 2 = 5 s (vLLM's rescaling).
   starts = [t for r, t in zip(ordered, times) if r.offset == 0.0]

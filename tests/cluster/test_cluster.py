@@ -45,7 +45,7 @@ def run_script(repo_root, script, *flags):
 
 
 @pytest.mark.parametrize("prefill_workers, decode_workers, transfer", [
-    (1, 1, "request"), (2, 1, "request"), (1, 2, "layers:1")])
+    (1, 1, "request"), pytest.param(2, 1, "request", marks=pytest.mark.slow), (1, 2, "layers:1")])
 def test_generate_script_matches_single(prefill_workers, decode_workers, transfer, model_dir,
                                         prompts, expected, tmp_path, repo_root):
   in_path, out_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -87,7 +87,7 @@ def wait_for(predicate, timeout=60, what="condition"):
   raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("policy", ["error", "reprefill"])
+@pytest.mark.parametrize("policy", [pytest.param("error", marks=pytest.mark.slow), "reprefill"])
 def test_decode_worker_killed_mid_stream(policy, model_dir, prompts, expected):
   long = SamplingParams(max_new_tokens=80, ignore_eos=True)
   chosen = prompts[:2] + prompts[4:6]  # <= 33 tokens: 80 more fit in max_seq_len

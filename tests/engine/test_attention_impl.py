@@ -12,8 +12,10 @@ from disagg_jax.models import loading
 from disagg_jax.testing import helpers, tiny_hf
 
 
-@pytest.mark.parametrize("family, tp", [("llama3", 1), ("qwen2", 1), ("qwen3", 2),
-                                        ("mistral", 1)])
+@pytest.mark.parametrize("family, tp", [("llama3", 1),
+                                        pytest.param("qwen2", 1, marks=pytest.mark.slow),
+                                        ("qwen3", 2),
+                                        pytest.param("mistral", 1, marks=pytest.mark.slow)])
 def test_pallas_matches_xla_greedy(family, tp, hf_checkpoint):
   model = loading.load_model(hf_checkpoint(family)[0], helpers.mesh(tp, tp))
   prompts = helpers.random_prompts((1, 16, 17, 45), tiny_hf.VOCAB, seed=11)

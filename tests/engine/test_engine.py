@@ -42,7 +42,7 @@ def assert_all_pages_free(engine):
     ("llama3", "colocated", 1, 1),
     ("qwen3", "colocated", 2, 2),
     ("qwen2", "disagg", 2, 2),  # llama3 disagg 1->1: tests/engine/test_transfer.py
-    ("qwen3", "disagg", 4, 2),
+    pytest.param("qwen3", "disagg", 4, 2, marks=pytest.mark.slow),
     ("mistral", "disagg", 2, 4),
     ("llama3_legacy_rope", "disagg", 4, 1),
 ])
@@ -59,10 +59,10 @@ def test_greedy_matches_single(family, mode, prefill_tp, decode_tp, hf_checkpoin
 
 
 @pytest.mark.parametrize("family, mode, prefill, decode", [
-    ("llama3", "colocated", (2, 1), None),  # (dp, tp)
+    pytest.param("llama3", "colocated", (2, 1), None, marks=pytest.mark.slow),  # (dp, tp)
     ("qwen3", "colocated", (2, 2), None),
     ("llama3", "colocated", (1, 4), None),  # 2 KV heads on tp 4: each stored twice
-    ("qwen2", "disagg", (2, 1), (2, 2)),
+    pytest.param("qwen2", "disagg", (2, 1), (2, 2), marks=pytest.mark.slow),
     ("llama3", "disagg", (4, 1), (1, 4)),
     ("mistral", "disagg", (1, 2), (4, 1)),  # 1 KV head
 ])
@@ -84,7 +84,8 @@ def test_data_parallel_meshes_match_single(family, mode, prefill, decode, hf_che
     assert len(slots.allocators) == slots.num_shards
 
 
-@pytest.mark.parametrize("mode, dp", [("colocated", 1), ("disagg", 1), ("colocated", 2)])
+@pytest.mark.parametrize("mode, dp", [("colocated", 1), ("disagg", 1),
+                                      pytest.param("colocated", 2, marks=pytest.mark.slow)])
 def test_many_requests_with_waiting_and_preemption(mode, dp, hf_checkpoint):
   """120 concurrent requests through a pool far too small for them: requests wait, the youngest
   are preempted and recomputed, and every output still equals the request run alone. With dp 2

@@ -117,7 +117,7 @@ def test_accelerators_take_a_share_of_each_devices_free_memory():
   assert not plan.capped
 
 
-@pytest.mark.parametrize("mode", ["colocated", "disagg"])
+@pytest.mark.parametrize("mode", [pytest.param("colocated", marks=pytest.mark.slow), "disagg"])
 def test_engine_prints_its_budget(mode, hf_checkpoint, capsys):
   model_dir, _ = hf_checkpoint("llama3")
   prefill = loading.load_model(model_dir, helpers.mesh(1, 1, start=0))

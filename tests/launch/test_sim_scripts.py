@@ -17,6 +17,7 @@ WORKLOAD = ["--dataset_name=random", "--num_prompts=30", "--request_rate=20",
             "--random_input_len=40", "--random_output_len=6", "--goodput=ttft:2000,tpot:500"]
 
 
+@pytest.mark.slow  # 80 s; sim.timing.measure and simulate.py have faster tests of their own
 def test_profile_then_simulate_writes_benchmark_keys(tmp_path, repo_root):
   profile = tmp_path / "profile.json"
   done = _run(repo_root, "profile.py", "--mode=disagg", "--num_cpu_devices=2",

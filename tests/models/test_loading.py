@@ -32,7 +32,9 @@ def test_sharded_index_checkpoint_matches_single_file(hf_checkpoint):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("family, tp", [("llama3", 2), ("qwen3", 4), ("mistral", 4)])
+@pytest.mark.parametrize("family, tp", [("llama3", 2),
+                                        pytest.param("qwen3", 4, marks=pytest.mark.slow),
+                                        ("mistral", 4)])
 def test_tensor_parallel_load_places_shards_and_keeps_outputs(family, tp, hf_checkpoint):
   model_dir, _ = hf_checkpoint(family)
   prompts = helpers.random_prompts((4, 21, 60), tiny_hf.VOCAB, seed=3)
