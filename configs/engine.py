@@ -32,5 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Keep the KV of full prompt pages by content and reuse it for any later prompt that
       # starts with the same tokens (docs/PREFIX_CACHING.md).
       prefix_caching=True,
+      # disagg, with prefix caching: the longest uncached tail of a prompt whose prefix the
+      # decode pool holds that the decode mesh prefills itself (no prefill step, no transfer);
+      # -1: chunk_size on TPU/GPU, 0 (off: the decode pool does not cache) on CPU, where XLA's
+      # chunked step costs more than a dense prefill of the whole prompt.
+      decode_prefill_tokens=-1,
   ))
   return config

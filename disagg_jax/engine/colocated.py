@@ -28,8 +28,10 @@ class ChunkedPrefill:
   every other decode width. The colocated scheduler runs every prompt through it; the
   disaggregated decode loop the short uncached tails of prompts whose prefix it holds."""
 
-  def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int):
+  def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int,
+               max_tail: int = 0):
     self.core = core
+    self.max_tail = max_tail  # disaggregated: the longest uncached tail prefilled here
     self.dp = core.slots.num_shards
     self.chunk_size = chunk_size
     self.rows_per_shard = buckets.chunk_rows(chunk_batch, self.dp)

@@ -391,12 +391,12 @@ class DisaggDecodeLoop(Worker):
     self.trace = None  # a sched.trace.Trace: arrivals and decisions are recorded
 
   def route(self, request: RequestState) -> bool:
-    """Takes `request` to prefill here if this pool holds a prefix of it and the rest fits one
-    chunk (`policy.route_local`); False: it goes to the prefill mesh."""
+    """Takes `request` to prefill here if this pool holds a prefix of it and the rest is at most
+    `--config.engine.decode_prefill_tokens` (`policy.route_local`); False: it goes to the prefill mesh."""
     if self.chunks is None:
       return False
     with self.cv:
-      if not policy_lib.route_local(self.core.slots, request, self.chunks.chunk_size):
+      if not policy_lib.route_local(self.core.slots, request, self.chunks.max_tail):
         return False
       if self.trace is not None:
         self.trace.add("decode", "local", (request.request_id,))

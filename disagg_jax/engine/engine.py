@@ -72,6 +72,9 @@ class EngineConfig:
   transfer: str = "request"  # disagg: request | layers:N (transfer.pieces)
   transfers_in_flight: int = 4  # disagg: KV pieces being copied at once
   prefix_caching: bool = True  # reuse the KV of full pages already computed (kv.prefix_cache)
+  # disagg, with prefix_caching: the longest uncached tail the decode mesh prefills itself for a
+  # prompt whose prefix its pool holds; -1: chunk_size on TPU/GPU, 0 (off) on CPU.
+  decode_prefill_tokens: int = -1
 
   def precompile_tokens(self, max_seq_len: int) -> int:
     """Sequences up to this many tokens have their step shapes compiled at start-up."""
@@ -111,10 +114,12 @@ class Engine(EngineAPI):
     for line in self._describe_pool(prefill_model):
       self._say(line)
     self.page_capacity = self.pool.usable_pages
+    self.decode_prefill_tokens = self._decode_prefill_tokens(mode, decode_model)
     self.core = DecodeCore(self.decode_steps, num_slots=config.decode_batch,
                            pages_per_shard=self.pool.pages_per_shard,
                            max_seq_len=self.limits.max_seq_len,
-                           prefix_caching=config.prefix_caching,
+                           prefix_caching=config.prefix_caching and (
+                               mode == "colocated" or self.decode_prefill_tokens > 0),
                            salt=cache_salt(cfg))
     self.core.params = decode_model.params
     self._requests: dict[str, RequestState] = {}
@@ -137,8 +142,9 @@ class Engine(EngineAPI):
       self.staging = StagingBudget(self.pool.staging_tokens)
       # With prefix caching, cache hits with a short tail are prefilled on the decode mesh.
       chunks = (ChunkedPrefill(self.core, chunk_size=config.chunk_size,
-                               chunk_batch=config.chunk_batch)
-                if config.prefix_caching else None)
+                               chunk_batch=config.chunk_batch,
+                               max_tail=self.decode_prefill_tokens)
+                if self.core.slots.prefix_caching else None)
       self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=self.length_buckets,
                                           finish=self._finish, requeue=self._requeue,
                                           staging=self.staging, layers_per_group=per_group,
@@ -340,6 +346,19 @@ class Engine(EngineAPI):
       state.finish_reason = "abort" if state.aborted else "error"
     state.metrics.finished = time.perf_counter()
     state.stream.finish(state.output(self.tokenizer))
+
+  def _decode_prefill_tokens(self, mode: str, decode_model: Model) -> int:
+    """--config.engine.decode_prefill_tokens resolved: 0 unless disaggregated with caching."""
+    n = self.config.decode_prefill_tokens
+    if n < -1:
+      raise ValueError(f"--config.engine.decode_prefill_tokens={n} must be -1 (auto), 0 (off) "
+                       "or a token count")
+    if mode != "disagg" or not self.config.prefix_caching:
+      return 0
+    if n == -1:  # XLA's chunked step on CPU costs more than a dense prefill of the whole prompt
+      on_cpu = next(iter(decode_model.mesh.devices.flat)).platform == "cpu"
+      return 0 if on_cpu else self.config.chunk_size
+    return n
 
   def _submit_disagg(self, state: RequestState) -> None:
     """To the decode loop if it holds a prefix of the prompt (`DisaggDecodeLoop.route`), else

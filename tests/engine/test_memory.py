@@ -131,6 +131,9 @@ def test_engine_prints_its_budget(mode, hf_checkpoint, capsys):
     assert "compiled" in err and "step shapes for sequences up to" in err
     if mode == "disagg":
       assert "prefill mesh: 1 cpu device(s)" in err and "dp=2 tp=1" in err
+      # decode_prefill_tokens=-1 on CPU: no decode-side prefill, so the decode pool does not
+      # cache (docs/PREFIX_CACHING.md)
+      assert engine.decode_prefill_tokens == 0 and not engine.core.slots.prefix_caching
 
 
 def test_activation_estimates_bound_what_xla_allocates(hf_checkpoint):

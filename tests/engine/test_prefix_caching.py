@@ -8,8 +8,9 @@ from disagg_jax.testing import helpers, tiny_hf
 
 from tests.engine.test_engine import assert_all_pages_free, make_engine, reference_outputs
 
+# decode_prefill_tokens: disaggregated on CPU the decode-side prefill is off by default.
 CONFIG = EngineConfig(max_seq_len=160, decode_batch=4, prefill_batch=2, chunk_size=32,
-                      chunk_batch=2)
+                      chunk_batch=2, decode_prefill_tokens=32)
 
 
 def _prompts():
@@ -20,7 +21,7 @@ def _prompts():
 
 
 # Disaggregated: the decode pool caches what it received; on the second pass every prompt's
-# uncached tail fits a chunk (32 tokens), so it is prefilled on the decode mesh.
+# uncached tail is at most 32 tokens, so it is prefilled on the decode mesh.
 @pytest.mark.parametrize("mode, tp, dp", [
     pytest.param("colocated", 1, 1, marks=pytest.mark.slow), ("colocated", 1, 2),
     ("disagg", 1, 1)])
