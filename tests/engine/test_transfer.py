@@ -24,7 +24,7 @@ def five_layers(hf_checkpoint):
 
 @pytest.mark.parametrize("transfer, prefill_tp, decode_tp, in_flight", [
     pytest.param("request", 1, 1, 4, marks=pytest.mark.slow),  # every other engine test
-    ("layers:1", 1, 1, 1),
+    pytest.param("layers:1", 1, 1, 1, marks=pytest.mark.slow),
     ("layers:2", 2, 1, 4),
     ("layers:3", 2, 2, 8),
 ])

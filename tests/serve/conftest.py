@@ -21,7 +21,7 @@ def chat_model_dir(hf_checkpoint):
   return model_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one server for every module: each start costs ~17 s
 def live_server(chat_model_dir):
   import sys
   import uvicorn

@@ -71,7 +71,8 @@ def _serve(engine, prompts, sampling, gaps):
 
 
 @pytest.mark.parametrize("mode, num_pages, shared", [
-    ("colocated", None, 0), pytest.param("colocated", 10, 0, marks=pytest.mark.slow),
+    pytest.param("colocated", None, 0, marks=pytest.mark.slow),
+    pytest.param("colocated", 10, 0, marks=pytest.mark.slow),
     ("colocated", None, 40), ("colocated", 12, 40),  # with preemption: the last
     ("disagg", None, 0), ("disagg", 10, 0)])
 def test_simulator_takes_the_engines_decisions(mode, num_pages, shared, hf_checkpoint):

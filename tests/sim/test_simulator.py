@@ -163,8 +163,8 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
   served = []
   rng = np.random.default_rng(3)
   for rate in (3.0, 9.0):
-    prompts, outputs = rng.integers(16, 256, 32), np.full(32, 24)
-    arrivals = arrivals_lib.arrival_times(32, rate, 1.0, 0)
+    prompts, outputs = rng.integers(16, 256, 24), np.full(24, 24)
+    arrivals = arrivals_lib.arrival_times(24, rate, 1.0, 0)
     result = simulator.simulate(disagg_profile(decode_batch=16, contention=truth), prompts,
                                 outputs, arrivals)
     measured = metrics.compute(result.records, result.duration)
