@@ -63,11 +63,11 @@ def test_greedy_matches_single(family, mode, prefill_tp, decode_tp, hf_checkpoin
 
 @pytest.mark.parametrize("family, mode, prefill, decode", [
     pytest.param("llama3", "colocated", (2, 1), None, marks=pytest.mark.slow),  # (dp, tp)
-    ("qwen3", "colocated", (2, 2), None),
+    pytest.param("qwen3", "colocated", (2, 2), None, marks=pytest.mark.slow),
     ("llama3", "colocated", (1, 4), None),  # 2 KV heads on tp 4: each stored twice
     pytest.param("qwen2", "disagg", (2, 1), (2, 2), marks=pytest.mark.slow),
     ("llama3", "disagg", (4, 1), (1, 4)),
-    ("mistral", "disagg", (1, 2), (4, 1)),  # 1 KV head
+    pytest.param("mistral", "disagg", (1, 2), (4, 1), marks=pytest.mark.slow),  # 1 KV head
 ])
 def test_data_parallel_meshes_match_single(family, mode, prefill, decode, hf_checkpoint):
   """dp splits the batch and the page pool; the tokens stay the reference's, sampled ones too."""
