@@ -102,10 +102,6 @@ class ColocatedScheduler(Worker):
     self.core = core
     self.chunks = ChunkedPrefill(core, chunk_size=chunk_size, chunk_batch=chunk_batch)
     self.policy = self.chunks.policy
-    self.dp = self.chunks.dp
-    self.rows_per_shard = self.chunks.rows_per_shard
-    self.chunk_lens = self.chunks.chunk_lens
-    self.widths = self.chunks.widths
     self.finish = finish
 
   def shapes(self, max_width: int):

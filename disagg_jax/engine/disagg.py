@@ -392,7 +392,8 @@ class DisaggDecodeLoop(Worker):
 
   def route(self, request: RequestState) -> bool:
     """Takes `request` to prefill here if this pool holds a prefix of it and the rest is at most
-    `--config.engine.decode_prefill_tokens` (`policy.route_local`); False: it goes to the prefill mesh."""
+    `--config.engine.decode_prefill_tokens` (`policy.route_local`); False: it goes to the
+    prefill mesh."""
     if self.chunks is None:
       return False
     with self.cv:

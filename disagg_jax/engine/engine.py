@@ -46,12 +46,12 @@ from disagg_jax.transfer.pieces import parse_transfer
 from disagg_jax.transfer.plan import TransferPlan
 
 MODES = ("colocated", "disagg")
+COMPILE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def cache_salt(cfg: ModelConfig) -> bytes:
   """The prefix cache's salt for a model: pages are named only within one model's KV."""
   return repr(cfg).encode()
-COMPILE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,15 +294,15 @@ class Engine(EngineAPI):
   def mixed_step_shapes(self) -> list[tuple[int, int, int]]:
     """Colocated: (chunk rows over all dp rows, chunk length, page-table width in pages) of
     every mixed step shape."""
-    scheduler = self.scheduler
-    return [(rows * scheduler.dp, c, w) for rows in scheduler.rows_per_shard
-            for c in scheduler.chunk_lens for w in scheduler.widths]
+    chunks = self.scheduler.chunks
+    return [(rows * chunks.dp, c, w) for rows in chunks.rows_per_shard
+            for c in chunks.chunk_lens for w in chunks.widths]
 
   def run_mixed_step(self, chunk_rows: int, chunk_len: int, width: int | None = None) -> None:
     """Colocated: dispatches a mixed step of `chunk_rows` x `chunk_len` chunks over a
     `width`-page table (one of `mixed_step_shapes`; default the widest, contexts up to
     max_seq_len), with no chunk or decode row live: every write is dropped."""
-    self.scheduler.run_mixed_discarded(chunk_rows // self.scheduler.dp, chunk_len,
+    self.scheduler.run_mixed_discarded(chunk_rows // self.scheduler.chunks.dp, chunk_len,
                                        width or self.core.widths[-1])
 
   def prefill_step_shapes(self) -> list[tuple[int, int]]:

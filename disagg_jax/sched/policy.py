@@ -209,7 +209,7 @@ class ColocatedPolicy:
     for slot, start, n in step.chunks:
       request = pool.requests[slot]
       request.num_computed = start + n
-      pool.register(slot, request.num_computed)
+      pool.register(slot, request.num_computed, from_token=start)
       if request.num_computed == request.num_to_compute:
         self.prefilling.remove(slot)
         pool.positions[slot] = request.num_computed

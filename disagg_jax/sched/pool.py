@@ -160,14 +160,17 @@ class SlotPool:
     self._pages_changed(slot)
     return True
 
-  def register(self, slot: int, num_tokens: int) -> None:
+  def register(self, slot: int, num_tokens: int, from_token: int = 0) -> None:
     """With `prefix_caching`: caches the slot's full pages among its first `num_tokens` tokens
-    (their KV written, or dispatched to be written before any later step reads it)."""
+    (their KV written, or dispatched to be written before any later step reads it); pages that
+    end at or before `from_token` are skipped (registered already)."""
     if not self.prefix_caching:
       return
     allocator = self.allocators[self.shard_of(slot)]
     full = min(num_tokens // self.page_size, self.held[slot])
-    for page, name in zip(self.pages[slot], self.names(self.requests[slot], full)):
+    first = from_token // self.page_size
+    names = self.names(self.requests[slot], full)
+    for page, name in zip(self.pages[slot][first:full], names[first:]):
       allocator.register(page, name)
 
   def written(self, slot: int) -> int:

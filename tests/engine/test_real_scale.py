@@ -64,4 +64,4 @@ def test_precompile_len_minus_one_covers_every_shape(recorded):
                      progress=False) as engine:
     widths = engine.core.widths
   assert len(recorded["decode"]) == len(widths) * 2
-  assert len(recorded["mixed"]) == len(engine.scheduler.widths) * 2 * 3
+  assert len(recorded["mixed"]) == len(engine.scheduler.chunks.widths) * 2 * 3
