@@ -115,6 +115,10 @@ class PrefillWorker(Worker):
     self.finish = releasing(staging, finish)
     self.staging = staging
 
+  def waiting(self) -> int:
+    """Requests waiting for a prefill step."""
+    return len(self.queue)
+
   def batch_buckets_for(self, length: int) -> tuple[int, ...]:
     """The batch sizes of `length`-token prefill steps within the token limit."""
     fitting = tuple(b for b in self.batch_buckets if b * length <= self.max_tokens)

@@ -33,13 +33,14 @@ from disagg_jax.engine import buckets, compiled, memory
 from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.colocated import ChunkedPrefill, ColocatedScheduler
 from disagg_jax.engine.decode_core import DecodeCore
-from disagg_jax.engine.disagg import (DisaggDecodeLoop, PrefillWorker, StagingBudget,
-                                      TransferWorker)
+from disagg_jax.engine.disagg import DisaggDecodeLoop, StagingBudget, TransferWorker
+from disagg_jax.engine.prefill_cache import CachedPrefillWorker, make_prefill_worker
 from disagg_jax.engine.request import Limits, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.kv.pages import pages_for
+from disagg_jax.kv.prefix_cache import cache_salt
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import Model
 from disagg_jax.transfer.pieces import parse_transfer
@@ -47,11 +48,6 @@ from disagg_jax.transfer.plan import TransferPlan
 
 MODES = ("colocated", "disagg")
 COMPILE_THREADS = min(4, os.cpu_count() or 1)
-
-
-def cache_salt(cfg: ModelConfig) -> bytes:
-  """The prefix cache's salt for a model: pages are named only within one model's KV."""
-  return repr(cfg).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +71,10 @@ class EngineConfig:
   # disagg, with prefix_caching: the longest uncached tail the decode mesh prefills itself for a
   # prompt whose prefix its pool holds; -1: chunk_size on TPU/GPU, 0 (off) on CPU.
   decode_prefill_tokens: int = -1
+  # disagg, with prefix_caching: tokens of KV the prefill mesh keeps in a page pool of its own
+  # and computes only the uncached tails against (engine.prefill_cache); 0: off (one dense step
+  # per batch); -1: auto (see `prefill_cache_pages`).
+  prefill_cache_tokens: int = -1
 
   def precompile_tokens(self, max_seq_len: int) -> int:
     """Sequences up to this many tokens have their step shapes compiled at start-up."""
@@ -152,13 +152,10 @@ class Engine(EngineAPI):
       self.plan = TransferPlan(cfg, prefill_model.mesh, decode_model.mesh)
       self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish,
                                      self.staging, max_in_flight=config.transfers_in_flight)
-      self.prefill = PrefillWorker(self.prefill_steps, prefill_model.params, self.plan,
-                                   length_buckets=self.length_buckets,
-                                   max_batch=config.prefill_batch,
-                                   max_tokens=config.max_prefill_tokens,
-                                   handoff=self.transfer.submit, discard=self.transfer.discard,
-                                   finish=self._finish, staging=self.staging,
-                                   layers_per_group=per_group)
+      self.prefill = make_prefill_worker(
+          config, self.limits, self.prefill_steps, prefill_model.params, self.plan,
+          handoff=self.transfer.submit, discard=self.transfer.discard, finish=self._finish,
+          staging=self.staging, layers_per_group=per_group, say=self._say)
       self._workers = [self.prefill, self.transfer, self.transfer.landing, self.decode_loop]
       self._submit = self._submit_disagg
       shapes = (self.prefill.shapes(self._precompile_len())
@@ -244,10 +241,12 @@ class Engine(EngineAPI):
            "running": len(slots.occupied()), "free_pages": slots.num_free,
            "total_pages": self.page_capacity,
            "cached_pages": sum(a.num_cached for a in slots.allocators)}
+    if self.mode == "disagg" and isinstance(self.prefill, CachedPrefillWorker):
+      out["prefill_cached_pages"] = sum(a.num_cached for a in self.prefill.slots.allocators)
     if self.mode == "colocated":
       out["waiting"] = len(self.scheduler.queue)
     else:
-      out.update(waiting=len(self.prefill.queue) + len(self.decode_loop.local),
+      out.update(waiting=self.prefill.waiting() + len(self.decode_loop.local),
                  transferring=self.transfer.queue.qsize() + self.transfer.landing.queue.qsize(),
                  awaiting_slot=len(self.decode_loop.queue))
     return out
@@ -307,6 +306,10 @@ class Engine(EngineAPI):
 
   def prefill_step_shapes(self) -> list[tuple[int, int]]:
     """Disagg: (batch, length) of every prefill step shape, length bucket by length bucket."""
+    if isinstance(self.prefill, CachedPrefillWorker):
+      raise ValueError("the step-time table times dense prefill steps; the prefill mesh runs "
+                       "chunks into its cache: profile with "
+                       "--config.engine.prefill_cache_tokens=0")
     return [(b, s) for s in self.length_buckets for b in self.prefill.batch_buckets_for(s)]
 
   def run_prefill_step(self, batch: int, length: int) -> list:

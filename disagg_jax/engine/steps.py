@@ -8,6 +8,7 @@
     prefill_groups(groups)[g](params, tokens | hidden, lengths, sampling)
                                        -> (hidden, layer group g's KV); the last: like prefill
     make_extract(plan)(prompt_kv, row, num_pages)             -> one request's KV as page blocks
+    make_gather(plan)(layer_pages, page_ids, num_pages)       -> the same, read from the pool
     insert_block(layer_pages*, block, page_ids)               -> layer_pages
     set_token(tokens, slot, token)                            -> tokens
     mixed(params, kv_pages*, tokens, positions, page_table, sampling, chunk...)
@@ -185,18 +186,50 @@ class ModelSteps:
     above k end (`transfer.pieces.page_blocks`), so the blocks of num_pages's set bits are
     exactly its first num_pages pages. One compiled program per batch shape, whatever
     num_pages (int32, traced)."""
-    ps = self.page_size
 
     def extract(prompt_kv, row, num_pages):
       stacked = jnp.stack([jnp.stack([kv.k[row], kv.v[row]]) for kv in prompt_kv])
-      blocks = []
-      for size in pieces.block_sizes(stacked.shape[2] // ps):
-        k = size.bit_length() - 1
-        first = (num_pages >> (k + 1)) << (k + 1)
-        block = jax.lax.dynamic_slice_in_dim(stacked, first * ps, size * ps, axis=2)
-        blocks.append(plan.pack(block))  # [L, 2, T, Hkv, D] -> the plan's source layout
-      return blocks
+      return self._page_blocks(plan, stacked, num_pages)
     return Step("extract", jax.jit(extract))
+
+  def make_gather(self, plan: TransferPlan):
+    """gather(layer_pages, page_ids, num_pages): one request's KV read from the page pool (a
+    group of layers' `LayerPages`) at its pages page_ids int32[P] (global ids, all in one dp
+    row's block; padded with ids past the pool) as the page blocks `make_extract` cuts, for the
+    same plan. The prefill side's cache (`engine.prefill_cache`) hands KV on this way. One
+    compiled program per P, whatever num_pages."""
+    ps, layout = self.page_size, self.layout
+    repeat = layout.pool_heads // layout.num_kv_heads
+
+    def local(layer_pages, page_ids):
+      num_local = layer_pages[0].k.shape[1]
+      ids = kv_cache.localize(page_ids, num_local, layout.page_offset(num_local))
+      take = lambda x: x.at[:, ids].get(mode="fill", fill_value=0)  # [H, P, ps, D]
+      return jnp.stack([jnp.stack([take(p.k), take(p.v)]) for p in layer_pages])[None]
+
+    def gather(layer_pages, page_ids, num_pages):
+      spec = jax.sharding.PartitionSpec(parallel.DP, None, None, parallel.TP)
+      # Each dp row reads its own block (zeros elsewhere); the sum keeps the request's row.
+      stacked = layout.run(local, (parallel.POOL_SPEC, jax.sharding.PartitionSpec()), spec,
+                           layer_pages, page_ids).sum(0)  # [L, 2, pool heads, P, ps, D]
+      stacked = stacked[:, :, ::repeat]
+      n, two, h, p, _, d = stacked.shape
+      stacked = jnp.moveaxis(stacked, 2, 4).reshape(n, two, p * ps, h, d)
+      return self._page_blocks(plan, stacked, num_pages)
+    return Step("gather", jax.jit(gather))
+
+  def _page_blocks(self, plan: TransferPlan, stacked, num_pages):
+    """[L, 2, S, Hkv, D] (S whole pages) -> the page blocks of its first num_pages pages,
+    packed as `plan` moves them: block k holds 2^k pages starting where the set bits of
+    num_pages above k end (`transfer.pieces.page_blocks`)."""
+    ps = self.page_size
+    blocks = []
+    for size in pieces.block_sizes(stacked.shape[2] // ps):
+      k = size.bit_length() - 1
+      first = (num_pages >> (k + 1)) << (k + 1)
+      block = jax.lax.dynamic_slice_in_dim(stacked, first * ps, size * ps, axis=2)
+      blocks.append(plan.pack(block))  # [L, 2, T, Hkv, D] -> the plan's source layout
+    return blocks
 
   def _insert_block(self, layer_pages, block, page_ids):
     """Writes a page block of one request's KV, as it arrives ([d, Lg, 2, T, Hkv/d, D], see

@@ -150,3 +150,9 @@ class CachingAllocator(PageAllocator):
     assert not free & set(self._name_of), "a free page is still cached"
     assert all(self._page_of[n] == p for p, n in self._name_of.items())
     assert len(self._page_of) == len(self._name_of)
+
+
+def cache_salt(cfg) -> bytes:
+  """The prefix cache's salt for a model (its configuration): pages are named only within one
+  model's KV."""
+  return repr(cfg).encode()

@@ -49,3 +49,40 @@ def test_greedy_tokens_are_the_same_with_prefix_caching(mode, tp, dp, hf_checkpo
       assert cached[0][:2] == [0, 0]
     else:
       assert not any(cached[0])
+
+
+# The prefill mesh's own cache (decode side off): prefill computes only the uncached tails in
+# chunks and reads each request's pages out of its pool for the transfer. dp=2 reads the right
+# dp row's block; mistral on tp=2 (one KV head) stores each head twice in the pool.
+@pytest.mark.parametrize("family, prefill_tp, prefill_dp, layers", [
+    ("llama3", 1, 2, "request"),
+    pytest.param("mistral", 2, 1, "layers:1", marks=pytest.mark.slow)])
+def test_prefill_side_cache_keeps_greedy_tokens(family, prefill_tp, prefill_dp, layers,
+                                                hf_checkpoint):
+  model_dir, _ = hf_checkpoint(family)
+  prompts = _prompts()
+  sampling = SamplingParams(max_new_tokens=10)
+  expected = reference_outputs(model_dir, prompts, sampling)
+  config = EngineConfig(**{**CONFIG.__dict__, "decode_prefill_tokens": 0,
+                           "prefill_cache_tokens": 1024, "transfer": layers})
+  with make_engine(model_dir, "disagg", prefill_tp=prefill_tp, prefill_dp=prefill_dp,
+                   config=config) as engine:
+    cached = []
+    for _ in range(2):
+      outputs = engine.generate(prompts, sampling)
+      assert [o.output_token_ids for o in outputs] == expected
+      cached.append([o.metrics.cached_tokens for o in outputs])
+    assert engine.stats()["prefill_cached_pages"] > 0
+    assert engine.stats()["cached_pages"] == 0  # the decode pool does not cache
+    assert_all_pages_free(engine)
+    engine.prefill.slots.check()
+    assert not engine.prefill.slots.occupied()
+  assert cached[1] == [(len(p) - 1) // 16 * 16 for p in prompts]
+
+
+def test_prefill_cache_flag_errors(hf_checkpoint):
+  model_dir, _ = hf_checkpoint("llama3")
+  for value, words in ((-2, r"must be -1 \(auto\), 0 \(off\)"), (32, "needs 10")):
+    config = EngineConfig(**{**CONFIG.__dict__, "prefill_cache_tokens": value})
+    with pytest.raises(ValueError, match=r"--config.engine.prefill_cache_tokens=.*" + words):
+      make_engine(model_dir, "disagg", config=config)
