@@ -37,5 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
       # -1: chunk_size on TPU/GPU, 0 (off: the decode pool does not cache) on CPU, where XLA's
       # chunked step costs more than a dense prefill of the whole prompt.
       decode_prefill_tokens=-1,
+      # disagg, with prefix caching: tokens of KV the prefill mesh keeps in a page pool of its
+      # own, computing only the uncached tail of each prompt (in chunks) and reading the rest
+      # from it; 0: off (one dense prefill step per batch); -1: 2 x max_prefill_tokens
+      # (docs/PREFIX_CACHING.md).
+      prefill_cache_tokens=-1,
+      # --cluster=ray: the prefill worker of a request: "prefix" (the one likely holding the
+      # longest cached prefix, weighed against its queue), "load" (fewest queued prompt
+      # tokens) or "round_robin" (docs/PREFIX_CACHING.md).
+      routing="prefix",
   ))
   return config

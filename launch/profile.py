@@ -38,6 +38,8 @@ def main(argv):
   if FLAGS.cluster != "local":
     raise app.UsageError("--cluster=ray: profile the in-process engine of the same meshes")
   from disagg_jax.bench import calibration  # pylint: disable=g-import-not-at-top
+  # The simulator models the dense prefill step: the prefill mesh's cache stays off.
+  FLAGS.config.engine.prefill_cache_tokens = 0
   engine = cli.build_engine(FLAGS.config)
   try:
     table = calibration.profile_engine(engine, iters=FLAGS.iters)

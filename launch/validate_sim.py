@@ -58,6 +58,8 @@ def main(argv):
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   # Rows of this call share it: the fidelity report groups the real runs of one simulation by it.
   session = f"{FLAGS.mode}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+  # The simulator models the dense prefill step: the prefill mesh's cache stays off.
+  FLAGS.config.engine.prefill_cache_tokens = 0
   engine = cli.build_engine(FLAGS.config)
   try:
     table = calibration.profile_engine(engine, iters=FLAGS.profile_iters)

@@ -4,9 +4,10 @@
                            num_decode_workers=1, prefill_devices=1, decode_devices=1)
     stream = engine.add_request(prompt_ids, SamplingParams(...))   # as Engine
 
-The driver only routes and relays: a request goes to the prefill worker with the fewest queued
-prompt tokens, then to the decode worker with the most free pages, which pulls the KV straight
-from the prefill worker (jax.experimental.transfer). One poller thread collects every worker's
+The driver only routes and relays: a request goes to a prefill worker chosen by
+`--config.engine.routing` (`sched.routing`; by default the one likely to hold the longest
+cached prefix of it, weighed against its queue), then to the decode worker with the most free
+pages, which pulls the KV straight from the prefill worker (jax.experimental.transfer). One poller thread collects every worker's
 events (tokens, finishes, pulls) and notices dead workers:
   - a prefill worker dies: its unfinished requests go to another prefill worker;
   - a decode worker dies: its requests end with an error, or are prefilled again elsewhere
@@ -36,6 +37,7 @@ from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import DEMO_MODEL_DIR
 from disagg_jax.models.tokenizer import load_tokenizer
+from disagg_jax.sched.routing import Candidate, Router
 from disagg_jax.transfer.pieces import parse_transfer
 
 FAILURE_POLICIES = ("error", "reprefill")
@@ -55,6 +57,7 @@ class _Worker:
   free_pages: int = 0  # decode: as last reported, minus what was sent since
   total_pages: int = 0
   seq_pages: int = 0  # decode: pages one sequence may hold (one dp shard of the pool)
+  cache_pages: int = 0  # prefill: pages of its prefix cache (0: it does not cache)
   offers: int = 0  # prefill: KV offers not yet pulled (or expired)
   expired: int = 0  # prefill: offers dropped after their lease
   pending_poll: object = None
@@ -110,6 +113,7 @@ class ClusterEngine(EngineAPI):
         raise ValueError(f"--{what}_tp={tp} does not divide --{what}_devices={devices}")
       parallel.check_tp(self.model_cfg, tp)
     parse_transfer(config.transfer, self.model_cfg.num_layers)  # a bad value fails here, once
+    self.router = Router(config.routing, config.page_size)
     self.config = config
     self.limits = Limits.for_model(self.model_cfg, config.max_seq_len, config.max_prefill_length)
     self.tokenizer = load_tokenizer(model_dir, self.model_cfg.bos_token_id,
@@ -155,6 +159,7 @@ class ClusterEngine(EngineAPI):
       worker.address, worker.pid = info["address"], info["pid"]
       worker.free_pages = worker.total_pages = info.get("total_pages", 0)
       worker.seq_pages = info.get("seq_pages", 0)
+      worker.cache_pages = info.get("cache_pages", 0)
     if progress:
       print(f"{len(workers)} workers ready in {time.perf_counter() - start:.0f} s", flush=True)
     self.prefill_workers = [w for w in workers if w.kind == "prefill"]
@@ -254,9 +259,11 @@ class ClusterEngine(EngineAPI):
       self._finish(request, "error")
       return
     request.attempts += 1
-    worker = min(alive, key=lambda w: w.queued_tokens)
-    tokens = len(request.state.prompt_ids) + len(request.state.output_ids)
-    worker.queued_tokens += tokens
+    sequence = request.state.all_tokens()
+    chosen = self.router.choose([Candidate(w.index, w.queued_tokens, w.cache_pages)
+                                 for w in alive], sequence)
+    worker = next(w for w in alive if w.index == chosen)
+    worker.queued_tokens += len(sequence)
     worker.requests.add(request.state.request_id)
     request.prefill, request.decode = worker, None
     item = self._item(request)
@@ -365,6 +372,7 @@ class ClusterEngine(EngineAPI):
 
   def _on_prefilled(self, request, event, worker) -> None:
     worker.requests.discard(request.state.request_id)
+    self._cached(request, event)
     m = request.state.metrics
     m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
     m.first_token = m.first_token or _perf(event["first_token"])
@@ -377,10 +385,17 @@ class ClusterEngine(EngineAPI):
   def _on_finished(self, request, event, worker) -> None:
     m = request.state.metrics
     if worker.kind == "prefill":
+      self._cached(request, event)
       m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
       m.first_token = m.first_token or _perf(event["first_token"])
       self._emit(request, event["output_ids"][len(request.state.output_ids):], event["time"])
     self._finish(request, event["finish_reason"])
+
+  @staticmethod
+  def _cached(request, event) -> None:
+    """The prompt tokens its first prefill found cached (later prefills do not count)."""
+    if request.state.cached_tokens is None:
+      request.state.cached_tokens = event.get("cached", 0)
 
   def _on_token(self, request, event, worker) -> None:
     del worker

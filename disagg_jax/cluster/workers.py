@@ -125,8 +125,8 @@ class PrefillServer:
   def __init__(self, spec: WorkerSpec):
     import jax  # pylint: disable=g-import-not-at-top
     model, config, limits, steps, server = _build(spec)
-    from disagg_jax.engine import buckets  # pylint: disable=g-import-not-at-top
-    from disagg_jax.engine.disagg import PrefillWorker, StagingBudget  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.disagg import StagingBudget  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.prefill_cache import CachedPrefillWorker, make_prefill_worker  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.plan import TransferPlan  # pylint: disable=g-import-not-at-top
     self.spec, self.jax, self.server = spec, jax, server
@@ -137,13 +137,13 @@ class PrefillServer:
     self._uuids = itertools.count(1)
     self._lock = threading.Lock()
     # Offers wait on this worker until pulled or expired (the lease), not on decode devices.
-    self.worker = PrefillWorker(
-        steps, model.params, self.plan,
-        length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
-        max_batch=config.prefill_batch, max_tokens=config.max_prefill_tokens,
-        handoff=self._offer, discard=self._discard, finish=self._finished,
-        staging=StagingBudget(2**62), layers_per_group=parse_transfer(config.transfer,
-                                                                      model.cfg.num_layers))
+    # With --config.engine.prefill_cache_tokens, prompts are computed into a caching pool.
+    self.worker = make_prefill_worker(
+        config, limits, steps, model.params, self.plan, handoff=self._offer,
+        discard=self._discard, finish=self._finished, staging=StagingBudget(2**62),
+        layers_per_group=parse_transfer(config.transfer, model.cfg.num_layers))
+    self.cache_pages = (self.worker.slots.capacity
+                        if isinstance(self.worker, CachedPrefillWorker) else 0)
     for _, thunk in self.worker.shapes(config.precompile_tokens(limits.max_seq_len)):
       thunk()
     threading.Thread(target=self.worker.run, daemon=True).start()
@@ -152,7 +152,8 @@ class PrefillServer:
   # ------------------------------------------------------------------ driver calls
 
   def ready(self) -> dict:
-    return {"address": self.server.address(), "pid": os.getpid()}
+    return {"address": self.server.address(), "pid": os.getpid(),
+            "cache_pages": self.cache_pages}
 
   def submit(self, items: list[dict]) -> None:
     for item in items:
@@ -160,10 +161,9 @@ class PrefillServer:
       self.worker.put(state, front=item.get("front", False))
 
   def abort(self, request_id: str) -> None:
-    with self.worker.cv:
-      for state in self.worker.queue:
-        if state.request_id == request_id:
-          state.aborted = True
+    for state in self.worker.pending():
+      if state.request_id == request_id:
+        state.aborted = True
     self.worker.wake()
 
   def release(self, uuids: list[int]) -> None:
@@ -176,7 +176,8 @@ class PrefillServer:
     with self._lock:
       offered = len(self.offers)
     return {"events": self.outbox.take(), "offers": offered,
-            "queued_tokens": sum(len(s.tokens_to_compute) for s in list(self.worker.queue))}
+            "queued_tokens": sum(s.num_to_compute - s.num_computed
+                                 for s in self.worker.pending())}
 
   # ------------------------------------------------------------------ worker callbacks
 
@@ -199,6 +200,7 @@ class PrefillServer:
     m = request.metrics
     self.outbox.add({"kind": "prefilled", "request_id": request.request_id, "pieces": parts,
                      "bucket": bucket, "computed": len(request.tokens_to_compute),
+                     "cached": request.cached_tokens or 0,
                      "output_ids": list(request.output_ids), "time": time.time(),
                      "prefill_start": m.prefill_start and _wall(m.prefill_start),
                      "first_token": m.first_token and _wall(m.first_token)})
@@ -216,6 +218,7 @@ class PrefillServer:
                      "output_ids": list(request.output_ids),
                      "finish_reason": request.finish_reason or ("abort" if request.aborted
                                                                  else "error"),
+                     "cached": request.cached_tokens or 0,
                      "time": time.time(), "prefill_start": m.prefill_start and _wall(
                          m.prefill_start), "first_token": m.first_token and _wall(
                              m.first_token)})

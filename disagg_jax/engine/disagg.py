@@ -119,6 +119,11 @@ class PrefillWorker(Worker):
     """Requests waiting for a prefill step."""
     return len(self.queue)
 
+  def pending(self) -> list:
+    """The requests waiting here (a snapshot)."""
+    with self.cv:
+      return list(self.queue)
+
   def batch_buckets_for(self, length: int) -> tuple[int, ...]:
     """The batch sizes of `length`-token prefill steps within the token limit."""
     fitting = tuple(b for b in self.batch_buckets if b * length <= self.max_tokens)

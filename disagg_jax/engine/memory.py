@@ -330,8 +330,9 @@ def plan_engine_pool(config, limits, mode: str, decode_model, prefill_model=None
     activations = paged_step_activations(config, limits, decode_model,
                                          decode_rows=config.decode_batch)
     if prefill_model is not None:
-      other = prefill_model.mesh.size * (prefill_step_activations(config, limits, prefill_model)
-                                         + tree_bytes_per_device(prefill_model.params))
+      other = (prefill_model.mesh.size * (prefill_step_activations(config, limits, prefill_model)
+                                          + tree_bytes_per_device(prefill_model.params))
+               + prefill_cache_bytes(config, prefill_model))
     staging = buckets.length_buckets(limits.max_seq_len, config.page_size)[-1]
   else:
     activations = paged_step_activations(
@@ -344,6 +345,15 @@ def plan_engine_pool(config, limits, mode: str, decode_model, prefill_model=None
                    activation_bytes=activations, staging_tokens=staging,
                    num_pages=config.num_pages, memory_fraction=config.memory_fraction,
                    other_bytes=other)
+
+
+def prefill_cache_bytes(config, model) -> int:
+  """Bytes of the prefill mesh's prefix cache (`engine.prefill_cache`), all its devices."""
+  from disagg_jax.engine.prefill_cache import prefill_cache_tokens  # pylint: disable=g-import-not-at-top
+  cfg, mesh = model.cfg, model.mesh
+  tokens = prefill_cache_tokens(config)
+  return (2 * cfg.num_layers * parallel.pool_kv_heads(cfg, mesh) * cfg.head_dim * tokens
+          * np.dtype(model.dtype).itemsize)
 
 
 def describe_prefill(config, limits, model) -> str:

@@ -74,6 +74,12 @@ class CachedPrefillWorker(Worker):
     with self.cv:
       return len(self.queue) + len(self.admitting)
 
+  def pending(self) -> list:
+    """The requests here, waiting or computing (a snapshot)."""
+    with self.cv:
+      return (list(self.queue) + list(self.admitting)
+              + [r for r in self.core.slots.requests if r is not None])
+
   def shapes(self, max_len: int):
     """(description, thunk compiling it) of the mixed-step shapes and the gathers of requests
     up to `max_len` tokens."""
@@ -173,22 +179,20 @@ class CachedPrefillWorker(Worker):
 
 # ---------------------------------------------------------------------- sizing and choosing
 
-AUTO_PREFILL_BATCHES = 4  # -1 on TPU/GPU: the cache holds this many full prefill batches
+AUTO_PREFILL_BATCHES = 2  # -1: the cache holds this many full prefill batches
 
 
-def prefill_cache_tokens(config, platform: str) -> int:
-  """--config.engine.prefill_cache_tokens resolved for a prefill mesh on `platform`: 0 (off)
-  without prefix caching; -1: off on CPU, where XLA's chunked step costs more than the dense
-  prefill it replaces (docs/PREFIX_CACHING.md), else AUTO_PREFILL_BATCHES x max_prefill_tokens."""
+def prefill_cache_tokens(config) -> int:
+  """--config.engine.prefill_cache_tokens resolved (`config` an EngineConfig): 0 (off) without
+  prefix caching; -1: AUTO_PREFILL_BATCHES x max_prefill_tokens, on every platform (on CPU it
+  measured x0.72 median TTFT on the multi-turn workload, docs/PREFIX_CACHING.md)."""
   n = config.prefill_cache_tokens
   if n < -1:
     raise ValueError(f"--config.engine.prefill_cache_tokens={n} must be -1 (auto), 0 (off) or "
                      "a token count")
   if not config.prefix_caching:
     return 0
-  if n == -1:
-    return 0 if platform == "cpu" else AUTO_PREFILL_BATCHES * config.max_prefill_tokens
-  return n
+  return AUTO_PREFILL_BATCHES * config.max_prefill_tokens if n == -1 else n
 
 
 def prefill_cache_shard_pages(tokens: int, page_size: int, dp: int, max_seq_len: int) -> int:
@@ -211,22 +215,20 @@ def make_prefill_worker(config, limits, steps: ModelSteps, params, plan: Transfe
   prefill mesh caches (`prefill_cache_tokens`), else the dense `PrefillWorker`."""
   ps = config.page_size
   length_buckets = buckets.length_buckets(limits.max_seq_len, ps)
-  tokens = prefill_cache_tokens(config, next(iter(steps.mesh.devices.flat)).platform)
+  tokens = prefill_cache_tokens(config)
   if tokens == 0:
     return PrefillWorker(steps, params, plan, length_buckets=length_buckets,
                          max_batch=config.prefill_batch, max_tokens=config.max_prefill_tokens,
                          handoff=handoff, discard=discard, finish=finish, staging=staging,
                          layers_per_group=layers_per_group)
-  if config.prefill_batch % steps.dp:
-    raise ValueError(f"--config.engine.prefill_batch={config.prefill_batch} must split evenly "
-                     f"over the prefill mesh's dp={steps.dp} with the prefill cache on "
-                     "(--config.engine.prefill_cache_tokens)")
+  # Prompts in flight: prefill_batch, at least one per dp row (as the dense batches have).
+  num_slots = pages_for(config.prefill_batch, steps.dp) * steps.dp
   per_shard = prefill_cache_shard_pages(tokens, ps, steps.dp, limits.max_seq_len)
   if say is not None:
     say(f"  prefill cache: {(per_shard - 1) * steps.dp:,} pages x {ps} tokens, "
-        f"{config.prefill_batch} prompts in flight, chunks of {config.chunk_size} tokens")
+        f"{num_slots} prompts in flight, chunks of {config.chunk_size} tokens")
   return CachedPrefillWorker(
-      steps, params, plan, length_buckets=length_buckets, num_slots=config.prefill_batch,
+      steps, params, plan, length_buckets=length_buckets, num_slots=num_slots,
       pages_per_shard=per_shard, max_seq_len=limits.max_seq_len, chunk_size=config.chunk_size,
       handoff=handoff, finish=finish, staging=staging, discard=discard,
       layers_per_group=layers_per_group, salt=cache_salt(steps.cfg))

@@ -141,3 +141,23 @@ def test_unpulled_kv_expires_and_is_freed(model_dir, prompts):
     assert offered == 4  # 1, 2 and 3 pages
     wait_for(lambda: engine.stats()["kv_offers_expired"] == offered
              and engine.stats()["kv_offers"] == 0, timeout=30, what="leases to expire")
+
+
+@pytest.mark.slow  # ~40 s; the router's decisions: tests/sched/test_routing.py
+def test_prefix_routing_returns_to_the_prefill_worker_that_cached_it(model_dir):
+  """Two caching prefill workers: every prompt of the second pass goes back to the worker
+  that computed it in the first, so all its full pages are found cached; tokens unchanged."""
+  prefix, *tails = helpers.random_prompts((48, 20, 9, 30, 14), tiny_hf.VOCAB, seed=43)
+  prompts = [prefix + t for t in tails] + tails
+  model = loading.load_model(model_dir, helpers.mesh())
+  expected = [o.output_token_ids
+              for o in helpers.static_generator(model).generate(prompts, SAMPLING)]
+  config = EngineConfig(**{**CONFIG.__dict__, "prefill_cache_tokens": 512, "routing": "prefix"})
+  with ClusterEngine(model_dir, config, num_prefill_workers=2, num_decode_workers=1,
+                     progress=False) as engine:
+    assert [w.cache_pages for w in engine.prefill_workers] == [32, 32]
+    for _ in range(2):
+      outputs = [engine.generate([p], SAMPLING)[0] for p in prompts]  # one at a time
+      assert [o.output_token_ids for o in outputs] == expected
+    assert [o.metrics.cached_tokens for o in outputs] == [(len(p) - 1) // 16 * 16
+                                                          for p in prompts]

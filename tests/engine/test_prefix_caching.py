@@ -8,9 +8,10 @@ from disagg_jax.testing import helpers, tiny_hf
 
 from tests.engine.test_engine import assert_all_pages_free, make_engine, reference_outputs
 
-# decode_prefill_tokens: disaggregated on CPU the decode-side prefill is off by default.
+# Disaggregated, the decode side's cache alone (on CPU its prefill is off by default; the
+# prefill side's cache: test_prefill_side_cache_keeps_greedy_tokens).
 CONFIG = EngineConfig(max_seq_len=160, decode_batch=4, prefill_batch=2, chunk_size=32,
-                      chunk_batch=2, decode_prefill_tokens=32)
+                      chunk_batch=2, decode_prefill_tokens=32, prefill_cache_tokens=0)
 
 
 def _prompts():

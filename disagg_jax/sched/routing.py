@@ -1,0 +1,118 @@
+"""Choosing the prefill worker of a request (`--cluster=ray`), as a thread-free policy.
+
+`--config.engine.routing`:
+- `prefix` (default): the worker whose cache most likely holds the longest prefix of the prompt,
+  weighed against load. The router keeps, per worker, the names (`kv.prefix_cache.page_hashes`)
+  of the full prompt pages it sent there, least recently used first, bounded by the pages that
+  worker's cache holds (`PrefixIndex`): an approximation of the worker's cache (it also holds
+  evictions the router does not see; a worker without a cache holds nothing). The score of a
+  worker is the prompt tokens it would compute before this request's first token: the tokens
+  queued there, plus this prompt's tokens minus those it probably has cached. The lowest wins
+  (ties: the least queued, then the lowest index). With no cache anywhere this is `load`.
+- `load`: the fewest queued prompt tokens (the routing before prefix caching).
+- `round_robin`: each worker in turn, whatever it holds (the baseline prefix routing is measured
+  against).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Sequence
+
+from disagg_jax.kv.prefix_cache import page_hashes
+
+ROUTINGS = ("prefix", "load", "round_robin")
+
+
+class PrefixIndex:
+  """Names of full pages a worker probably has cached, least recently sent first, at most
+  `capacity`."""
+
+  def __init__(self, capacity: int):
+    self.capacity = capacity
+    self._names: collections.OrderedDict = collections.OrderedDict()
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def match(self, names: Sequence[bytes]) -> int:
+    """How many of `names`, from the first, it holds."""
+    n = 0
+    for name in names:
+      if name not in self._names:
+        break
+      n += 1
+    return n
+
+  def add(self, names: Sequence[bytes]) -> None:
+    """The worker will hold `names` (just sent): most recent, evicting the oldest past capacity."""
+    for name in names:
+      self._names[name] = None
+      self._names.move_to_end(name)
+    while len(self._names) > self.capacity:
+      self._names.popitem(last=False)
+
+
+@dataclasses.dataclass
+class Candidate:
+  """A live worker as the router sees it: `key` (any hashable id), prompt tokens queued there,
+  pages its cache holds (0: none)."""
+  key: object
+  queued_tokens: int
+  cache_pages: int = 0
+
+
+class Router:
+  """Picks a worker for each prompt under `policy` (one of ROUTINGS; module docstring)."""
+
+  def __init__(self, policy: str, page_size: int, salt: bytes = b""):
+    if policy not in ROUTINGS:
+      raise ValueError(f"--config.engine.routing={policy!r} is not one of {', '.join(ROUTINGS)}")
+    self.policy = policy
+    self.page_size = page_size
+    self.salt = salt
+    self._indexes: dict[object, PrefixIndex] = {}
+    self._turn = itertools.count()
+
+  def choose(self, candidates: Sequence[Candidate], tokens: Sequence[int]):
+    """The key of the worker to send a prompt of `tokens` to; `candidates` non-empty, in a
+    stable order. With `prefix`, the chosen worker is recorded as holding its full pages."""
+    if self.policy == "round_robin":
+      return candidates[next(self._turn) % len(candidates)].key
+    if self.policy == "load":
+      return min(candidates, key=lambda c: c.queued_tokens).key
+    ps, n = self.page_size, len(tokens)
+    names = page_hashes(list(tokens[:n // ps * ps]), ps, self.salt)
+    usable = (n - 1) // ps  # the last token is always computed
+
+    def cost(c: Candidate) -> tuple:
+      index = self._index(c)
+      hit = index.match(names[:usable]) * ps if index is not None else 0
+      return (c.queued_tokens + n - hit, c.queued_tokens)
+    best = min(candidates, key=cost)
+    index = self._index(best)
+    if index is not None:
+      index.add(names)
+    return best.key
+
+  def expected_hit(self, candidate: Candidate, tokens: Sequence[int]) -> int:
+    """Prompt tokens the router expects `candidate` to find cached (for logs and tests)."""
+    index = self._index(candidate)
+    if index is None:
+      return 0
+    ps = self.page_size
+    names = page_hashes(list(tokens[:(len(tokens) - 1) // ps * ps]), ps, self.salt)
+    return index.match(names) * ps
+
+  def forget(self, key) -> None:
+    """The worker is gone (or restarted empty)."""
+    self._indexes.pop(key, None)
+
+  def _index(self, c: Candidate) -> PrefixIndex | None:
+    if c.cache_pages <= 0:
+      return None
+    if c.key not in self._indexes:
+      self._indexes[c.key] = PrefixIndex(c.cache_pages)
+    return self._indexes[c.key]
