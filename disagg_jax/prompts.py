@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Iterable
 
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
@@ -46,6 +47,9 @@ def parse_line(text: str, line_number: int, tokenizer: Tokenizer,
   else:
     if not isinstance(record["prompt"], str):
       return PromptLine(line_number, error=f"{where}: 'prompt' must be a string")
+    bad = unicode_problem(record["prompt"])
+    if bad:
+      return PromptLine(line_number, error=f"{where}: 'prompt' {bad}")
     ids = tokenizer.encode(record["prompt"])
   changes = {k: record[k] for k in ("max_new_tokens", "seed") if k in record}
   try:
@@ -55,11 +59,25 @@ def parse_line(text: str, line_number: int, tokenizer: Tokenizer,
   return PromptLine(line_number, ids, sampling)
 
 
+def unicode_problem(text: str) -> str | None:
+  """Why `text` cannot be encoded as UTF-8 (a lone surrogate, as JSON's "\\ud800" escape
+  gives), as the end of a sentence; None if it can."""
+  found = _SURROGATE.search(text)
+  if found is None:
+    return None
+  return (f"holds a lone surrogate U+{ord(found.group()):04X} at character {found.start()}: "
+          "text must be valid Unicode")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def read_prompts(path: str, tokenizer: Tokenizer, default: SamplingParams) -> list[PromptLine]:
-  """Every non-blank line of `path`, parsed; blank lines are skipped."""
+  """Every non-blank line of `path`, parsed; blank lines are skipped. Lines end at "\\n" (and
+  "\\r\\n") only: JSON text may hold U+2028, U+2029 or U+0085 unescaped."""
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    with open(path, encoding="utf-8", newline="") as f:
+      lines = [line.removesuffix("\r") for line in f.read().split("\n")]
   except UnicodeDecodeError as e:
     raise ValueError(f"{path} is not UTF-8 text: {e}") from None
   return [parse_line(text, i + 1, tokenizer, default)

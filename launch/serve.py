@@ -5,7 +5,9 @@
         --decode_devices=4 --port=8000                        # the demo model, disaggregated
 
 Streams with server-sent events as OpenAI's clients expect; `--max_pending` bounds the requests
-in flight (beyond it: 429).
+in flight (beyond it: 429), `--max_request_bytes` the body (413); `--api_key` (or the
+DISAGG_JAX_API_KEY environment variable) requires `Authorization: Bearer KEY` except on
+`--open_endpoints` (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_string("served_model_name", None, "The model id clients send; default: the "
                     "--model_path directory's name (or disagg_jax-demo).")
 flags.DEFINE_integer("max_pending", 256, "Requests in flight before new ones get 429.")
+flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` (401 otherwise); "
+                    "default: the DISAGG_JAX_API_KEY environment variable, else no key.")
+flags.DEFINE_list("open_endpoints", ["/health", "/metrics"],
+                  "Paths served without the API key (empty: every path needs it).")
+flags.DEFINE_integer("max_request_bytes", 8 << 20, "Larger request bodies get 413.")
 FLAGS = flags.FLAGS
 
 
@@ -32,6 +39,12 @@ def main(argv):
   cli.setup_jax()
   if FLAGS.mode == "single":
     raise app.UsageError("serve --mode=colocated or --mode=disagg (single is offline only)")
+  if FLAGS.max_request_bytes < 1:
+    raise app.UsageError(f"--max_request_bytes={FLAGS.max_request_bytes} must be >= 1")
+  api_key = FLAGS.api_key or os.environ.get("DISAGG_JAX_API_KEY") or None
+  if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    print(f"warning: --host={FLAGS.host} serves the API to anyone who can reach it; set "
+          "--api_key (or DISAGG_JAX_API_KEY)", file=sys.stderr)
   import uvicorn  # pylint: disable=g-import-not-at-top
   from disagg_jax.serve.app import Server, build_app  # pylint: disable=g-import-not-at-top
   # The engine's threads and the event loop share the GIL; a short switch interval keeps a
@@ -41,7 +54,9 @@ def main(argv):
   name = FLAGS.served_model_name or (
       os.path.basename(os.path.normpath(FLAGS.model_path)) if FLAGS.model_path
       else "disagg_jax-demo")
-  server = Server(engine, name, FLAGS.model_path, max_pending=FLAGS.max_pending)
+  server = Server(engine, name, FLAGS.model_path, max_pending=FLAGS.max_pending,
+                  api_key=api_key, open_paths=tuple(FLAGS.open_endpoints),
+                  max_request_bytes=FLAGS.max_request_bytes)
   try:
     uvicorn.run(build_app(server), host=FLAGS.host, port=FLAGS.port, log_level="warning")
   finally:

@@ -57,7 +57,8 @@ class _Worker:
   free_pages: int = 0  # decode: as last reported, minus what was sent since
   total_pages: int = 0
   seq_pages: int = 0  # decode: pages one sequence may hold (one dp shard of the pool)
-  cache_pages: int = 0  # prefill: pages of its prefix cache (0: it does not cache)
+  cache_pages: int = 0  # pages of its prefix cache (0: it does not cache)
+  max_tail: int = 0  # decode: the longest uncached tail it prefills itself (0: none)
   offers: int = 0  # prefill: KV offers not yet pulled (or expired)
   expired: int = 0  # prefill: offers dropped after their lease
   pending_poll: object = None
@@ -160,6 +161,7 @@ class ClusterEngine(EngineAPI):
       worker.free_pages = worker.total_pages = info.get("total_pages", 0)
       worker.seq_pages = info.get("seq_pages", 0)
       worker.cache_pages = info.get("cache_pages", 0)
+      worker.max_tail = info.get("decode_prefill_tokens", 0)
     if progress:
       print(f"{len(workers)} workers ready in {time.perf_counter() - start:.0f} s", flush=True)
     self.prefill_workers = [w for w in workers if w.kind == "prefill"]
@@ -199,7 +201,8 @@ class ClusterEngine(EngineAPI):
       if request_id in self._requests:
         raise InvalidRequestError(f"request_id {request_id!r} is already in use")
       request = self._requests[request_id] = _Request(state)
-      self._send_to_prefill(request)
+      if not self._send_to_decode_first(request):
+        self._send_to_prefill(request)
     return state.stream
 
   def abort(self, request_id: str) -> bool:
@@ -218,11 +221,28 @@ class ClusterEngine(EngineAPI):
       return {"mode": "disagg", "cluster": "ray", "in_flight": len(self._requests),
               "prefill_workers_alive": sum(w.alive for w in self.prefill_workers),
               "decode_workers_alive": sum(w.alive for w in self.decode_workers),
+              "prefill_workers": len(self.prefill_workers),
+              "decode_workers": len(self.decode_workers),
               "waiting": sum(w.queued_tokens > 0 for w in self.prefill_workers),
               "free_pages": sum(w.free_pages for w in self.decode_workers if w.alive),
               "total_pages": sum(w.total_pages for w in self.decode_workers if w.alive),
               "kv_offers": sum(w.offers for w in self.prefill_workers if w.alive),
               "kv_offers_expired": sum(w.expired for w in self.prefill_workers)}
+
+  def health(self) -> tuple[str, str | None]:
+    """Unavailable when a phase has no live worker, degraded when some worker died."""
+    if self.error:
+      return "unavailable", self.error
+    with self._lock:
+      phases = [(kind, sum(w.alive for w in workers), len(workers))
+                for kind, workers in (("prefill", self.prefill_workers),
+                                      ("decode", self.decode_workers))]
+    for kind, alive, total in phases:
+      if not alive:
+        return "unavailable", f"no {kind} worker is alive (all {total} died)"
+    dead = [f"{total - alive} of {total} {kind} workers died" for kind, alive, total in phases
+            if alive < total]
+    return ("degraded", "; ".join(dead)) if dead else ("ok", None)
 
   def shutdown(self) -> None:
     self._stopped = True
@@ -260,15 +280,40 @@ class ClusterEngine(EngineAPI):
       return
     request.attempts += 1
     sequence = request.state.all_tokens()
-    chosen = self.router.choose([Candidate(w.index, w.queued_tokens, w.cache_pages)
-                                 for w in alive], sequence)
-    worker = next(w for w in alive if w.index == chosen)
+    chosen = self.router.choose([self._candidate(w) for w in alive], sequence)
+    worker = next(w for w in alive if ("prefill", w.index) == chosen)
     worker.queued_tokens += len(sequence)
     worker.requests.add(request.state.request_id)
     request.prefill, request.decode = worker, None
     item = self._item(request)
     item["front"] = front
     worker.actor.submit.remote([item])
+
+  def _send_to_decode_first(self, request: _Request) -> bool:
+    """Prefix routing with decode-side prefill: sends the request straight to the decode worker
+    that probably holds its prefix (the rest at most its `decode_prefill_tokens`) and has the
+    pages for it; False: it goes to prefill."""
+    alive = [w for w in self.decode_workers if w.alive and w.max_tail > 0]
+    tokens = request.state.all_tokens()
+    key = self.router.choose_local([self._candidate(w) for w in alive], tokens,
+                                   max(w.max_tail for w in alive) if alive else 0)
+    worker = next((w for w in alive if ("decode", w.index) == key), None)
+    need = pages_for(len(tokens) + 1, self.config.page_size)
+    if worker is None or len(tokens) - self.router.expected_hit(
+        self._candidate(worker), tokens) > worker.max_tail or worker.free_pages < need:
+      return False
+    worker.free_pages -= need
+    worker.requests.add(request.state.request_id)
+    request.prefill, request.decode = None, worker
+    worker.actor.prefill_here.remote(self._item(request))
+    return True
+
+  @staticmethod
+  def _candidate(worker: _Worker) -> Candidate:
+    """The router's view of a worker (decode workers: load in pages taken)."""
+    load = (worker.queued_tokens if worker.kind == "prefill"
+            else worker.total_pages - worker.free_pages)
+    return Candidate((worker.kind, worker.index), load, worker.cache_pages)
 
   def _send_to_decode(self, request: _Request, event: dict, prefill: _Worker) -> None:
     alive = [w for w in self.decode_workers if w.alive]
@@ -295,6 +340,10 @@ class ClusterEngine(EngineAPI):
       for worker in (request.prefill, request.decode):
         if worker is not None:
           worker.requests.discard(state.request_id)
+      decode = request.decode
+      if reason in ("stop", "length") and decode is not None and decode.max_tail:
+        # Its decode pool caches the sequence's written tokens (all but the last).
+        self.router.record(self._candidate(decode), state.all_tokens()[:-1])
     state.finish_reason = reason or state.finish_reason or ("abort" if state.aborted else "error")
     if state.finish_reason == "error" and not state.error:
       state.error = "the request failed"
@@ -384,8 +433,10 @@ class ClusterEngine(EngineAPI):
 
   def _on_finished(self, request, event, worker) -> None:
     m = request.state.metrics
+    self._cached(request, event)
+    if worker.kind == "decode":  # prefilled there, or an error before it prefilled
+      m.prefill_start = m.prefill_start or _perf(event.get("prefill_start"))
     if worker.kind == "prefill":
-      self._cached(request, event)
       m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
       m.first_token = m.first_token or _perf(event["first_token"])
       self._emit(request, event["output_ids"][len(request.state.output_ids):], event["time"])
@@ -399,6 +450,8 @@ class ClusterEngine(EngineAPI):
 
   def _on_token(self, request, event, worker) -> None:
     del worker
+    m = request.state.metrics
+    m.first_token = m.first_token or _perf(event["time"])  # prefilled on the decode worker
     self._emit(request, [event["token"]], event["time"])
 
   def _on_pulled(self, request, event, worker) -> None:

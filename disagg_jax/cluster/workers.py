@@ -249,7 +249,10 @@ class DecodeServer:
     import jax  # pylint: disable=g-import-not-at-top
     model, config, limits, steps, server = _build(spec)
     from disagg_jax.engine import buckets, memory  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.colocated import ChunkedPrefill  # pylint: disable=g-import-not-at-top
     from disagg_jax.engine.decode_core import DecodeCore  # pylint: disable=g-import-not-at-top
+    from disagg_jax.engine.prefill_cache import decode_prefill_tokens  # pylint: disable=g-import-not-at-top
+    from disagg_jax.kv.prefix_cache import cache_salt  # pylint: disable=g-import-not-at-top
     from disagg_jax.engine.disagg import DisaggDecodeLoop, StagingBudget  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
     from disagg_jax.transfer.plan import DecodeLayout  # pylint: disable=g-import-not-at-top
@@ -259,9 +262,13 @@ class DecodeServer:
       raise ValueError(f"decode mesh holds {self.layout.d} KV blocks, the plan expects "
                        f"{spec.decode_blocks}")
     self.pool = memory.plan_engine_pool(config, limits, "disagg", model)
+    # With decode-side prefill, the pool caches what ends here and the driver sends this
+    # worker the requests whose prefix it probably holds (`prefill_here`).
+    self.max_tail = decode_prefill_tokens(config, model.mesh)
     self.core = DecodeCore(steps, num_slots=config.decode_batch,
                            pages_per_shard=self.pool.pages_per_shard,
-                           max_seq_len=limits.max_seq_len)
+                           max_seq_len=limits.max_seq_len, prefix_caching=self.max_tail > 0,
+                           salt=cache_salt(model.cfg))
     self.core.params = model.params
     self.outbox = _Outbox()
     # Pulls are routed here only while pages are free (the driver's view): no staging limit.
@@ -269,7 +276,10 @@ class DecodeServer:
     self.loop = DisaggDecodeLoop(
         self.core, length_buckets=buckets.length_buckets(limits.max_seq_len, config.page_size),
         finish=self._finished, requeue=self._preempted, staging=StagingBudget(2**62),
-        layers_per_group=parse_transfer(config.transfer, model.cfg.num_layers))
+        layers_per_group=parse_transfer(config.transfer, model.cfg.num_layers),
+        chunks=ChunkedPrefill(self.core, chunk_size=config.chunk_size,
+                              chunk_batch=config.chunk_batch, max_tail=self.max_tail)
+        if self.max_tail > 0 else None)
     spec_of = lambda layers, pages: jax.ShapeDtypeStruct(
         self.layout.shape(pages * config.page_size, layers), model.dtype,
         sharding=self.layout.sharding)
@@ -285,15 +295,21 @@ class DecodeServer:
   def ready(self) -> dict:
     return {"address": self.server.address(), "pid": os.getpid(),
             "total_pages": self.core.slots.capacity,
-            "seq_pages": self.pool.usable_pages_per_shard}
+            "seq_pages": self.pool.usable_pages_per_shard,
+            "decode_prefill_tokens": self.max_tail,
+            "cache_pages": self.core.slots.capacity if self.max_tail > 0 else 0}
 
   def accept(self, item: dict) -> None:
     """A prefilled request: pull its KV from `item["address"]` and start decoding it."""
     self._pulls.put(item)
 
+  def prefill_here(self, item: dict) -> None:
+    """A request whose prefix this pool probably holds: its uncached tail is prefilled here."""
+    self.loop.admit_local(_state(item, self.outbox))
+
   def abort(self, request_id: str) -> None:
     for state in [s for s in self.core.slots.requests if s is not None] + [
-        entry[0] for entry in list(self.loop.queue)]:
+        entry[0] for entry in list(self.loop.queue)] + list(self.loop.local):
       if state.request_id == request_id:
         state.aborted = True
     self.loop.wake()
@@ -349,10 +365,12 @@ class DecodeServer:
     return out
 
   def _finished(self, request) -> None:
+    m = request.metrics
     self.outbox.add({"kind": "finished", "request_id": request.request_id,
                      "finish_reason": request.finish_reason or ("abort" if request.aborted
                                                                  else "error"),
-                     "time": time.time()})
+                     "cached": request.cached_tokens or 0, "time": time.time(),
+                     "prefill_start": m.prefill_start and _wall(m.prefill_start)})
 
   def _preempted(self, request) -> None:
     """No prefill here: hand the request back to the driver to recompute elsewhere."""

@@ -27,6 +27,13 @@ class Generator(Protocol):
 
   tokenizer: Tokenizer
 
+  def health(self) -> tuple[str, str | None]:
+    """("ok" | "degraded" | "unavailable", why): unavailable, new requests cannot be served;
+    degraded, they are, with less capacity than configured."""
+    if self.error:
+      return "unavailable", self.error
+    return "ok", None
+
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
     """One output per prompt, in order; a prompt that cannot be served gets an output with
@@ -69,6 +76,13 @@ class EngineAPI(Generator, Protocol):
     """Queue lengths and page use, for monitoring (`serve.metrics`): at least "mode",
     "in_flight", "waiting", "free_pages" and "total_pages"."""
     ...
+
+  def health(self) -> tuple[str, str | None]:
+    """("ok" | "degraded" | "unavailable", why): unavailable, new requests cannot be served;
+    degraded, they are, with less capacity than configured."""
+    if self.error:
+      return "unavailable", self.error
+    return "ok", None
 
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:

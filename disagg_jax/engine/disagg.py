@@ -408,11 +408,17 @@ class DisaggDecodeLoop(Worker):
     with self.cv:
       if not policy_lib.route_local(self.core.slots, request, self.chunks.max_tail):
         return False
+      self.admit_local(request)
+    return True
+
+  def admit_local(self, request: RequestState) -> None:
+    """Takes `request` to prefill here, whatever this pool holds of it (a router chose this
+    worker; what is not cached is computed in chunks here). Needs `chunks`."""
+    with self.cv:
       if self.trace is not None:
         self.trace.add("decode", "local", (request.request_id,))
       self.local.append(request)
       self.cv.notify()
-    return True
 
   def deliver(self, request: RequestState, pieces: list, bucket: int) -> None:
     with self.cv:

@@ -34,7 +34,8 @@ from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.colocated import ChunkedPrefill, ColocatedScheduler
 from disagg_jax.engine.decode_core import DecodeCore
 from disagg_jax.engine.disagg import DisaggDecodeLoop, StagingBudget, TransferWorker
-from disagg_jax.engine.prefill_cache import CachedPrefillWorker, make_prefill_worker
+from disagg_jax.engine.prefill_cache import (CachedPrefillWorker, decode_prefill_tokens,
+                                             make_prefill_worker)
 from disagg_jax.engine.request import Limits, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.engine.state import RequestState, TokenStream
@@ -117,7 +118,8 @@ class Engine(EngineAPI):
     for line in self._describe_pool(prefill_model):
       self._say(line)
     self.page_capacity = self.pool.usable_pages
-    self.decode_prefill_tokens = self._decode_prefill_tokens(mode, decode_model)
+    self.decode_prefill_tokens = (
+        decode_prefill_tokens(config, decode_model.mesh) if mode == "disagg" else 0)
     self.core = DecodeCore(self.decode_steps, num_slots=config.decode_batch,
                            pages_per_shard=self.pool.pages_per_shard,
                            max_seq_len=self.limits.max_seq_len,
@@ -352,19 +354,6 @@ class Engine(EngineAPI):
       state.finish_reason = "abort" if state.aborted else "error"
     state.metrics.finished = time.perf_counter()
     state.stream.finish(state.output(self.tokenizer))
-
-  def _decode_prefill_tokens(self, mode: str, decode_model: Model) -> int:
-    """--config.engine.decode_prefill_tokens resolved: 0 unless disaggregated with caching."""
-    n = self.config.decode_prefill_tokens
-    if n < -1:
-      raise ValueError(f"--config.engine.decode_prefill_tokens={n} must be -1 (auto), 0 (off) "
-                       "or a token count")
-    if mode != "disagg" or not self.config.prefix_caching:
-      return 0
-    if n == -1:  # XLA's chunked step on CPU costs more than a dense prefill of the whole prompt
-      on_cpu = next(iter(decode_model.mesh.devices.flat)).platform == "cpu"
-      return 0 if on_cpu else self.config.chunk_size
-    return n
 
   def _submit_disagg(self, state: RequestState) -> None:
     """To the decode loop if it holds a prefix of the prompt (`DisaggDecodeLoop.route`), else

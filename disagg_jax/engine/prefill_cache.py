@@ -195,6 +195,22 @@ def prefill_cache_tokens(config) -> int:
   return AUTO_PREFILL_BATCHES * config.max_prefill_tokens if n == -1 else n
 
 
+def decode_prefill_tokens(config, decode_mesh) -> int:
+  """--config.engine.decode_prefill_tokens resolved for a decode mesh (`config` an
+  EngineConfig): 0 without prefix caching; -1: chunk_size on TPU/GPU, 0 on CPU, where XLA's
+  chunked step on the decode mesh measured worse than the prefill it saves
+  (docs/PREFIX_CACHING.md)."""
+  n = config.decode_prefill_tokens
+  if n < -1:
+    raise ValueError(f"--config.engine.decode_prefill_tokens={n} must be -1 (auto), 0 (off) "
+                     "or a token count")
+  if not config.prefix_caching:
+    return 0
+  if n == -1:
+    return 0 if next(iter(decode_mesh.devices.flat)).platform == "cpu" else config.chunk_size
+  return n
+
+
 def prefill_cache_shard_pages(tokens: int, page_size: int, dp: int, max_seq_len: int) -> int:
   """Pages per dp row of the prefill mesh's cache of `tokens` tokens, its scratch page included;
   each row must hold one sequence of max_seq_len tokens."""

@@ -77,11 +77,11 @@ def validate(prompt_token_ids: Sequence[int], sampling: SamplingParams, cfg: Mod
     raise InvalidRequestError(
         f"prompt ({n} tokens) + max_new_tokens ({sampling.max_new_tokens}) = "
         f"{n + sampling.max_new_tokens} exceeds max_seq_len {limits.max_seq_len} "
-        "(--config.engine.max_seq_len)")
+        "(--config.engine.max_seq_len)", param="max_tokens")
   for t in sampling.stop_token_ids:
     if t >= cfg.vocab_size:
       raise InvalidRequestError(
-          f"stop token id {t} is outside the vocabulary [0, {cfg.vocab_size})")
+          f"stop token id {t} is outside the vocabulary [0, {cfg.vocab_size})", param="stop")
 
 
 def stop_ids(sampling: SamplingParams, cfg: ModelConfig) -> frozenset[int]:

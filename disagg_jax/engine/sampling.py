@@ -44,7 +44,12 @@ K_MAX = 256
 
 
 class InvalidRequestError(ValueError):
-  """A request the engine refuses, with the offending value and the accepted range."""
+  """A request the engine refuses, with the offending value and the accepted range; `param`
+  names the request field at fault (the HTTP server reports it), when known."""
+
+  def __init__(self, message: str, param: str | None = None):
+    super().__init__(message)
+    self.param = param
 
 
 @dataclasses.dataclass(frozen=True)

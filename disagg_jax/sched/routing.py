@@ -12,6 +12,13 @@
 - `load`: the fewest queued prompt tokens (the routing before prefix caching).
 - `round_robin`: each worker in turn, whatever it holds (the baseline prefix routing is measured
   against).
+
+Decode workers that prefill cache hits themselves (`--config.engine.decode_prefill_tokens` > 0:
+their pools cache every sequence that ends there) are indexed the same way, with the whole
+sequence of each request that finished there (`record`). Under `prefix`, a request whose prefix
+a decode worker probably holds, with at most `decode_prefill_tokens` tokens after it, skips
+prefill and goes to that worker (`choose_local`: the longest expected prefix): a conversation's
+next turn returns to the worker that decoded the previous one.
 """
 
 from __future__ import annotations
@@ -96,6 +103,27 @@ class Router:
     if index is not None:
       index.add(names)
     return best.key
+
+  def choose_local(self, candidates: Sequence[Candidate], tokens: Sequence[int],
+                   max_tail: int):
+    """The key of the decode worker to prefill `tokens` itself: the one probably holding the
+    longest prefix of them, if at most `max_tail` tokens follow it; None (prefill computes
+    it) otherwise, and always under a policy other than `prefix`."""
+    if self.policy != "prefix" or max_tail <= 0:
+      return None
+    best, best_hit = None, 0
+    for c in candidates:
+      hit = self.expected_hit(c, tokens)
+      if hit > best_hit and len(tokens) - hit <= max_tail:
+        best, best_hit = c.key, hit
+    return best
+
+  def record(self, candidate: Candidate, tokens: Sequence[int]) -> None:
+    """`candidate` now caches the full pages of `tokens` (a sequence that ended there)."""
+    index = self._index(candidate)
+    if index is not None:
+      index.add(page_hashes(list(tokens[:len(tokens) // self.page_size * self.page_size]),
+                            self.page_size, self.salt))
 
   def expected_hit(self, candidate: Candidate, tokens: Sequence[int]) -> int:
     """Prompt tokens the router expects `candidate` to find cached (for logs and tests)."""

@@ -2,13 +2,18 @@
 (any `engine.api.EngineAPI`: the in-process Engine or the Ray ClusterEngine).
 
 Tokens cross from the engine's threads to the event loop through `call_soon_threadsafe` into a
-per-request asyncio queue; nothing blocks the loop. At most `max_pending` requests are in flight
-(beyond: 429). A client that disconnects aborts its request, which frees its slot and pages.
+per-request asyncio queue; nothing blocks the loop (tokenization and chat templates run in a
+worker thread). At most `max_pending` requests are in flight (beyond: 429 with Retry-After);
+bodies over `max_request_bytes` get 413; with `api_key`, requests need `Authorization: Bearer
+KEY` (401 otherwise). A client that disconnects, streaming or not, aborts its request within
+DISCONNECT_CHECK_S, which frees its slot and pages. When the engine cannot serve (a crashed
+worker, a phase with no live worker), /health says so and requests get 503 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import random
 import time
@@ -29,6 +34,9 @@ from disagg_jax.serve.protocol import APIError
 from disagg_jax.serve.text import IncrementalText
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_CHECK_S = 0.25  # how often a request's client is checked, tokens flowing or not
+RETRY_AFTER_S = 1  # the Retry-After of a 429
+MAX_REQUEST_BYTES = 8 << 20  # default body limit (--max_request_bytes)
 SSE_EVENT = {"type": "object", "properties": {
     "data": {"type": "string", "description": "A JSON chunk, or [DONE] at the end."},
     "event": {"type": "string"}}, "required": ["data"]}
@@ -36,15 +44,23 @@ ERRORS = {200: {"description": "The completion; with `stream: true`, server-sent
                "content": {"text/event-stream": {"schema": SSE_EVENT}}},
           400: {"model": protocol.ErrorResponse, "description": "Invalid request"},
           404: {"model": protocol.ErrorResponse, "description": "Unknown model"},
-          429: {"model": protocol.ErrorResponse, "description": "Too many requests in flight"}}
+          401: {"model": protocol.ErrorResponse, "description": "Missing or wrong API key"},
+          413: {"model": protocol.ErrorResponse, "description": "Request body too large"},
+          429: {"model": protocol.ErrorResponse, "description": "Too many requests in flight"},
+          503: {"model": protocol.ErrorResponse, "description": "The engine cannot serve"}}
 
 
 class Server:
   """Turns API requests into engine requests and engine outputs into API responses."""
 
   def __init__(self, engine: EngineAPI, model_name: str, model_dir: str | None,
-               max_pending: int = 256):
+               max_pending: int = 256, api_key: str | None = None,
+               open_paths: tuple[str, ...] = ("/health", "/metrics"),
+               max_request_bytes: int = MAX_REQUEST_BYTES):
     self.engine = engine
+    self.api_key = api_key or None
+    self.open_paths = tuple(open_paths)  # served without the API key
+    self.max_request_bytes = max_request_bytes
     self.model_name = model_name
     self.tokenizer = engine.tokenizer
     self.chat_template = ChatTemplate.for_model(model_dir)
@@ -60,10 +76,22 @@ class Server:
       raise APIError(404, f"The model `{model}` does not exist; this server serves "
                           f"`{self.model_name}`.", param="model", code="model_not_found")
 
-  def prompt_ids(self, prompt) -> list[int]:
+  async def prompt_ids(self, prompt) -> list[int]:
+    """Token ids of a prompt (text is tokenized in a worker thread, off the event loop)."""
     if isinstance(prompt, str):
-      return self.tokenizer.encode(prompt)
+      return await asyncio.to_thread(self.tokenizer.encode, prompt)
     return list(prompt)
+
+  async def chat_prompt(self, messages) -> list[int]:
+    """The chat template applied to `messages` and tokenized, in a worker thread."""
+    def render():
+      try:
+        text = self.chat_template.render(messages)
+      except Exception as e:  # a template may raise on message orders it does not support
+        raise APIError(400, f"the chat template rejected the messages: {e}",
+                       param="messages") from None
+      return self.tokenizer.encode(text)
+    return await asyncio.to_thread(render)
 
   def sampling(self, body, prompt_len: int, default_max: int | None) -> SamplingParams:
     limit = self.engine.limits.max_seq_len - prompt_len
@@ -76,6 +104,7 @@ class Server:
           max_new_tokens=max_tokens,
           temperature=1.0 if body.temperature is None else body.temperature,
           top_p=1.0 if body.top_p is None else body.top_p,
+          top_k=max(body.top_k or 0, 0),
           seed=random.randrange(MAX_SEED) if body.seed is None else body.seed,
           ignore_eos=body.ignore_eos)
     except InvalidRequestError as e:
@@ -89,7 +118,12 @@ class Server:
       self.metrics.rejected += 1
       raise APIError(429, f"{self.pending} requests are in flight, the limit is "
                           f"{self.max_pending} (--max_pending); retry later",
-                     type_="rate_limit_error", code="too_many_requests")
+                     type_="rate_limit_error", code="too_many_requests",
+                     headers={"Retry-After": str(RETRY_AFTER_S)})
+    status, why = self.engine.health()
+    if status == "unavailable":
+      raise APIError(503, f"the engine cannot serve requests: {why}",
+                     type_="service_unavailable", code="unavailable")
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
 
@@ -102,7 +136,9 @@ class Server:
     try:
       stream_handle = self.engine.add_request(prompt_ids, sampling, on_token=forward)
     except InvalidRequestError as e:
-      raise APIError(400, str(e), param="prompt") from None
+      raise APIError(400, str(e), param=e.param or "prompt") from None
+    # Every request is counted once it ends, however it ends (aborted ones included).
+    stream_handle.add_done_callback(self.metrics.observe)
     stream_handle.add_done_callback(forward)
     self.pending += 1
     request_id = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
@@ -120,21 +156,28 @@ class Server:
     return JSONResponse(make(request_id, self.model_name, text.text, finish, len(prompt_ids),
                              len(output.output_token_ids), _cached(output)))
 
-  async def _next(self, http_request: Request, items: asyncio.Queue, engine_id: str):
-    """The next token or the final output; aborts the request if the client went away."""
+  async def _next(self, http_request: Request, items: asyncio.Queue, engine_id: str,
+                  watch: list):
+    """The next token or the final output. Every DISCONNECT_CHECK_S (`watch` holds the time of
+    the last check), whether tokens flow or not, checks the client and aborts the request if it
+    went away (the final output then follows at once)."""
     while True:
-      try:
-        return await asyncio.wait_for(items.get(), timeout=0.5)
-      except asyncio.TimeoutError:
+      now = time.monotonic()
+      if now - watch[0] >= DISCONNECT_CHECK_S:
+        watch[0] = now
         if await http_request.is_disconnected():
           self.engine.abort(engine_id)
+      try:
+        return await asyncio.wait_for(items.get(), timeout=DISCONNECT_CHECK_S)
+      except asyncio.TimeoutError:
+        pass
 
   async def _consume(self, http_request, stream_handle, items, text) -> RequestOutput:
+    watch = [time.monotonic()]
     while True:
-      item = await self._next(http_request, items, stream_handle.request_id)
+      item = await self._next(http_request, items, stream_handle.request_id, watch)
       if isinstance(item, RequestOutput):
         text.finish()
-        self.metrics.observe(item)
         return item
       text.add(item)
       if text.stopped:
@@ -144,15 +187,15 @@ class Server:
                     include_usage, kind):
     chunk = protocol.completion_chunk if kind == "completion" else protocol.chat_chunk
     finished = False
+    watch = [time.monotonic()]
     try:
       if kind == "chat":
         yield _sse(chunk(request_id, self.model_name, {"role": "assistant", "content": ""},
                          None))
       while True:
-        item = await self._next(http_request, items, stream_handle.request_id)
+        item = await self._next(http_request, items, stream_handle.request_id, watch)
         if isinstance(item, RequestOutput):
           finished = True
-          self.metrics.observe(item)
           delta = text.finish()
           reason = self._finish_reason(item, text)
           yield _sse(chunk(request_id, self.model_name, _delta(kind, delta), reason))
@@ -204,7 +247,9 @@ def build_app(server: Server) -> FastAPI:
 
   @app.exception_handler(APIError)
   async def api_error(_, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+  app.add_middleware(_Guard, server=server)
 
   @app.exception_handler(RequestValidationError)
   async def validation_error(_, exc: RequestValidationError):
@@ -227,25 +272,20 @@ def build_app(server: Server) -> FastAPI:
   @app.post("/v1/completions", responses=ERRORS)
   async def completions(body: protocol.CompletionRequest, request: Request):
     server.check_model(body.model)
-    prompt = server.prompt_ids(body.prompt)
+    prompt = await server.prompt_ids(body.prompt)
     sampling = server.sampling(body, len(prompt), COMPLETION_DEFAULT_MAX_TOKENS)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await server.run(request, prompt, sampling, body.stop, body.stream, include_usage,
-                            "completion")
+    return await server.run(request, prompt, sampling, body.stop, bool(body.stream),
+                            include_usage, "completion")
 
   @app.post("/v1/chat/completions", responses=ERRORS)
   async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
     server.check_model(body.model)
-    try:
-      text = server.chat_template.render([m.model_dump() for m in body.messages])
-    except Exception as e:  # a template may raise on message orders it does not support
-      raise APIError(400, f"the chat template rejected the messages: {e}",
-                     param="messages") from None
-    prompt = server.tokenizer.encode(text)
+    prompt = await server.chat_prompt([m.model_dump() for m in body.messages])
     sampling = server.sampling(body, len(prompt), None)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await server.run(request, prompt, sampling, body.stop, body.stream, include_usage,
-                            "chat")
+    return await server.run(request, prompt, sampling, body.stop, bool(body.stream),
+                            include_usage, "chat")
 
   @app.get("/v1/models")
   async def models():
@@ -255,13 +295,15 @@ def build_app(server: Server) -> FastAPI:
 
   @app.get("/health")
   async def health():
-    if server.engine.error:
-      return JSONResponse({"status": "error", "error": server.engine.error}, status_code=503)
-    return {"status": "ok"}
+    """ok; degraded (served, with less capacity: a worker died); unavailable (503, with the
+    reason: requests fail until it recovers)."""
+    status, why = server.engine.health()
+    body = {"status": status} if why is None else {"status": status, "reason": why}
+    return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
 
   @app.get("/metrics", response_class=PlainTextResponse)
   async def metrics():
-    return server.metrics.render(server.engine.stats())
+    return server.metrics.render(server.engine.stats(), server.pending)
 
   def openapi_schema():
     """FastAPI's schema, with `model` narrowed to the one model served (others get 404)."""
@@ -276,3 +318,68 @@ def build_app(server: Server) -> FastAPI:
 
   app.openapi = openapi_schema
   return app
+
+
+class _TooLarge(Exception):
+  pass
+
+
+class _Guard:
+  """ASGI middleware in front of every route: the API key (`Server.api_key`, except on
+  `Server.open_paths`) and the body size limit (`Server.max_request_bytes`: a declared length
+  over it is refused before reading; a chunked body as soon as it passes it)."""
+
+  def __init__(self, app, server: Server):
+    self.app, self.server = app, server
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    server = self.server
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    if server.api_key and scope["path"] not in server.open_paths:
+      given = headers.get("authorization", "")
+      scheme, _, token = given.partition(" ")
+      if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                               server.api_key.encode()):
+        return await _reply(send, APIError(
+            401, "a valid API key is needed: send `Authorization: Bearer KEY` (--api_key)",
+            type_="authentication_error", code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"}))
+    limit = server.max_request_bytes
+    too_large = APIError(413, f"the request body exceeds {limit:,} bytes "
+                              "(--max_request_bytes)", code="request_too_large")
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+      return await _reply(send, too_large)
+    seen, started = 0, False
+
+    async def counted():
+      nonlocal seen
+      message = await receive()
+      if message["type"] == "http.request":
+        seen += len(message.get("body", b""))
+        if seen > limit:
+          raise _TooLarge
+      return message
+
+    async def watched(message):
+      nonlocal started
+      started = started or message["type"] == "http.response.start"
+      await send(message)
+
+    try:
+      await self.app(scope, counted, watched)
+    except _TooLarge:
+      if not started:
+        await _reply(send, too_large)
+
+
+async def _reply(send, error: APIError) -> None:
+  """Sends `error` as a complete JSON response."""
+  body = json.dumps(error.body()).encode()
+  headers = [(b"content-type", b"application/json"),
+             (b"content-length", str(len(body)).encode())]
+  headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+  await send({"type": "http.response.start", "status": error.status, "headers": headers})
+  await send({"type": "http.response.body", "body": body})

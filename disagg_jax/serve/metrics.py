@@ -68,10 +68,17 @@ class ServerMetrics:
       for phase, seconds in m.phases().items():
         self.phases[phase].observe(seconds)
 
-  def render(self, engine_stats: dict) -> str:
+  def render(self, engine_stats: dict, in_flight: int) -> str:
+    """`engine_stats` from `EngineAPI.stats`; `in_flight`: the HTTP layer's requests."""
     p = self.PREFIX
     lines = []
-    gauges = {"in_flight": "Requests in the engine.", "running": "Requests holding a decode slot.",
+    engine_stats = {**engine_stats, "engine_in_flight": engine_stats.get("in_flight", 0),
+                    "in_flight": in_flight}
+    gauges = {"in_flight": "HTTP requests being served (streaming ones included).",
+              "engine_in_flight": "Requests in the engine.",
+              "prefill_workers_alive": "Live prefill workers (--cluster=ray).",
+              "decode_workers_alive": "Live decode workers (--cluster=ray).",
+              "running": "Requests holding a decode slot.",
               "waiting": "Requests waiting for prefill (or a slot, colocated).",
               "transferring": "Prefilled requests whose KV is moving to the decode mesh.",
               "awaiting_slot": "Requests whose KV arrived, waiting for a decode slot.",
@@ -87,7 +94,8 @@ class ServerMetrics:
       lines += [f"# HELP {p}_page_usage Fraction of KV pages in use.",
                 f"# TYPE {p}_page_usage gauge", f"{p}_page_usage {usage}"]
     with self._lock:
-      lines += [f"# HELP {p}_requests_finished_total Finished requests by reason.",
+      lines += [f"# HELP {p}_requests_finished_total Finished requests by reason (aborted "
+                "ones, e.g. by a client that left, as abort).",
                 f"# TYPE {p}_requests_finished_total counter"]
       lines += [f'{p}_requests_finished_total{{finish_reason="{r}"}} {n}'
                 for r, n in sorted(self.finished.items())]

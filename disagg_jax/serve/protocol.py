@@ -10,18 +10,37 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from disagg_jax.prompts import unicode_problem
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI parameters this server does not implement: a request that sets one to anything but its
+# neutral value gets a 400 naming it, instead of being served as if it were not there.
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
+               "echo": (None, False), "min_p": (None, 0, 0.0),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
+               "suffix": (None, "")}
+
+
+def _text(value: str) -> str:
+  """A string field's value, refused if it cannot be UTF-8 (a lone surrogate)."""
+  problem = unicode_problem(value)
+  if problem:
+    raise ValueError(problem)
+  return value
 
 
 class APIError(Exception):
   """An error with an HTTP status and OpenAI's body."""
 
   def __init__(self, status: int, message: str, param: str | None = None,
-               type_: str = "invalid_request_error", code: str | None = None):
+               type_: str = "invalid_request_error", code: str | None = None,
+               headers: dict[str, str] | None = None):
     super().__init__(message)
     self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+    self.headers = headers  # extra response headers (Retry-After, WWW-Authenticate)
 
   def body(self) -> dict:
     return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -52,13 +71,18 @@ class _Sampling(BaseModel):
   max_tokens: Optional[int] = Field(default=None, ge=1, description="Tokens to generate.")
   temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
   top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+  top_k: Optional[int] = Field(default=None, ge=-1, description="Extension (as vLLM): sample "
+                               "from the k most likely tokens; 0 or -1: all.")
   seed: Optional[int] = Field(default=None, ge=0, lt=2**32)
-  stop: Optional[Union[str, list[str]]] = Field(default=None, max_length=MAX_STOP_SEQUENCES)
-  n: int = Field(default=1, ge=1, le=1)
-  stream: bool = False
+  stop: Optional[Union[str, list[str]]] = Field(
+      default=None, description=f"A string, or at most {MAX_STOP_SEQUENCES} strings.")
+  n: Optional[int] = Field(default=None, ge=1, le=1)
+  stream: Optional[bool] = None
   stream_options: Optional[StreamOptions] = None
   ignore_eos: bool = Field(default=False, description="Extension (as vLLM): keep generating "
                            "past EOS until max_tokens.")
+
+  _check_model = field_validator("model")(classmethod(lambda cls, value: _text(value)))
 
   @field_validator("stop")
   @classmethod
@@ -70,25 +94,55 @@ class _Sampling(BaseModel):
       raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
     if any(not s for s in stops):
       raise ValueError("stop sequences must be non-empty")
-    return stops
+    return [_text(s) for s in stops]
+
+  @model_validator(mode="before")
+  @classmethod
+  def _unsupported(cls, data):
+    if isinstance(data, dict):
+      for name, neutral in UNSUPPORTED.items():
+        value = data.get(name)
+        if not any(value == v and type(value) is type(v) or value is v for v in neutral):
+          raise ValueError(f"`{name}` is not supported by this server (got {value!r}); leave "
+                           "it out")
+    return data
 
 
 class CompletionRequest(_Sampling):
   prompt: Union[str, list[int]] = Field(description="Text, or a list of token ids.",
                                         min_length=1)
 
+  @field_validator("prompt", mode="before")
+  @classmethod
+  def _token_ids(cls, value):
+    if isinstance(value, list) and any(isinstance(t, bool) for t in value):
+      raise ValueError("prompt token ids must be integers, not true/false")
+    return value
+
   @field_validator("prompt")
   @classmethod
-  def _non_empty(cls, value):
-    if isinstance(value, list) and any(isinstance(t, bool) for t in value):
-      raise ValueError("prompt token ids must be integers")
-    return value
+  def _valid_text(cls, value):
+    return _text(value) if isinstance(value, str) else value
+
+
+class ContentPart(BaseModel):
+  """One part of a message's content in OpenAI's list form; only text parts are served."""
+  model_config = ConfigDict(extra="ignore")
+  type: Literal["text"]
+  text: str
 
 
 class ChatMessage(BaseModel):
   model_config = ConfigDict(extra="ignore")
   role: Literal["system", "user", "assistant", "developer", "tool"]
-  content: str
+  content: Union[str, list[ContentPart]]
+
+  @field_validator("content")
+  @classmethod
+  def _joined(cls, value):
+    """The text of the message: list parts are joined."""
+    text = value if isinstance(value, str) else "".join(part.text for part in value)
+    return _text(text)
 
 
 class ChatCompletionRequest(_Sampling):

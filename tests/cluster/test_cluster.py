@@ -161,3 +161,29 @@ def test_prefix_routing_returns_to_the_prefill_worker_that_cached_it(model_dir):
       assert [o.output_token_ids for o in outputs] == expected
     assert [o.metrics.cached_tokens for o in outputs] == [(len(p) - 1) // 16 * 16
                                                           for p in prompts]
+
+
+@pytest.mark.slow  # ~60 s; the router's decisions: tests/sched/test_routing.py
+def test_a_follow_up_turn_is_prefilled_by_the_decode_worker_that_holds_it(model_dir):
+  """Decode-side prefill on two decode workers (no prefill cache): each conversation's second
+  turn goes straight to the decode worker that decoded its first, which finds the first turn
+  cached and computes only the new message."""
+  first = helpers.random_prompts((30, 45, 20, 60), tiny_hf.VOCAB, seed=44)
+  messages = helpers.random_prompts((10, 12, 8, 14), tiny_hf.VOCAB, seed=45)
+  model = loading.load_model(model_dir, helpers.mesh())
+  generator = helpers.static_generator(model)
+  answers = [o.output_token_ids for o in generator.generate(first, SAMPLING)]
+  second = [p + a + m for p, a, m in zip(first, answers, messages)]
+  expected = [o.output_token_ids for o in generator.generate(second, SAMPLING)]
+  config = EngineConfig(**{**CONFIG.__dict__, "prefill_cache_tokens": 0,
+                           "decode_prefill_tokens": 32, "chunk_size": 32, "routing": "prefix"})
+  with ClusterEngine(model_dir, config, num_prefill_workers=1, num_decode_workers=2,
+                     progress=False) as engine:
+    assert [w.max_tail for w in engine.decode_workers] == [32, 32]
+    assert [o.output_token_ids for o in engine.generate(first, SAMPLING)] == answers
+    outputs = [engine.generate([p], SAMPLING)[0] for p in second]
+    assert [o.output_token_ids for o in outputs] == expected
+    # The first turn's written tokens (prompt and all but the last answer token), whole pages.
+    assert [o.metrics.cached_tokens for o in outputs] == [
+        (len(p) + len(a) - 1) // 16 * 16 for p, a in zip(first, answers)]
+    assert all(o.metrics.first_token is not None for o in outputs)

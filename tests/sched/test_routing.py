@@ -67,3 +67,17 @@ def test_index_is_bounded_lru():
 def test_unknown_routing_names_the_flag():
   with pytest.raises(ValueError, match=r"--config.engine.routing='nearest' is not one of prefix"):
     Router("nearest", PS)
+
+
+def test_a_conversation_returns_to_the_decode_worker_that_holds_it():
+  router = Router("prefix", PS)
+  decode = [Candidate(("decode", 0), 0, 200), Candidate(("decode", 1), 0, 200)]
+  first_turn = _prompt(1, 7, 80) + [5] * 20  # prompt and answer, as it ended on worker 1
+  router.record(decode[1], first_turn)
+  follow_up = first_turn + [6] * 20  # 100 tokens of 120 held (6 pages): a 20-token tail
+  assert router.choose_local(decode, follow_up, max_tail=32) == ("decode", 1)
+  assert router.choose_local(decode, follow_up, max_tail=16) is None  # tail too long
+  assert router.choose_local(decode, _prompt(2, 7, 80), max_tail=32) is None  # held nowhere
+  assert Router("round_robin", PS).choose_local(decode, follow_up, max_tail=32) is None
+  # A worker that does not cache is never chosen.
+  assert router.choose_local([Candidate(("decode", 1), 0, 0)], follow_up, max_tail=32) is None
