@@ -320,8 +320,9 @@ def build_app(server: Server) -> FastAPI:
   return app
 
 
-class _TooLarge(Exception):
-  pass
+class _TooLarge(BaseException):
+  """A body past the limit, raised from `receive`: a BaseException, so that FastAPI's body
+  parsing (which turns any Exception into a 400) lets it through to `_Guard`."""
 
 
 class _Guard:
