@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Iterable
 
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
-from disagg_jax.models.tokenizer import Tokenizer
+from disagg_jax.models.tokenizer import Tokenizer, unicode_problem
 
 
 @dataclasses.dataclass
@@ -57,19 +56,6 @@ def parse_line(text: str, line_number: int, tokenizer: Tokenizer,
   except InvalidRequestError as e:
     return PromptLine(line_number, ids, error=f"{where}: {e}")
   return PromptLine(line_number, ids, sampling)
-
-
-def unicode_problem(text: str) -> str | None:
-  """Why `text` cannot be encoded as UTF-8 (a lone surrogate, as JSON's "\\ud800" escape
-  gives), as the end of a sentence; None if it can."""
-  found = _SURROGATE.search(text)
-  if found is None:
-    return None
-  return (f"holds a lone surrogate U+{ord(found.group()):04X} at character {found.start()}: "
-          "text must be valid Unicode")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def read_prompts(path: str, tokenizer: Tokenizer, default: SamplingParams) -> list[PromptLine]:

@@ -27,13 +27,6 @@ class Generator(Protocol):
 
   tokenizer: Tokenizer
 
-  def health(self) -> tuple[str, str | None]:
-    """("ok" | "degraded" | "unavailable", why): unavailable, new requests cannot be served;
-    degraded, they are, with less capacity than configured."""
-    if self.error:
-      return "unavailable", self.error
-    return "ok", None
-
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
     """One output per prompt, in order; a prompt that cannot be served gets an output with

@@ -179,22 +179,6 @@ class CachedPrefillWorker(Worker):
 
 # ---------------------------------------------------------------------- sizing and choosing
 
-AUTO_PREFILL_BATCHES = 2  # -1: the cache holds this many full prefill batches
-
-
-def prefill_cache_tokens(config) -> int:
-  """--config.engine.prefill_cache_tokens resolved (`config` an EngineConfig): 0 (off) without
-  prefix caching; -1: AUTO_PREFILL_BATCHES x max_prefill_tokens, on every platform (on CPU it
-  measured x0.72 median TTFT on the multi-turn workload, docs/PREFIX_CACHING.md)."""
-  n = config.prefill_cache_tokens
-  if n < -1:
-    raise ValueError(f"--config.engine.prefill_cache_tokens={n} must be -1 (auto), 0 (off) or "
-                     "a token count")
-  if not config.prefix_caching:
-    return 0
-  return AUTO_PREFILL_BATCHES * config.max_prefill_tokens if n == -1 else n
-
-
 def decode_prefill_tokens(config, decode_mesh) -> int:
   """--config.engine.decode_prefill_tokens resolved for a decode mesh (`config` an
   EngineConfig): 0 without prefix caching; -1: chunk_size on TPU/GPU, 0 on CPU, where XLA's
@@ -231,7 +215,7 @@ def make_prefill_worker(config, limits, steps: ModelSteps, params, plan: Transfe
   prefill mesh caches (`prefill_cache_tokens`), else the dense `PrefillWorker`."""
   ps = config.page_size
   length_buckets = buckets.length_buckets(limits.max_seq_len, ps)
-  tokens = prefill_cache_tokens(config)
+  tokens = memory.prefill_cache_tokens(config)
   if tokens == 0:
     return PrefillWorker(steps, params, plan, length_buckets=length_buckets,
                          max_batch=config.prefill_batch, max_tokens=config.max_prefill_tokens,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Protocol, Sequence
 
 
@@ -85,3 +86,16 @@ def load_tokenizer(model_dir: str | None, bos_id: int | None = None,
         add_bos = None
     return HFTokenizer(path, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos)
   return ByteTokenizer()
+
+
+def unicode_problem(text: str) -> str | None:
+  """Why `text` cannot be encoded as UTF-8 (a lone surrogate, as JSON's "\\ud800" escape
+  gives), as the end of a sentence; None if it can."""
+  found = _SURROGATE.search(text)
+  if found is None:
+    return None
+  return (f"holds a lone surrogate U+{ord(found.group()):04X} at character {found.start()}: "
+          "text must be valid Unicode")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from disagg_jax.prompts import unicode_problem
+from disagg_jax.models.tokenizer import unicode_problem
 
 MAX_STOP_SEQUENCES = 4
 # OpenAI parameters this server does not implement: a request that sets one to anything but its

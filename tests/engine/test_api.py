@@ -89,6 +89,6 @@ def test_the_serving_engines_subclass_the_protocol():
 
 def test_protocol_members_are_what_the_callers_use():
   methods, data = _members(api.EngineAPI)
-  assert methods == {"add_request", "abort", "stats", "shutdown", "generate", "__enter__",
-                     "__exit__"}
+  assert methods == {"add_request", "abort", "stats", "health", "shutdown", "generate",
+                     "__enter__", "__exit__"}
   assert data == {"mode", "limits", "model_cfg", "num_devices", "error", "tokenizer"}

@@ -45,13 +45,15 @@ def test_defaults_compile_a_few_short_shapes_up_front(mode, recorded):
     assert 512 < engine.pool.usable_pages < 32 * 512
   shapes = sum(len(v) for v in recorded.values())
   if mode == "disagg":
-    # prefill: lengths 16..128 x batches 1, 2, 4; decode: widths 64, 128 tokens x 2 row counts.
-    assert len(recorded["prefill"]) == len(recorded["extract"]) == 4 * 3
+    # prefill, into its prefix cache: mixed steps of width 64 tokens x chunk rows 1, 4 x chunk
+    # lengths 32, 64, 128, and the gathers of prompts of 16..128 tokens; decode: widths 64, 128
+    # tokens x 2 row counts.
+    assert len(recorded["mixed"]) == 2 * 3 and len(recorded["gather"]) == 4
+    assert "prefill" not in recorded  # no dense prefill step
     # inserts: blocks of 1..8 pages (prompts up to 128 tokens), all 30 layers in one group.
     assert len(recorded["decode"]) == 2 * 2 and len(recorded["insert_block"]) == 4
     assert len(recorded["set_token"]) == 1
-    assert max(key[0][1] for key in recorded["prefill"]) == 128
-    assert shapes == 33
+    assert shapes == 19
   else:
     # decode as above; mixed: width 64 tokens x chunk rows 1, 4 x chunk lengths 32, 64, 128.
     assert len(recorded["decode"]) == 4 and len(recorded["mixed"]) == 2 * 3

@@ -78,9 +78,10 @@ def _serve(engine, prompts, sampling, gaps):
 def test_simulator_takes_the_engines_decisions(mode, num_pages, shared, hf_checkpoint):
   """`shared`: every prompt starts with the same `shared` tokens (prefix caching at work)."""
   model_dir, _ = hf_checkpoint("llama3")
-  # 9 usable pages of 16 tokens for 4 slots of up to 98 tokens: growth must preempt.
+  # 9 usable pages of 16 tokens for 4 slots of up to 98 tokens: growth must preempt. The
+  # simulator's disaggregated model has dense prefill batches: the prefill cache stays off.
   config = EngineConfig(max_seq_len=128 + shared, decode_batch=4, prefill_batch=2, chunk_size=32,
-                        chunk_batch=2, num_pages=num_pages)
+                        chunk_batch=2, num_pages=num_pages, prefill_cache_tokens=0)
   rng = np.random.default_rng(7)
   n = 32
   if num_pages is None:
