@@ -7,6 +7,8 @@ The flag names are the contract of DESIGN.md; tuning knobs live in the ml_collec
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 from absl import app, flags
 
@@ -18,10 +20,50 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "engine.py")
 MODES = ("single", "colocated", "disagg")
 
 
+def _shown_in_help(define):
+  """Decorates a define_*_flags function: the flags it defines are listed by the script's own
+  `--help` (absl shows only the main module's flags there), not just by `--helpfull`."""
+  def wrapper(*args, **kwargs):
+    before = set(flags.FLAGS)
+    define(*args, **kwargs)
+    for name in sorted(set(flags.FLAGS) - before):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+  wrapper.__doc__, wrapper.__name__ = define.__doc__, define.__name__
+  return wrapper
+
+
+def engine_config_help() -> str:
+  """The `--config.engine.*` fields with their defaults and what each does, from the comments
+  of configs/engine.py (the one place they are documented)."""
+  lines, pending = [], []
+  with open(DEFAULT_CONFIG, encoding="utf-8") as f:
+    for raw in f:
+      text = raw.strip()
+      field = re.match(r"(\w+)=(.*?),\s*(?:#\s*(.*))?$", text)
+      if text.startswith("#"):
+        pending.append(text.lstrip("# "))
+      elif field and raw.startswith(" " * 6):
+        name, default, comment = field.groups()
+        meaning = " ".join(pending + [comment or ""]).strip()
+        lines.append(f"  --config.engine.{name}={default}: {meaning}")
+        pending = []
+      else:
+        pending = []
+  return "\n".join(lines)
+
+
+@_shown_in_help
 def define_engine_flags() -> None:
   """Model, meshes, dtype and attention flags."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Engine configuration file.")
+  try:  # ml_collections resolves the --config.* overrides of sys.argv here already
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Engine configuration file; override a field with "
+        "--config.engine.NAME=VALUE. The fields and their defaults:\n" + engine_config_help())
+  except (AttributeError, KeyError) as e:
+    print(f"error: no such config field: {_config_error(e)} (--help lists the fields)",
+          file=sys.stderr)
+    sys.exit(2)
   flags.DEFINE_string("model_path", None,
                       "Hugging Face directory or orbax checkpoint; default: the built-in demo model.")
   flags.DEFINE_enum("mode", "single", MODES,
@@ -60,6 +102,7 @@ def define_engine_flags() -> None:
                       "jax_compilation_cache (else ~/.cache/...); 'none': off.")
 
 
+@_shown_in_help
 def define_sampling_flags() -> None:
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (a line may override).")
   flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
@@ -68,17 +111,63 @@ def define_sampling_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed, in [0, 2**32).")
 
 
+def run(main) -> None:
+  """`app.run(main)` for the launch scripts: a bad flag or config field, a missing file or a
+  value the engine refuses prints one line naming it (no help dump, no traceback) and exits 2.
+  DISAGG_JAX_TRACEBACK=1 shows the traceback instead."""
+  def fail(message: str):
+    if os.environ.get("DISAGG_JAX_TRACEBACK"):
+      raise  # pylint: disable=misplaced-bare-raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(f"{e} (--help lists the flags)")
+    except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config field
+      fail(f"no such config field: {_config_error(e)} (--help lists the fields)")
+    except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+      fail(str(e))
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      fail(str(e))
+    except OSError as e:
+      if e.filename is None:
+        raise
+      fail(f"{e.strerror}: {e.filename}")
+    except ValueError as e:  # the engine's own checks name the value, the limit and the flag
+      fail(str(e))
+
+  app.run(guarded, flags_parser=parse)
+
+
+def _config_error(e: Exception) -> str:
+  """ml_collections' unknown-field error, as one line naming the field and the suggestion."""
+  text = str(e)
+  wrong = re.search(r'instead of \\?"(\w+)', text) or re.search(r"'(\w+)", text)
+  right = re.search(r'Did you mean \\?"(\w+)', text)
+  name = wrong.group(1) if wrong else text.strip()
+  return f"{name}" + (f"; did you mean {right.group(1)}?" if right else "")
+
+
 def setup_jax() -> None:
-  """Must run before anything touches a JAX device."""
+  """Must run before anything touches a JAX device. On CPU, without --num_cpu_devices, JAX
+  simulates as many devices as the mesh flags ask for (e.g. two for --mode=disagg)."""
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and friends log every file at INFO
   from disagg_jax.engine import compiled  # pylint: disable=g-import-not-at-top
   n = flags.FLAGS.num_cpu_devices
-  if n:
-    if n < 0:
-      raise app.UsageError(f"--num_cpu_devices={n} must be >= 0")
+  if n < 0:
+    raise app.UsageError(f"--num_cpu_devices={n} must be >= 0")
+  n = n or _devices_asked_for()
+  if n > 1:  # CPU devices only: accelerators are unaffected
     jax.config.update("jax_num_cpu_devices", n)
   if "compilation_cache_dir" in flags.FLAGS:
     try:
@@ -86,6 +175,27 @@ def setup_jax() -> None:
     except OSError as e:
       raise app.UsageError(f"--compilation_cache_dir={flags.FLAGS.compilation_cache_dir!r}: "
                            f"{e}") from None
+
+
+def _devices_asked_for() -> int:
+  """The devices the mesh flags of this process need (counts or ids; 0 if they do not say)."""
+  f = flags.FLAGS
+  if "mode" not in f or getattr(f, "cluster", "local") == "ray":
+    return 0
+
+  def end(spec: str, start: int = 0) -> int:
+    """One past the last device a spec takes: a count from `start`, or ids."""
+    spec = str(spec).strip()
+    if spec.isdigit():
+      return start + int(spec)
+    try:
+      return max(int(i) for i in spec.split(",")) + 1
+    except ValueError:
+      return 0  # pick_devices reports the bad value
+  if f.mode != "disagg":
+    return end(f.devices)
+  prefill = end(f.prefill_devices)
+  return max(prefill, end(f.decode_devices, start=prefill))  # decode counts follow prefill
 
 
 def sampling_from_flags() -> SamplingParams:
@@ -213,6 +323,7 @@ def _build_cluster(config) -> EngineAPI:
     raise app.UsageError(str(e)) from None
 
 
+@_shown_in_help
 def define_workload_flags() -> None:
   """vLLM's benchmark workload flags (benchmark.py, simulate.py)."""
   from disagg_jax.bench import workloads  # pylint: disable=g-import-not-at-top

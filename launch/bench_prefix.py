@@ -1,4 +1,4 @@
-"""Prefix caching, side by side in one run: the same shared-prefix workload with
+r"""Prefix caching, side by side in one run: the same shared-prefix workload with
 `--config.engine.prefix_caching` off and on, in each mode.
 
     python launch/bench_prefix.py --num_cpu_devices=8 --modes=colocated,disagg:prefill \
@@ -160,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""KV transfer, side by side in one run: how much of it each `--config.engine.transfer` setting
+r"""KV transfer, side by side in one run: how much of it each `--config.engine.transfer` setting
 leaves exposed after prefill, on the same prompts.
 
     python launch/bench_transfer.py --model_config=smollm2_135m --prompt_len=2048 \

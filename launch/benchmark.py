@@ -1,4 +1,4 @@
-"""Serving benchmark: a workload against the in-process engine, with vLLM's metrics.
+r"""Serving benchmark: a workload against the in-process engine, with vLLM's metrics.
 
     python launch/benchmark.py --mode=disagg --num_cpu_devices=8 --prefill_devices=4 \
         --decode_devices=4 --dataset_name=random --num_prompts=200 --request_rate=4 \
@@ -109,4 +109,4 @@ def _server_limits(base_url: str):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,17 +1,19 @@
-"""Offline generation: prompts in, continuations out.
+r"""Offline generation: prompts in, continuations out.
 
     python launch/generate.py                                  # the demo model on sample prompts
     python launch/generate.py --model_path=DIR --prompts_file=in.jsonl --output_file=out.jsonl
     python launch/generate.py --mode=disagg --num_cpu_devices=8 --prefill_devices=4 \
         --decode_devices=4                                     # prefill and decode meshes
 
-Input and output formats are in DESIGN.md (and `disagg_jax/prompts.py`). A line that cannot be
-served (malformed, too long, out-of-vocabulary ids) gets an output line with "error" and
-finish_reason "error"; the other lines are generated, and the exit status is 1.
+Input and output formats: README.md ("Generating from a real checkpoint") and
+`disagg_jax/prompts.py`. A line that cannot be served (malformed, too long, out-of-vocabulary
+ids) gets an output line with "error" and finish_reason "error"; the other lines are generated,
+and the exit status is 1.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -39,6 +41,8 @@ def main(argv):
   from disagg_jax import prompts as prompts_io  # pylint: disable=g-import-not-at-top
   from disagg_jax.engine.request import RequestOutput  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.prompts_file and not os.path.isfile(FLAGS.prompts_file):
+    raise app.UsageError(f"--prompts_file={FLAGS.prompts_file}: no such file")
   default_sampling = cli.sampling_from_flags()
   start = time.perf_counter()
   generator = cli.build_generator(FLAGS.config)
@@ -75,8 +79,10 @@ def main(argv):
   else:
     for line, out in zip(lines, outputs):
       prompt = tokenizer.decode(line.prompt_token_ids or [])
-      print(f"--- prompt {line.line_number} ({out.finish_reason}) ---")
-      print(out.error if out.error else prompt + out.text)
+      print(f"--- prompt {line.line_number} ---")
+      print(prompt)
+      print(f"--- output {line.line_number} ({out.finish_reason}) ---")
+      print(out.error if out.error else out.text)
   errors = [o.error for o in outputs if o.error]
   for error in errors:
     print(f"error: {error}", file=sys.stderr)
@@ -105,4 +111,4 @@ def _print_timings(generator, outputs) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Which configuration to run: the highest goodput per device under SLOs, from the performance
+r"""Which configuration to run: the highest goodput per device under SLOs, from the performance
 model and the simulator.
 
     python launch/plan.py --model_config=llama3_8b --hardware=h100 --num_devices=8 \

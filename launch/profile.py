@@ -1,4 +1,4 @@
-"""Measures the step-time table of an engine configuration, for launch/simulate.py.
+r"""Measures the step-time table of an engine configuration, for launch/simulate.py.
 
     python launch/profile.py --mode=colocated --num_cpu_devices=8 --devices=4 --output=col.json
     python launch/profile.py --mode=disagg --num_cpu_devices=8 --prefill_devices=2 \
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

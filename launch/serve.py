@@ -1,4 +1,4 @@
-"""OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+r"""OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
 
     python launch/serve.py --model_path=DIR --host=127.0.0.1 --port=8000 [engine flags]
     python launch/serve.py --mode=disagg --num_cpu_devices=8 --prefill_devices=4 \
@@ -31,6 +31,7 @@ flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` (401 o
 flags.DEFINE_list("open_endpoints", ["/health", "/metrics"],
                   "Paths served without the API key (empty: every path needs it).")
 flags.DEFINE_integer("max_request_bytes", 8 << 20, "Larger request bodies get 413.")
+flags.DEFINE_bool("quiet", False, "No access log and no start-up / shutdown lines.")
 FLAGS = flags.FLAGS
 
 
@@ -57,11 +58,18 @@ def main(argv):
   server = Server(engine, name, FLAGS.model_path, max_pending=FLAGS.max_pending,
                   api_key=api_key, open_paths=tuple(FLAGS.open_endpoints),
                   max_request_bytes=FLAGS.max_request_bytes)
+  if not FLAGS.quiet:
+    print(f"serving {name} ({FLAGS.mode}{', ray' if FLAGS.cluster == 'ray' else ''}) on "
+          f"http://{FLAGS.host}:{FLAGS.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
   try:
-    uvicorn.run(build_app(server), host=FLAGS.host, port=FLAGS.port, log_level="warning")
+    # log_level info: uvicorn's own start-up and shutdown lines and one access line a request.
+    uvicorn.run(build_app(server), host=FLAGS.host, port=FLAGS.port,
+                log_level="warning" if FLAGS.quiet else "info", access_log=not FLAGS.quiet)
   finally:
     engine.shutdown()
+    if not FLAGS.quiet:
+      print("server stopped; engine shut down", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Simulates a benchmark run from a step-time table instead of running the engine.
+r"""Simulates a benchmark run from a step-time table instead of running the engine.
 
     python launch/profile.py --mode=disagg ... --output=dis.json      # once per configuration
     python launch/simulate.py --profile=dis.json --dataset_name=prefill_heavy \
@@ -157,4 +157,4 @@ def _roofline(analytic_model, prompt_lens, output_lens):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

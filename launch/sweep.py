@@ -1,4 +1,4 @@
-"""Ablation sweeps: every engine configuration of an experiment, on every workload and rate.
+r"""Ablation sweeps: every engine configuration of an experiment, on every workload and rate.
 
     python launch/sweep.py --experiment=configs/experiments/small.py --output_dir=runs/small
     python launch/sweep.py --experiment=configs/experiments/split_ablation.py \

@@ -1,4 +1,4 @@
-"""Runs the planner's best configurations for real and measures their goodput.
+r"""Runs the planner's best configurations for real and measures their goodput.
 
     python launch/plan.py --profiles=a.json,b.json,... --output_json=plan.json ...
     python launch/validate_plan.py --plan=plan.json --top=5 --num_cpu_devices=8 \
@@ -146,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""The simulator against the engine on this machine: profile once, then run and simulate the same
+r"""The simulator against the engine on this machine: profile once, then run and simulate the same
 workload at several rates, and report the errors.
 
     python launch/validate_sim.py --mode=colocated --num_cpu_devices=8 --devices=4 \
@@ -120,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,5 +92,39 @@ def test_bad_lines_are_reported_and_the_rest_generated(qwen_with_tokenizer, tmp_
 ])
 def test_bad_flags_fail_before_running(flag, message, repo_root):
   result = run_generate(repo_root, flag, check=False)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert message in result.stderr
+  # One line naming the problem: no help dump, no traceback.
+  assert "Traceback" not in result.stderr and "flags:" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.engine.decode_bach=8",
+     "error: no such config field: decode_bach; did you mean decode_batch?"),
+    ("--prompts_file=/nonexistent/in.jsonl",
+     "error: --prompts_file=/nonexistent/in.jsonl: no such file"),
+])
+def test_mistakes_get_one_line_and_exit_2(flag, message, repo_root):
+  start = time.time()
+  result = run_generate(repo_root, flag, check=False)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message), lines
+  assert time.time() - start < 60  # before loading and compiling anything
+
+
+def test_help_shows_the_shared_flags_and_the_config_fields(repo_root):
+  result = run_generate(repo_root, "--help", check=False)  # absl's --help exits 1
+  for text in ("--mode:", "--prefill_devices:", "--temperature:", "--dtype:",
+               "--config.engine.decode_batch=32:", "--config.engine.prefix_caching=True:"):
+    assert text in result.stdout, text
+  assert "DESIGN.md" not in result.stdout
+
+
+def test_disagg_on_defaults_runs_on_cpu(repo_root):
+  """--mode=disagg without --num_cpu_devices: two CPU devices are simulated for the two meshes;
+  the prompt and its continuation are printed apart."""
+  result = run_generate(repo_root, "--mode=disagg", "--max_new_tokens=4")
+  assert "4 prompts generated, 0 failed" in result.stdout
+  assert "--- prompt 1 ---" in result.stdout and "--- output 1 (" in result.stdout
