@@ -13,6 +13,8 @@ worker, a phase with no live worker), /health says so and requests get 503 at on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hmac
 import json
 import random
@@ -113,7 +115,11 @@ class Server:
   # ------------------------------------------------------------------ running a request
 
   async def run(self, http_request: Request, prompt_ids: list[int], sampling: SamplingParams,
-                stop, stream: bool, include_usage: bool, kind: str):
+                stop, stream: bool, include_usage: bool, kind: str, n: int = 1,
+                echo=None):
+    """Serves one API request as `n` engine requests (choice i samples with seed + i; with
+    prefix caching they share the prompt's pages once the first has computed them). `echo`:
+    the request's prompt (text or ids), put before each completion's text; None: not."""
     if self.pending >= self.max_pending:
       self.metrics.rejected += 1
       raise APIError(429, f"{self.pending} requests are in flight, the limit is "
@@ -125,99 +131,114 @@ class Server:
       raise APIError(503, f"the engine cannot serve requests: {why}",
                      type_="service_unavailable", code="unavailable")
     loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()
-
-    def forward(item):
-      try:
-        loop.call_soon_threadsafe(items.put_nowait, item)
-      except RuntimeError:  # the loop has closed (server shutting down)
-        pass
-
+    items: asyncio.Queue = asyncio.Queue()  # (choice, token or the final RequestOutput)
+    handles = []
     try:
-      stream_handle = self.engine.add_request(prompt_ids, sampling, on_token=forward)
+      for i in range(n):
+        forward = functools.partial(_forward, loop, items, i)
+        params = sampling if i == 0 else sampling.replace(seed=(sampling.seed + i) % MAX_SEED)
+        handle = self.engine.add_request(prompt_ids, params, on_token=forward)
+        # Every request is counted once it ends, however it ends (aborted ones included).
+        handle.add_done_callback(self.metrics.observe)
+        handle.add_done_callback(forward)
+        handles.append(handle)
     except InvalidRequestError as e:
+      for handle in handles:
+        self.engine.abort(handle.request_id)
       raise APIError(400, str(e), param=e.param or "prompt") from None
-    # Every request is counted once it ends, however it ends (aborted ones included).
-    stream_handle.add_done_callback(self.metrics.observe)
-    stream_handle.add_done_callback(forward)
+    if echo is not None:  # the ids are known to be valid now
+      echo = echo if isinstance(echo, str) else self.tokenizer.decode(prompt_ids)
     self.pending += 1
-    request_id = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
-    text = IncrementalText(self.tokenizer, stop or ())
+    request = _Served(protocol.new_id("cmpl" if kind == "completion" else "chatcmpl"), handles,
+                      [IncrementalText(self.tokenizer, stop or ()) for _ in range(n)],
+                      len(prompt_ids), kind, echo or "")
     if stream:
-      events = self._events(http_request, stream_handle, items, text, request_id, len(prompt_ids),
-                            include_usage, kind)
-      return StreamingResponse(events, media_type="text/event-stream")
+      return StreamingResponse(self._events(http_request, items, request, include_usage),
+                               media_type="text/event-stream")
     try:
-      output = await self._consume(http_request, stream_handle, items, text)
+      outputs = await self._consume(http_request, items, request)
     finally:
       self.pending -= 1
-    finish = self._finish_reason(output, text)
     make = protocol.completion_body if kind == "completion" else protocol.chat_body
-    return JSONResponse(make(request_id, self.model_name, text.text, finish, len(prompt_ids),
-                             len(output.output_token_ids), _cached(output)))
+    choices = [(request.echo + text.text, self._finish_reason(output, text))
+               for text, output in zip(request.texts, outputs)]
+    return JSONResponse(make(request.id, self.model_name, choices, len(prompt_ids),
+                             sum(len(o.output_token_ids) for o in outputs), _cached(outputs[0])))
 
-  async def _next(self, http_request: Request, items: asyncio.Queue, engine_id: str,
+  async def _next(self, http_request: Request, items: asyncio.Queue, request: "_Served",
                   watch: list):
-    """The next token or the final output. Every DISCONNECT_CHECK_S (`watch` holds the time of
-    the last check), whether tokens flow or not, checks the client and aborts the request if it
-    went away (the final output then follows at once)."""
+    """The next (choice, token or final output). Every DISCONNECT_CHECK_S (`watch` holds the
+    time of the last check), whether tokens flow or not, checks the client and aborts the
+    request's engine requests if it went away (their final outputs then follow at once)."""
     while True:
       now = time.monotonic()
       if now - watch[0] >= DISCONNECT_CHECK_S:
         watch[0] = now
         if await http_request.is_disconnected():
-          self.engine.abort(engine_id)
+          for handle in request.handles:
+            self.engine.abort(handle.request_id)
       try:
         return await asyncio.wait_for(items.get(), timeout=DISCONNECT_CHECK_S)
       except asyncio.TimeoutError:
         pass
 
-  async def _consume(self, http_request, stream_handle, items, text) -> RequestOutput:
+  async def _consume(self, http_request, items, request: "_Served") -> list[RequestOutput]:
+    """Every choice's tokens into its text; the final outputs, by choice."""
     watch = [time.monotonic()]
-    while True:
-      item = await self._next(http_request, items, stream_handle.request_id, watch)
+    outputs: list = [None] * len(request.handles)
+    while any(o is None for o in outputs):
+      i, item = await self._next(http_request, items, request, watch)
+      text = request.texts[i]
       if isinstance(item, RequestOutput):
         text.finish()
-        return item
+        outputs[i] = item
+        continue
       text.add(item)
       if text.stopped:
-        self.engine.abort(stream_handle.request_id)
+        self.engine.abort(request.handles[i].request_id)
+    return outputs
 
-  async def _events(self, http_request, stream_handle, items, text, request_id, prompt_len,
-                    include_usage, kind):
+  async def _events(self, http_request, items, request: "_Served", include_usage: bool):
+    kind, model = request.kind, self.model_name
     chunk = protocol.completion_chunk if kind == "completion" else protocol.chat_chunk
-    finished = False
+    n = len(request.handles)
+    outputs: list = [None] * n
     watch = [time.monotonic()]
     try:
-      if kind == "chat":
-        yield _sse(chunk(request_id, self.model_name, {"role": "assistant", "content": ""},
-                         None))
-      while True:
-        item = await self._next(http_request, items, stream_handle.request_id, watch)
+      for i in range(n):
+        if kind == "chat":
+          yield _sse(chunk(request.id, model, {"role": "assistant", "content": ""}, None, i))
+        elif request.echo:
+          yield _sse(chunk(request.id, model, request.echo, None, i))
+      while any(o is None for o in outputs):
+        i, item = await self._next(http_request, items, request, watch)
+        text = request.texts[i]
         if isinstance(item, RequestOutput):
-          finished = True
+          outputs[i] = item
           delta = text.finish()
           reason = self._finish_reason(item, text)
-          yield _sse(chunk(request_id, self.model_name, _delta(kind, delta), reason))
-          if include_usage:  # plus this server's per-phase times, which clients may ignore
-            yield _sse({"id": request_id, "object": chunk(request_id, "", "", None)["object"],
-                        "created": int(time.time()), "model": self.model_name, "choices": [],
-                        "usage": protocol.usage(prompt_len, len(item.output_token_ids),
-                                                _cached(item)),
-                        "phases_s": item.metrics.phases() if item.metrics else None})
-          yield "data: [DONE]\n\n"
-          return
+          yield _sse(chunk(request.id, model, _delta(kind, delta), reason, i))
+          continue
         delta = text.add(item)
         if text.stopped:
-          self.engine.abort(stream_handle.request_id)
+          self.engine.abort(request.handles[i].request_id)
           continue
         # One chunk per token, even when its text is held back (a partial character, a possible
         # stop sequence): streaming clients time tokens by chunks.
-        yield _sse(chunk(request_id, self.model_name, _delta(kind, delta), None))
+        yield _sse(chunk(request.id, model, _delta(kind, delta), None, i))
+      if include_usage:  # plus this server's per-phase times, which clients may ignore
+        yield _sse({"id": request.id, "object": chunk(request.id, "", "", None)["object"],
+                    "created": int(time.time()), "model": model, "choices": [],
+                    "usage": protocol.usage(request.prompt_len,
+                                            sum(len(o.output_token_ids) for o in outputs),
+                                            _cached(outputs[0])),
+                    "phases_s": outputs[0].metrics.phases() if outputs[0].metrics else None})
+      yield "data: [DONE]\n\n"
     finally:
       self.pending -= 1
-      if not finished:  # the client disconnected mid-stream
-        self.engine.abort(stream_handle.request_id)
+      for handle, output in zip(request.handles, outputs):
+        if output is None:  # the client disconnected mid-stream
+          self.engine.abort(handle.request_id)
 
   @staticmethod
   def _finish_reason(output: RequestOutput, text: IncrementalText) -> str:
@@ -226,6 +247,25 @@ class Server:
     if output.finish_reason == "error":
       return "error"
     return output.finish_reason if output.finish_reason in ("stop", "length") else "abort"
+
+
+@dataclasses.dataclass
+class _Served:
+  """One API request in flight: its id, its engine requests (one per choice) and their texts."""
+  id: str
+  handles: list
+  texts: list
+  prompt_len: int
+  kind: str  # "completion" | "chat"
+  echo: str = ""
+
+
+def _forward(loop, items: asyncio.Queue, choice: int, item) -> None:
+  """From an engine thread: a token or final output of `choice` onto the event loop's queue."""
+  try:
+    loop.call_soon_threadsafe(items.put_nowait, (choice, item))
+  except RuntimeError:  # the loop has closed (server shutting down)
+    pass
 
 
 def _cached(output: RequestOutput) -> int:
@@ -276,7 +316,8 @@ def build_app(server: Server) -> FastAPI:
     sampling = server.sampling(body, len(prompt), COMPLETION_DEFAULT_MAX_TOKENS)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await server.run(request, prompt, sampling, body.stop, bool(body.stream),
-                            include_usage, "completion")
+                            include_usage, "completion", n=body.n or 1,
+                            echo=body.prompt if body.echo else None)
 
   @app.post("/v1/chat/completions", responses=ERRORS)
   async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
@@ -285,7 +326,7 @@ def build_app(server: Server) -> FastAPI:
     sampling = server.sampling(body, len(prompt), None)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await server.run(request, prompt, sampling, body.stop, bool(body.stream),
-                            include_usage, "chat")
+                            include_usage, "chat", n=body.n or 1)
 
   @app.get("/v1/models")
   async def models():

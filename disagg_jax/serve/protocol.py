@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from disagg_jax.models.tokenizer import unicode_problem
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # the largest `n`
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value gets a 400 naming it, instead of being served as if it were not there.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
-               "echo": (None, False), "min_p": (None, 0, 0.0),
+               "min_p": (None, 0, 0.0),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
                "suffix": (None, "")}
@@ -76,7 +77,8 @@ class _Sampling(BaseModel):
   seed: Optional[int] = Field(default=None, ge=0, lt=2**32)
   stop: Optional[Union[str, list[str]]] = Field(
       default=None, description=f"A string, or at most {MAX_STOP_SEQUENCES} strings.")
-  n: Optional[int] = Field(default=None, ge=1, le=1)
+  n: Optional[int] = Field(default=None, ge=1, le=MAX_CHOICES,
+                           description="Choices to generate for the prompt.")
   stream: Optional[bool] = None
   stream_options: Optional[StreamOptions] = None
   ignore_eos: bool = Field(default=False, description="Extension (as vLLM): keep generating "
@@ -111,6 +113,8 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
   prompt: Union[str, list[int]] = Field(description="Text, or a list of token ids.",
                                         min_length=1)
+  echo: Optional[bool] = Field(default=None, description="Put the prompt's text before each "
+                               "choice's text.")
 
   @field_validator("prompt", mode="before")
   @classmethod
@@ -161,33 +165,38 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
+def completion_body(request_id: str, model: str, choices: list[tuple[str, str | None]],
                     prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+  """`choices`: (text, finish_reason) of each choice, in order."""
   return {"id": request_id, "object": "text_completion", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": 0, "text": text, "logprobs": None,
-                       "finish_reason": finish_reason}],
+          "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                      for i, (text, finish) in enumerate(choices)],
           "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None,
+                     index: int = 0) -> dict:
   return {"id": request_id, "object": "text_completion", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": 0, "text": text, "logprobs": None,
+          "choices": [{"index": index, "text": text, "logprobs": None,
                        "finish_reason": finish_reason}]}
 
 
-def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
+def chat_body(request_id: str, model: str, choices: list[tuple[str, str | None]],
               prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+  """`choices`: (text, finish_reason) of each choice, in order."""
   return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                       "logprobs": None, "finish_reason": finish_reason}],
+          "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                       "logprobs": None, "finish_reason": finish}
+                      for i, (text, finish) in enumerate(choices)],
           "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None,
+               index: int = 0) -> dict:
   return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": 0, "delta": delta, "logprobs": None,
+          "choices": [{"index": index, "delta": delta, "logprobs": None,
                        "finish_reason": finish_reason}]}

@@ -52,12 +52,13 @@ def test_a_client_leaving_while_tokens_flow_is_noticed_within_the_check_period()
 
     async def produce():  # a token every 10 ms, forever
       while True:
-        items.put_nowait(1)
+        items.put_nowait((0, 1))
         await asyncio.sleep(0.01)
     producer = asyncio.create_task(produce())
     watch = [time.monotonic()]
+    request = types.SimpleNamespace(handles=[types.SimpleNamespace(request_id="r")])
     while not aborted and time.monotonic() < left_at + 3:
-      await server._next(Client(), items, "r", watch)
+      await server._next(Client(), items, request, watch)
     producer.cancel()
   asyncio.run(serve())
   assert aborted and aborted[0] - left_at < DISCONNECT_CHECK_S + 0.1
@@ -190,7 +191,7 @@ def test_long_stop_string_top_k_and_nulls_are_accepted(live_server):
   assert top1.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", 2), ("best_of", 2), ("echo", True),
+@pytest.mark.parametrize("field, value", [("logprobs", 2), ("best_of", 2),
                                           ("presence_penalty", 0.5), ("min_p", 0.1)])
 def test_unsupported_parameters_are_refused_by_name(field, value, live_server):
   response = post(live_server, COMPLETIONS, {"model": "tiny-qwen2", "prompt": "hi", field: value})
@@ -250,3 +251,36 @@ def test_api_key(live_server):
     assert httpx.get(live_server["url"] + "/health").status_code == 401
   finally:
     server.api_key, server.open_paths = saved
+
+
+def test_n_choices_are_seeded_requests_and_stream_by_index(live_server):
+  base = {"model": "tiny-qwen2", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0.9,
+          "ignore_eos": True}
+  three = post(live_server, COMPLETIONS, {**base, "n": 3, "seed": 5}).json()
+  assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+  singles = [post(live_server, COMPLETIONS, {**base, "seed": seed}).json()["choices"][0]["text"]
+             for seed in (5, 6, 7)]
+  assert [c["text"] for c in three["choices"]] == singles  # choice i samples with seed + i
+  assert three["usage"]["completion_tokens"] == 18
+  texts = {0: "", 1: ""}
+  with httpx.Client(base_url=live_server["url"], timeout=60) as http:
+    with http.stream("POST", COMPLETIONS, json={**base, "n": 2, "seed": 5,
+                                                 "stream": True}) as response:
+      for line in response.iter_lines():
+        if line.startswith("data: {"):
+          choice = json.loads(line[6:])["choices"][0]
+          texts[choice["index"]] += choice["text"]
+  assert [texts[0], texts[1]] == singles[:2]
+  chat = post(live_server, "/v1/chat/completions", {
+      "model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], "n": 2,
+      "max_tokens": 4}).json()
+  assert [c["index"] for c in chat["choices"]] == [0, 1]
+
+
+def test_echo_puts_the_prompt_first(live_server):
+  plain = post(live_server, COMPLETIONS, {"model": "tiny-qwen2", "prompt": "The fox",
+                                           "max_tokens": 4, "temperature": 0}).json()
+  echoed = post(live_server, COMPLETIONS, {"model": "tiny-qwen2", "prompt": "The fox",
+                                            "max_tokens": 4, "temperature": 0,
+                                            "echo": True}).json()
+  assert echoed["choices"][0]["text"] == "The fox" + plain["choices"][0]["text"]

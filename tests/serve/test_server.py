@@ -144,7 +144,7 @@ def test_disconnect_mid_stream_frees_the_request(live_server):
     ({"model": "tiny-qwen2", "prompt": ""}, 400, "at least 1"),
     ({"model": "tiny-qwen2", "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny-qwen2", "prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ({"model": "tiny-qwen2", "prompt": "hi", "n": 2}, 400, "n"),
+    ({"model": "tiny-qwen2", "prompt": "hi", "n": 17}, 400, "n"),
     ({"model": "tiny-qwen2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "hi"}, 400, "model"),
     ({"model": "gpt-5", "prompt": "hi"}, 404, "does not exist"),
