@@ -108,6 +108,8 @@ def define_sampling_flags() -> None:
   flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
   flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens; 0 disables.")
+  flags.DEFINE_float("min_p", 0.0, "Drop tokens less likely than min_p x the most likely one; "
+                     "0 disables.")
   flags.DEFINE_integer("seed", 0, "Sampling seed, in [0, 2**32).")
 
 
@@ -202,7 +204,7 @@ def sampling_from_flags() -> SamplingParams:
   f = flags.FLAGS
   try:
     return SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                          top_p=f.top_p, top_k=f.top_k, seed=f.seed)
+                          top_p=f.top_p, top_k=f.top_k, seed=f.seed, min_p=f.min_p)
   except InvalidRequestError as e:
     raise app.UsageError(str(e)) from None
 

@@ -54,13 +54,15 @@ class InvalidRequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 disable them."""
+  """Per-request generation settings. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0
+  disable them (min_p: tokens less likely than min_p times the most likely one are dropped)."""
 
   max_new_tokens: int = 32
   temperature: float = 0.0
   top_p: float = 1.0
   top_k: int = 0
   seed: int = 0
+  min_p: float = 0.0
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
 
@@ -82,6 +84,9 @@ class SamplingParams:
     if (not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p)
         or not 0 < self.top_p <= 1):
       bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if (not isinstance(self.min_p, (int, float)) or math.isnan(self.min_p)
+        or not 0 <= self.min_p <= 1):
+      bad(f"min_p must be in [0, 1], got {self.min_p!r}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
       bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
@@ -95,11 +100,13 @@ class SamplingParams:
 
 
 class SamplingArrays(NamedTuple):
-  """Per-row sampling settings on device: temperature f32[B], top_k i32[B], top_p f32[B], seed u32[B]."""
+  """Per-row sampling settings on device: temperature f32[B], top_k i32[B], top_p f32[B],
+  seed u32[B], min_p f32[B] (None: 0 for every row)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
+  min_p: jax.Array | None = None
 
   @classmethod
   def from_params(cls, params: Sequence[SamplingParams | None], batch: int) -> "SamplingArrays":
@@ -108,10 +115,12 @@ class SamplingArrays(NamedTuple):
     top_k = np.zeros(batch, np.int32)
     top_p = np.ones(batch, np.float32)
     seed = np.zeros(batch, np.uint32)
+    min_p = np.zeros(batch, np.float32)
     for i, p in enumerate(params):
       if p is not None:
         temperature[i], top_k[i], top_p[i], seed[i] = p.temperature, p.top_k, p.top_p, p.seed
-    return cls(temperature, top_k, top_p, seed)
+        min_p[i] = p.min_p
+    return cls(temperature, top_k, top_p, seed, min_p)
 
 
 def sample(logits: jax.Array, sampling: SamplingArrays, positions: jax.Array) -> jax.Array:
@@ -139,21 +148,30 @@ def _sample_rows(logits, sampling: SamplingArrays, positions, greedy):
   in_top_k = jax.lax.cond(jnp.any(wide_k),
                           lambda: _top_k_mask(scaled, jnp.where(wide_k, top_k, vocab)),
                           lambda: jnp.ones(scaled.shape, bool))
+  # min_p: p_i >= min_p * p_max, i.e. scaled_i - max(scaled) >= log(min_p) (0: keeps all).
+  min_p = (jnp.zeros(batch, jnp.float32) if sampling.min_p is None
+           else jnp.asarray(sampling.min_p))
+  floor = jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-30)), -jnp.inf)
+  in_top_k = jax.lax.cond(
+      jnp.any(sampling_row & (min_p > 0)),
+      lambda: in_top_k & (scaled - jnp.max(scaled, axis=-1, keepdims=True) >= floor[:, None]),
+      lambda: in_top_k)
 
   full = sampling_row & (top_p >= 1) & ((top_k <= 0) | (top_k > cands))
   ranked = sampling_row & ~full
   none = jnp.zeros(batch, jnp.int32)
   from_candidates = jax.lax.cond(
       jnp.any(ranked),
-      lambda: _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands),
+      lambda: _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands, floor),
       lambda: none)
   from_vocab = jax.lax.cond(jnp.any(full), lambda: _sample_vocab(scaled, in_top_k, keys),
                             lambda: none)
   return jnp.where(sampling_row, jnp.where(full, from_vocab, from_candidates), greedy)
 
 
-def _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands):
-  """The rule on the first `cands` ranks: today's full-sort token whenever the kept set fits."""
+def _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands, floor):
+  """The rule on the first `cands` ranks: today's full-sort token whenever the kept set fits.
+  `floor`: each row's min_p bound on log(p / p_max) (-inf: none)."""
   vocab = scaled.shape[-1]
   # The first `cands` ranks of the full sort. The barriers keep XLA:CPU from fusing the top_k's
   # outputs into what follows, which turns it back into a full sort (50x slower at V=49,152); one
@@ -161,7 +179,8 @@ def _sample_candidates(scaled, in_top_k, top_k, top_p, keys, cands):
   values, order = jax.lax.top_k(scaled, cands)
   values, order = jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(order)
   rank = jnp.arange(cands)
-  keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+  keep = ((top_k[:, None] <= 0) | (rank < top_k[:, None])) & (
+      values - values[:, :1] >= floor[:, None])
   # The softmax over the ranks top_k keeps, as jax.nn.softmax over the sorted vocabulary gives it:
   # those ranks are all candidates when 0 < top_k <= cands; otherwise the sum runs over the whole
   # vocabulary (or over the exact top_k set, in_top_k, when top_k > cands).

@@ -107,6 +107,7 @@ class Server:
           temperature=1.0 if body.temperature is None else body.temperature,
           top_p=1.0 if body.top_p is None else body.top_p,
           top_k=max(body.top_k or 0, 0),
+          min_p=body.min_p or 0.0,
           seed=random.randrange(MAX_SEED) if body.seed is None else body.seed,
           ignore_eos=body.ignore_eos)
     except InvalidRequestError as e:

@@ -19,7 +19,6 @@ MAX_CHOICES = 16  # the largest `n`
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value gets a 400 naming it, instead of being served as if it were not there.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
-               "min_p": (None, 0, 0.0),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
                "suffix": (None, "")}
@@ -75,6 +74,9 @@ class _Sampling(BaseModel):
   top_k: Optional[int] = Field(default=None, ge=-1, description="Extension (as vLLM): sample "
                                "from the k most likely tokens; 0 or -1: all.")
   seed: Optional[int] = Field(default=None, ge=0, lt=2**32)
+  min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="Extension (as "
+                                 "vLLM): drop tokens less likely than min_p times the most "
+                                 "likely one.")
   stop: Optional[Union[str, list[str]]] = Field(
       default=None, description=f"A string, or at most {MAX_STOP_SEQUENCES} strings.")
   n: Optional[int] = Field(default=None, ge=1, le=MAX_CHOICES,

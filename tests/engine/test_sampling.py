@@ -26,6 +26,7 @@ from disagg_jax.parallel.mesh import make_mesh
     ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
     ({"seed": 2**40}, r"seed must be an integer in \[0, 2\*\*32\)"),
     ({"stop_token_ids": (3, -2)}, "stop_token_ids must be non-negative integers, got -2"),
+    ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
 ])
 def test_invalid_parameters_are_rejected(kwargs, message):
   with pytest.raises(InvalidRequestError, match=message):
@@ -67,6 +68,24 @@ def test_frequencies_follow_the_distribution_with_top_k_and_top_p():
   hot = seeds._replace(temperature=np.full(n, 100.0, np.float32))
   counts = np.bincount(np.asarray(sample(logits, hot, positions)), minlength=4) / n
   np.testing.assert_allclose(counts, [0.25] * 4, atol=0.03)
+
+
+def test_min_p_drops_the_unlikely_tokens_on_both_paths():
+  """p = [0.5, 0.25, 0.15, 0.1]: min_p=0.25 keeps p >= 0.125, the first three, renormalized;
+  with top_p < 1 (the candidates path) as with the whole vocabulary (the Gumbel path)."""
+  n = 4000
+  logits = jnp.tile(jnp.log(jnp.array([0.5, 0.25, 0.15, 0.1]))[None], (n, 1))
+  positions = jnp.zeros(n, jnp.int32)
+  for top_p in (1.0, 0.99):
+    rows = SamplingArrays.from_params(
+        [SamplingParams(temperature=1.0, seed=s, min_p=0.25, top_p=top_p) for s in range(n)], n)
+    counts = np.bincount(np.asarray(sample(logits, rows, positions)), minlength=4) / n
+    np.testing.assert_allclose(counts, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0], atol=0.03)
+  # One row with min_p among rows without: only that row is filtered.
+  params = [SamplingParams(temperature=1.0, seed=s, min_p=0.6 if s == 0 else 0.0)
+            for s in range(n)]
+  tokens = np.asarray(sample(logits, SamplingArrays.from_params(params, n), positions))
+  assert tokens[0] == 0 and len(set(tokens[1:].tolist())) == 4
 
 
 def test_a_row_samples_the_same_whatever_its_neighbours():

@@ -189,10 +189,16 @@ def test_long_stop_string_top_k_and_nulls_are_accepted(live_server):
                                           "max_tokens": 8, "temperature": 1.0, "top_k": 1,
                                           "seed": 3})
   assert top1.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+  # min_p=1 keeps only the most likely token: greedy again.
+  min_p = post(live_server, COMPLETIONS, {"model": "tiny-qwen2", "prompt": [5, 6, 7],
+                                           "max_tokens": 8, "temperature": 1.0, "min_p": 1.0,
+                                           "seed": 3})
+  assert min_p.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("field, value", [("logprobs", 2), ("best_of", 2),
-                                          ("presence_penalty", 0.5), ("min_p", 0.1)])
+                                          ("presence_penalty", 0.5),
+                                          ("frequency_penalty", 1.0)])
 def test_unsupported_parameters_are_refused_by_name(field, value, live_server):
   response = post(live_server, COMPLETIONS, {"model": "tiny-qwen2", "prompt": "hi", field: value})
   assert response.status_code == 400
