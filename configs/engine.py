@@ -39,8 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
       decode_prefill_tokens=-1,
       # disagg, with prefix caching: tokens of KV the prefill mesh keeps in a page pool of its
       # own, computing only the uncached tail of each prompt (in chunks) and reading the rest
-      # from it; 0: off (one dense prefill step per batch); -1: 2 x max_prefill_tokens
-      # (docs/PREFIX_CACHING.md).
+      # from it; 0: off (one dense prefill step per batch); -1: max_prefill_tokens, and at
+      # least max_seq_len per dp row of the prefill mesh (docs/PREFIX_CACHING.md).
       prefill_cache_tokens=-1,
       # --cluster=ray: the prefill worker of a request: "prefix" (the one likely holding the
       # longest cached prefix, weighed against its queue), "load" (fewest queued prompt

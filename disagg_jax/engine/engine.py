@@ -74,7 +74,8 @@ class EngineConfig:
   decode_prefill_tokens: int = -1
   # disagg, with prefix_caching: tokens of KV the prefill mesh keeps in a page pool of its own
   # and computes only the uncached tails against (engine.prefill_cache); 0: off (one dense step
-  # per batch); -1: 2 x max_prefill_tokens (engine.prefill_cache.prefill_cache_tokens).
+  # per batch); -1: max_prefill_tokens, and at least max_seq_len per dp row
+  # (memory.prefill_cache_tokens).
   prefill_cache_tokens: int = -1
   # --cluster=ray: how a request's prefill worker is chosen (sched.routing): prefix | load |
   # round_robin.

@@ -332,7 +332,7 @@ def plan_engine_pool(config, limits, mode: str, decode_model, prefill_model=None
     if prefill_model is not None:
       other = (prefill_model.mesh.size * (prefill_step_activations(config, limits, prefill_model)
                                           + tree_bytes_per_device(prefill_model.params))
-               + prefill_cache_bytes(config, prefill_model))
+               + prefill_cache_bytes(config, limits, prefill_model))
     staging = buckets.length_buckets(limits.max_seq_len, config.page_size)[-1]
   else:
     activations = paged_step_activations(
@@ -347,26 +347,24 @@ def plan_engine_pool(config, limits, mode: str, decode_model, prefill_model=None
                    other_bytes=other)
 
 
-AUTO_PREFILL_BATCHES = 2  # -1: the cache holds this many full prefill batches
-
-
-def prefill_cache_tokens(config) -> int:
-  """--config.engine.prefill_cache_tokens resolved (`config` an EngineConfig): 0 (off) without
-  prefix caching; -1: AUTO_PREFILL_BATCHES x max_prefill_tokens, on every platform (on CPU it
-  measured x0.72 median TTFT on the multi-turn workload, docs/PREFIX_CACHING.md)."""
+def prefill_cache_tokens(config, max_seq_len: int, dp: int) -> int:
+  """--config.engine.prefill_cache_tokens resolved (`config` an EngineConfig) for a prefill mesh
+  with `dp` rows: 0 (off) without prefix caching; -1: one full prefill batch
+  (max_prefill_tokens), and at least one max_seq_len sequence per dp row, on every platform (on
+  CPU it measured x0.72 median TTFT on the multi-turn workload, docs/PREFIX_CACHING.md)."""
   n = config.prefill_cache_tokens
   if n < -1:
     raise ValueError(f"--config.engine.prefill_cache_tokens={n} must be -1 (auto), 0 (off) or "
                      "a token count")
   if not config.prefix_caching:
     return 0
-  return AUTO_PREFILL_BATCHES * config.max_prefill_tokens if n == -1 else n
+  return max(config.max_prefill_tokens, max_seq_len * dp) if n == -1 else n
 
 
-def prefill_cache_bytes(config, model) -> int:
+def prefill_cache_bytes(config, limits, model) -> int:
   """Bytes of the prefill mesh's prefix cache (`engine.prefill_cache`), all its devices."""
   cfg, mesh = model.cfg, model.mesh
-  tokens = prefill_cache_tokens(config)
+  tokens = prefill_cache_tokens(config, limits.max_seq_len, parallel.dp_size(mesh))
   return (2 * cfg.num_layers * parallel.pool_kv_heads(cfg, mesh) * cfg.head_dim * tokens
           * np.dtype(model.dtype).itemsize)
 

@@ -215,7 +215,7 @@ def make_prefill_worker(config, limits, steps: ModelSteps, params, plan: Transfe
   prefill mesh caches (`prefill_cache_tokens`), else the dense `PrefillWorker`."""
   ps = config.page_size
   length_buckets = buckets.length_buckets(limits.max_seq_len, ps)
-  tokens = memory.prefill_cache_tokens(config)
+  tokens = memory.prefill_cache_tokens(config, limits.max_seq_len, steps.dp)
   if tokens == 0:
     return PrefillWorker(steps, params, plan, length_buckets=length_buckets,
                          max_batch=config.prefill_batch, max_tokens=config.max_prefill_tokens,
