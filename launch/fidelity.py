@@ -1,4 +1,4 @@
-r"""Fidelity against the noise (issue 14): launch/validate_sim.py for each mode, one after the
+r"""Fidelity against the noise: launch/validate_sim.py for each mode, one after the
 other, into one output directory, then the combined report.
 
     python launch/fidelity.py --num_cpu_devices=8 --rates=2,4,6 --repeats=3 \

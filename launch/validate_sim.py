@@ -10,7 +10,7 @@ Each call appends one row per rate and measured run to OUTPUT_DIR/validation.jso
 simulated JSON, errors, and the call's session id) and rewrites from all rows there:
 validation.md (the tables), validation.png (the plot), and fidelity.md / fidelity.json — the
 simulator's error against the mean of the real runs set against the real runs' own spread, per
-metric, with a verdict (within the noise; medians and throughput also within 5%), issue 14. Both
+metric, with a verdict (within the noise; medians and throughput also within 5%). Both
 modes can write into the same OUTPUT_DIR: the reports cover every row there (launch/fidelity.py
 runs the two calls).
 """

@@ -106,7 +106,7 @@ def plot(rows, path: str) -> None:
   plt.close(fig)
 
 
-# Fidelity against the noise (issue 14). For one mode and rate the same requests and arrivals are
+# Fidelity against the noise. For one mode and rate the same requests and arrivals are
 # served for real n >= 2 times and simulated once. Per metric:
 #   error:      the simulated value against the mean of the real runs, (sim - mean) / mean, or
 #               sim - mean in percentage points for SLO attainment;

@@ -44,7 +44,7 @@ def test_repeated_runs_are_compared_with_the_first():
   assert "4 (run 2)" in validate.markdown_table([first, second])
 
 
-# Fidelity against the noise (issue 14).
+# Fidelity against the noise.
 
 def _run_row(mode, rate, session, repeat, measured, simulated):
   return {"mode": mode, "request_rate": rate, "session": session, "repeat": repeat,
