@@ -14,8 +14,6 @@ the table and writes it as JSON to --output.
 
 from __future__ import annotations
 
-import json
-
 from absl import app, flags
 
 from disagg_jax import cli
@@ -46,10 +44,10 @@ def main(argv):
     table.meta["flags"] = cli.engine_flag_values(FLAGS.config)
   finally:
     engine.shutdown()
-  data = table.to_json()
-  print(json.dumps({k: v for k, v in data.items() if k != "meta"}))
+  print("\n".join(table.describe()))
   if FLAGS.output:
     table.save(FLAGS.output)
+    print(f"wrote {FLAGS.output} (the table as JSON, for simulate.py and plan.py)")
   return 0
 
 

@@ -86,6 +86,33 @@ class StepProfile:
   prefix_caching: bool = False
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+  def describe(self) -> list[str]:
+    """The table as text lines, milliseconds per step (what launch/profile.py prints)."""
+    ms = lambda seconds: f"{seconds * 1e3:.2f}"
+    lines = [f"{self.mode} step times (ms, medians): decode {ms(self.decode_s)}"
+             + (f" at rows x width {self.decode_ref}" if self.decode_ref else "")]
+
+    def table(title, entries, header, name):
+      """entries: {numeric key: seconds}, listed in key order, each key shown by name(key)."""
+      if entries:
+        lines.append(f"{title}  ({header}: ms)")
+        lines.extend(f"  {name(key)}: {ms(entries[key])}" for key in sorted(entries))
+    table("decode", self.decode_shapes_s, "rows x page-table width",
+          lambda k: f"{k[0]} rows x {k[1]} pages")
+    table("mixed", self.mixed_widths_s, "chunk rows x chunk length x width",
+          lambda k: f"{k[0]} chunks x {k[1]} tokens x {k[2]} pages")
+    table("prefill", self.prefill_s, "batch x length bucket",
+          lambda k: f"batch {k[0]} x {k[1]} tokens")
+    table("insert", self.insert_s, "length bucket", lambda k: f"{k} tokens")
+    table("transfer", self.transfer_s, "length bucket", lambda k: f"{k} tokens")
+    extras = [f"contention {self.contention}"] if self.mode == "disagg" else []
+    extras.append(f"read lag {ms(self.read_lag_s)} ms")
+    if self.wake_s:
+      extras.append("wake " + ", ".join(f"{ms(extra)} ms after {idle:g} s idle"
+                                        for idle, extra in self.wake_s))
+    lines.append("; ".join(extras))
+    return lines
+
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
     for key in ("mixed_s", "prefill_s", "decode_shapes_s", "mixed_widths_s"):

@@ -177,3 +177,15 @@ def test_fidelity_launcher_runs_validate_sim_per_mode(repo_root):
   for bad in (["--modes=single"], ["--mode=colocated"]):
     with pytest.raises(SystemExit):
       script.parse(bad)
+
+
+def test_a_profile_describes_itself_as_a_table(repo_root):
+  """What launch/profile.py prints: every timed shape, in numeric order, in milliseconds."""
+  import os
+  from disagg_jax.sim.profile import StepProfile
+  table = StepProfile.load(os.path.join(repo_root, "docs/results/fidelity/profile_disagg.json"))
+  lines = table.describe()
+  assert lines[0].startswith("disagg step times (ms, medians): decode 2.80")
+  transfer = lines[lines.index("transfer  (length bucket: ms)") + 1:][:len(table.transfer_s)]
+  assert [int(l.split()[0]) for l in transfer] == sorted(table.transfer_s)
+  assert len([l for l in lines if l.startswith("  batch ")]) == len(table.prefill_s)
