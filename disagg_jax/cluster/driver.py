@@ -293,14 +293,12 @@ class ClusterEngine(EngineAPI):
     """Prefix routing with decode-side prefill: sends the request straight to the decode worker
     that probably holds its prefix (the rest at most its `decode_prefill_tokens`) and has the
     pages for it; False: it goes to prefill."""
-    alive = [w for w in self.decode_workers if w.alive and w.max_tail > 0]
+    alive = [w for w in self.decode_workers if w.alive]
     tokens = request.state.all_tokens()
-    key = self.router.choose_local([self._candidate(w) for w in alive], tokens,
-                                   max(w.max_tail for w in alive) if alive else 0)
+    key = self.router.choose_local([self._candidate(w) for w in alive], tokens)
     worker = next((w for w in alive if ("decode", w.index) == key), None)
     need = pages_for(len(tokens) + 1, self.config.page_size)
-    if worker is None or len(tokens) - self.router.expected_hit(
-        self._candidate(worker), tokens) > worker.max_tail or worker.free_pages < need:
+    if worker is None or worker.free_pages < need:
       return False
     worker.free_pages -= need
     worker.requests.add(request.state.request_id)
@@ -313,7 +311,7 @@ class ClusterEngine(EngineAPI):
     """The router's view of a worker (decode workers: load in pages taken)."""
     load = (worker.queued_tokens if worker.kind == "prefill"
             else worker.total_pages - worker.free_pages)
-    return Candidate((worker.kind, worker.index), load, worker.cache_pages)
+    return Candidate((worker.kind, worker.index), load, worker.cache_pages, worker.max_tail)
 
   def _send_to_decode(self, request: _Request, event: dict, prefill: _Worker) -> None:
     alive = [w for w in self.decode_workers if w.alive]

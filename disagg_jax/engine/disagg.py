@@ -158,9 +158,7 @@ class PrefillWorker(Worker):
   def pieces(self, kv, row: int, num_pages: int, group: int) -> list[pieces_lib.Piece]:
     """Row `row`'s first `num_pages` pages of a layer group's KV, as page blocks."""
     blocks = self.extract(kv, np.int32(row), np.int32(num_pages))
-    return [pieces_lib.Piece(self.groups[group], first, size, blocks[size.bit_length() - 1],
-                             group)
-            for first, size in pieces_lib.page_blocks(num_pages)]
+    return pieces_lib.cut(blocks, self.groups[group], group, num_pages)
 
   def _compile(self, batch: int, length: int) -> None:
     cfg, steps = self.steps.cfg, self.steps

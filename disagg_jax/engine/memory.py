@@ -352,13 +352,19 @@ def prefill_cache_tokens(config, max_seq_len: int, dp: int) -> int:
   with `dp` rows: 0 (off) without prefix caching; -1: one full prefill batch
   (max_prefill_tokens), and at least one max_seq_len sequence per dp row, on every platform (on
   CPU it measured x0.72 median TTFT on the multi-turn workload, docs/PREFIX_CACHING.md)."""
-  n = config.prefill_cache_tokens
+  n = cache_knob(config, "prefill_cache_tokens")
+  return max(config.max_prefill_tokens, max_seq_len * dp) if n is None else n
+
+
+def cache_knob(config, name: str) -> int | None:
+  """A prefix-cache size in tokens, `--config.engine.NAME` (-1 auto, 0 off, or a count),
+  checked: 0 without prefix caching, None for auto (the caller's rule), else the count."""
+  n = getattr(config, name)
   if n < -1:
-    raise ValueError(f"--config.engine.prefill_cache_tokens={n} must be -1 (auto), 0 (off) or "
-                     "a token count")
+    raise ValueError(f"--config.engine.{name}={n} must be -1 (auto), 0 (off) or a token count")
   if not config.prefix_caching:
     return 0
-  return max(config.max_prefill_tokens, max_seq_len * dp) if n == -1 else n
+  return None if n == -1 else n
 
 
 def prefill_cache_bytes(config, limits, model) -> int:

@@ -170,9 +170,8 @@ class CachedPrefillWorker(Worker):
     last = len(self.groups) - 1
     for g, (start, stop) in enumerate(self.groups):
       blocks = self.gather(core.kv_pages[start:stop], page_ids, np.int32(num_pages))
-      cut = [pieces_lib.Piece(self.groups[g], first, size, blocks[size.bit_length() - 1], g)
-             for first, size in pieces_lib.page_blocks(num_pages)]
-      self.handoff(request, cut, bucket if g == last else None)
+      self.handoff(request, pieces_lib.cut(blocks, (start, stop), g, num_pages),
+                   bucket if g == last else None)
     with self.cv:
       core.release(slot)
 
@@ -184,13 +183,8 @@ def decode_prefill_tokens(config, decode_mesh) -> int:
   EngineConfig): 0 without prefix caching; -1: chunk_size on TPU/GPU, 0 on CPU, where XLA's
   chunked step on the decode mesh measured worse than the prefill it saves
   (docs/PREFIX_CACHING.md)."""
-  n = config.decode_prefill_tokens
-  if n < -1:
-    raise ValueError(f"--config.engine.decode_prefill_tokens={n} must be -1 (auto), 0 (off) "
-                     "or a token count")
-  if not config.prefix_caching:
-    return 0
-  if n == -1:
+  n = memory.cache_knob(config, "decode_prefill_tokens")
+  if n is None:
     return 0 if next(iter(decode_mesh.devices.flat)).platform == "cpu" else config.chunk_size
   return n
 

@@ -64,11 +64,13 @@ class PrefixIndex:
 
 @dataclasses.dataclass
 class Candidate:
-  """A live worker as the router sees it: `key` (any hashable id), prompt tokens queued there,
-  pages its cache holds (0: none)."""
+  """A live worker as the router sees it: `key` (any hashable id), its load (prefill: prompt
+  tokens queued there), pages its cache holds (0: none) and, for a decode worker, the longest
+  uncached tail it prefills itself (0: none)."""
   key: object
   queued_tokens: int
   cache_pages: int = 0
+  max_tail: int = 0
 
 
 class Router:
@@ -90,31 +92,25 @@ class Router:
       return candidates[next(self._turn) % len(candidates)].key
     if self.policy == "load":
       return min(candidates, key=lambda c: c.queued_tokens).key
-    ps, n = self.page_size, len(tokens)
-    names = page_hashes(list(tokens[:n // ps * ps]), ps, self.salt)
-    usable = (n - 1) // ps  # the last token is always computed
-
-    def cost(c: Candidate) -> tuple:
-      index = self._index(c)
-      hit = index.match(names[:usable]) * ps if index is not None else 0
-      return (c.queued_tokens + n - hit, c.queued_tokens)
-    best = min(candidates, key=cost)
+    n, names = len(tokens), self._names(tokens)
+    best = min(candidates,
+               key=lambda c: (c.queued_tokens + n - self._hit(c, names, n), c.queued_tokens))
     index = self._index(best)
     if index is not None:
       index.add(names)
     return best.key
 
-  def choose_local(self, candidates: Sequence[Candidate], tokens: Sequence[int],
-                   max_tail: int):
+  def choose_local(self, candidates: Sequence[Candidate], tokens: Sequence[int]):
     """The key of the decode worker to prefill `tokens` itself: the one probably holding the
-    longest prefix of them, if at most `max_tail` tokens follow it; None (prefill computes
+    longest prefix of them, if at most its `max_tail` tokens follow it; None (prefill computes
     it) otherwise, and always under a policy other than `prefix`."""
-    if self.policy != "prefix" or max_tail <= 0:
+    if self.policy != "prefix" or not any(c.max_tail > 0 for c in candidates):
       return None
+    n, names = len(tokens), self._names(tokens)
     best, best_hit = None, 0
     for c in candidates:
-      hit = self.expected_hit(c, tokens)
-      if hit > best_hit and len(tokens) - hit <= max_tail:
+      hit = self._hit(c, names, n)
+      if hit > best_hit and n - hit <= c.max_tail:
         best, best_hit = c.key, hit
     return best
 
@@ -122,21 +118,24 @@ class Router:
     """`candidate` now caches the full pages of `tokens` (a sequence that ended there)."""
     index = self._index(candidate)
     if index is not None:
-      index.add(page_hashes(list(tokens[:len(tokens) // self.page_size * self.page_size]),
-                            self.page_size, self.salt))
+      index.add(self._names(tokens))
 
   def expected_hit(self, candidate: Candidate, tokens: Sequence[int]) -> int:
     """Prompt tokens the router expects `candidate` to find cached (for logs and tests)."""
-    index = self._index(candidate)
+    return self._hit(candidate, self._names(tokens), len(tokens))
+
+  def _names(self, tokens: Sequence[int]) -> list[bytes]:
+    """The names of the full pages of `tokens` (`kv.prefix_cache.page_hashes`)."""
+    ps = self.page_size
+    return page_hashes(list(tokens[:len(tokens) // ps * ps]), ps, self.salt)
+
+  def _hit(self, c: Candidate, names: Sequence[bytes], num_tokens: int) -> int:
+    """Tokens of a `num_tokens` prompt (page names `names`) `c` probably holds; the last token
+    is always computed."""
+    index = self._index(c)
     if index is None:
       return 0
-    ps = self.page_size
-    names = page_hashes(list(tokens[:(len(tokens) - 1) // ps * ps]), ps, self.salt)
-    return index.match(names) * ps
-
-  def forget(self, key) -> None:
-    """The worker is gone (or restarted empty)."""
-    self._indexes.pop(key, None)
+    return index.match(names[:(num_tokens - 1) // self.page_size]) * self.page_size
 
   def _index(self, c: Candidate) -> PrefixIndex | None:
     if c.cache_pages <= 0:

@@ -82,3 +82,11 @@ class Piece:
 jax.tree_util.register_pytree_node(
     Piece, lambda p: ((p.arrays,), (p.layers, p.first_page, p.num_pages, p.group)),
     lambda aux, children: Piece(aux[0], aux[1], aux[2], children[0], aux[3]))
+
+
+def cut(blocks, layers: tuple[int, int], group: int, num_pages: int) -> list[Piece]:
+  """The pieces of a request's first `num_pages` pages from its page blocks (`blocks[k]`: the
+  block of 2^k pages, as `ModelSteps.make_extract` / `make_gather` return them): one piece per
+  set bit of num_pages (`page_blocks`), of layers `layers`, layer group `group`."""
+  return [Piece(layers, first, size, blocks[size.bit_length() - 1], group)
+          for first, size in page_blocks(num_pages)]

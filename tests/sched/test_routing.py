@@ -71,13 +71,16 @@ def test_unknown_routing_names_the_flag():
 
 def test_a_conversation_returns_to_the_decode_worker_that_holds_it():
   router = Router("prefix", PS)
-  decode = [Candidate(("decode", 0), 0, 200), Candidate(("decode", 1), 0, 200)]
+  decode = lambda tail: [Candidate(("decode", k), 0, 200, tail) for k in (0, 1)]
   first_turn = _prompt(1, 7, 80) + [5] * 20  # prompt and answer, as it ended on worker 1
-  router.record(decode[1], first_turn)
+  router.record(decode(32)[1], first_turn)
   follow_up = first_turn + [6] * 20  # 100 tokens of 120 held (6 pages): a 20-token tail
-  assert router.choose_local(decode, follow_up, max_tail=32) == ("decode", 1)
-  assert router.choose_local(decode, follow_up, max_tail=16) is None  # tail too long
-  assert router.choose_local(decode, _prompt(2, 7, 80), max_tail=32) is None  # held nowhere
-  assert Router("round_robin", PS).choose_local(decode, follow_up, max_tail=32) is None
+  assert router.choose_local(decode(32), follow_up) == ("decode", 1)
+  assert router.choose_local(decode(16), follow_up) is None  # tail too long
+  # Each worker's own limit counts: a longer one elsewhere does not let worker 1 take it.
+  assert router.choose_local([Candidate(("decode", 0), 0, 200, 64), decode(16)[1]],
+                             follow_up) is None
+  assert router.choose_local(decode(32), _prompt(2, 7, 80)) is None  # held nowhere
+  assert Router("round_robin", PS).choose_local(decode(32), follow_up) is None
   # A worker that does not cache is never chosen.
-  assert router.choose_local([Candidate(("decode", 1), 0, 0)], follow_up, max_tail=32) is None
+  assert router.choose_local([Candidate(("decode", 1), 0, 0, 32)], follow_up) is None
