@@ -74,8 +74,10 @@ def engine_decode_throughput(prefill, decode):
     all_rows = jax.device_put(np.arange(batch, dtype=np.int32), steps.rows)
 
     def bare_step(tokens, pages, i):
-      return steps.decode(core.params, pages, tokens,
-                          jax.device_put(positions + i, steps.rows), table, sampling, all_rows)
+      tokens, pages, _ = steps.decode(core.params, pages, tokens,
+                                      jax.device_put(positions + i, steps.rows), table, sampling,
+                                      all_rows)
+      return tokens, pages
 
     for _ in range(FLAGS.rounds):
       outputs = engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -163,7 +165,7 @@ def decode_with_transfers(prefill, decode):
   all_rows = jax.device_put(np.arange(batch, dtype=np.int32), steps.rows)
 
   def step():
-    state["tokens"], state["pages"] = steps.decode(decode.params, state["pages"], state["tokens"],
+    state["tokens"], state["pages"], _ = steps.decode(decode.params, state["pages"], state["tokens"],
                                                    positions, table, sampling, all_rows)
     jax.block_until_ready(state["tokens"])
 

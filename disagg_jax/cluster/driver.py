@@ -30,7 +30,7 @@ from disagg_jax import parallel
 from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
 from disagg_jax.engine.api import EngineAPI
 from disagg_jax.engine.engine import EngineConfig
-from disagg_jax.engine.request import Limits, stop_ids, validate
+from disagg_jax.engine.request import Limits, TokenLogprob, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.engine.state import RequestState, TokenStream
 from disagg_jax.kv.pages import pages_for
@@ -410,12 +410,24 @@ class ClusterEngine(EngineAPI):
           getattr(self, f"_on_{event['kind']}")(request, event, worker)
     return bool(events)
 
-  def _emit(self, request: _Request, tokens: list[int], wall: float) -> None:
+  def _emit(self, request: _Request, tokens: list[int], wall: float,
+            logprobs: list | None = None) -> None:
+    """Hands the request its next `tokens` (and their log-probabilities, JSON as the workers
+    send them: `TokenLogprob.to_json`)."""
     now = _perf(wall)
-    for token in tokens:
+    logprobs = logprobs or [None] * len(tokens)
+    for token, logprob in zip(tokens, logprobs):
+      logprob = TokenLogprob.from_json(logprob)
       request.state.output_ids.append(token)
+      request.state.logprobs.append(logprob)
       request.state.metrics.token_times.append(now)
-      request.state.stream.put(token)
+      request.state.stream.put(token, logprob)
+
+  def _emit_new(self, request: _Request, event: dict) -> None:
+    """The tokens of a worker's event (which lists all so far) the driver has not seen yet."""
+    seen = len(request.state.output_ids)
+    self._emit(request, event["output_ids"][seen:], event["time"],
+               event.get("logprobs", [])[seen:])
 
   def _on_prefilled(self, request, event, worker) -> None:
     worker.requests.discard(request.state.request_id)
@@ -423,7 +435,7 @@ class ClusterEngine(EngineAPI):
     m = request.state.metrics
     m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
     m.first_token = m.first_token or _perf(event["first_token"])
-    self._emit(request, event["output_ids"][len(request.state.output_ids):], event["time"])
+    self._emit_new(request, event)
     if request.state.aborted:
       self._finish(request, "abort")
       return
@@ -437,7 +449,7 @@ class ClusterEngine(EngineAPI):
     if worker.kind == "prefill":
       m.prefill_start = m.prefill_start or _perf(event["prefill_start"])
       m.first_token = m.first_token or _perf(event["first_token"])
-      self._emit(request, event["output_ids"][len(request.state.output_ids):], event["time"])
+      self._emit_new(request, event)
     self._finish(request, event["finish_reason"])
 
   @staticmethod
@@ -450,7 +462,7 @@ class ClusterEngine(EngineAPI):
     del worker
     m = request.state.metrics
     m.first_token = m.first_token or _perf(event["time"])  # prefilled on the decode worker
-    self._emit(request, [event["token"]], event["time"])
+    self._emit(request, [event["token"]], event["time"], [event.get("logprob")])
 
   def _on_pulled(self, request, event, worker) -> None:
     del worker

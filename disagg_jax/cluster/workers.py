@@ -100,9 +100,9 @@ class _TokenSink:
   def __init__(self, request_id: str, outbox: _Outbox):
     self.request_id, self.outbox = request_id, outbox
 
-  def put(self, token: int) -> None:
+  def put(self, token: int, logprob=None) -> None:
     self.outbox.add({"kind": "token", "request_id": self.request_id, "token": int(token),
-                     "time": time.time()})
+                     "logprob": logprob and logprob.to_json(), "time": time.time()})
 
 
 def _state(item: dict, outbox: _Outbox):
@@ -114,6 +114,7 @@ def _state(item: dict, outbox: _Outbox):
                        _TokenSink(item["request_id"], outbox),
                        metrics=RequestMetrics(arrival=item.get("arrival", time.time())))
   state.output_ids = list(item.get("output_ids", ()))
+  state.logprobs = [None] * len(state.output_ids)  # the driver has them already
   # For prefill: everything so far; for decode: the `computed` tokens whose KV arrives.
   state.tokens_to_compute = (list(item["prompt_ids"]) + state.output_ids)[:item.get("computed")]
   return state
@@ -201,7 +202,8 @@ class PrefillServer:
     self.outbox.add({"kind": "prefilled", "request_id": request.request_id, "pieces": parts,
                      "bucket": bucket, "computed": len(request.tokens_to_compute),
                      "cached": request.cached_tokens or 0,
-                     "output_ids": list(request.output_ids), "time": time.time(),
+                     "output_ids": list(request.output_ids), "logprobs": _logprobs(request),
+                     "time": time.time(),
                      "prefill_start": m.prefill_start and _wall(m.prefill_start),
                      "first_token": m.first_token and _wall(m.first_token)})
 
@@ -215,7 +217,7 @@ class PrefillServer:
   def _finished(self, request) -> None:
     m = request.metrics
     self.outbox.add({"kind": "finished", "request_id": request.request_id,
-                     "output_ids": list(request.output_ids),
+                     "output_ids": list(request.output_ids), "logprobs": _logprobs(request),
                      "finish_reason": request.finish_reason or ("abort" if request.aborted
                                                                  else "error"),
                      "cached": request.cached_tokens or 0,
@@ -376,6 +378,11 @@ class DecodeServer:
     """No prefill here: hand the request back to the driver to recompute elsewhere."""
     self.outbox.add({"kind": "preempted", "request_id": request.request_id,
                      "output_ids": list(request.output_ids), "time": time.time()})
+
+
+def _logprobs(request) -> list:
+  """A request's per-token log-probabilities as JSON (None where not computed here)."""
+  return [lp and lp.to_json() for lp in request.logprobs]
 
 
 def _wall(perf_time: float) -> float:

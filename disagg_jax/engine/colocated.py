@@ -148,7 +148,7 @@ class ColocatedScheduler(Worker):
       core.dispatch_decode(step.decode)
     else:
       return None
-    return InFlight(core.tokens, self.policy.commit(core.slots, step))
+    return InFlight(core.tokens, self.policy.commit(core.slots, step), core.logprobs)
 
   def _drop_aborted(self) -> None:
     with self.cv:

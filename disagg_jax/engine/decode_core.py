@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from disagg_jax.engine import buckets
+from disagg_jax.engine.request import HostLogprobs
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.slots import DecodeSlots
 from disagg_jax.engine.state import RequestState
@@ -44,6 +45,8 @@ class DecodeCore:
                   for r in self.row_buckets}
     # Committed to the step outputs' sharding, so the first real step does not recompile.
     self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.rows)
+    # The last step's log-probabilities of each slot's token (sampling.LogprobArrays).
+    self.logprobs = None
     self._sampling = None
     self._sampling_version = None
     self._table_key = None
@@ -99,7 +102,7 @@ class DecodeCore:
 
   def dispatch_decode(self, decoding: list[int]) -> None:
     """Dispatches one decode step over the slots' prefix holding `decoding` (asynchronously)."""
-    self.tokens, self.kv_pages = self.steps.decode(
+    self.tokens, self.kv_pages, self.logprobs = self.steps.decode(
         self.params, self.kv_pages, self.tokens, self.positions(), self.page_table(),
         self.sampling_arrays(), self._rows[self.decode_rows(decoding)])
 
@@ -109,7 +112,7 @@ class DecodeCore:
     self.dispatch_decode(decoding)
     rows = [(s, self.slots.requests[s]) for s in decoding]
     policy.advance(self.slots, decoding)
-    return InFlight(self.tokens, rows)
+    return InFlight(self.tokens, rows, self.logprobs)
 
   def mixed(self, table, chunk_inputs, precompile: bool = False) -> None:
     """Dispatches (or with `precompile` only compiles) the colocated mixed step: prompt chunks
@@ -119,7 +122,7 @@ class DecodeCore:
     if precompile:
       self.steps.mixed.precompile(*args)
     else:
-      self.tokens, self.kv_pages = self.steps.mixed(*args)
+      self.tokens, self.kv_pages, self.logprobs = self.steps.mixed(*args)
 
   def insert(self, pieces, page_ids, slot: int, token: int) -> None:
     """Writes a request's arrived KV `pieces` (`transfer.pieces.Piece`, each a page block of a
@@ -156,19 +159,25 @@ class DecodeCore:
     """Reads a dispatched step's tokens (waiting for it) and hands each row its token
     (`policy.collect`); finished requests leave their slot and go to `finish`."""
     tokens = np.asarray(step.tokens)
+    logprobs = step.host_logprobs()
     now = time.perf_counter()
 
     def emit(slot: int, request: RequestState) -> bool:
       if request.metrics.first_token is None:
         request.metrics.first_token = now
-      return request.emit(int(tokens[slot]), now)
+      return request.emit(int(tokens[slot]), now, logprobs and logprobs.row(slot, request.sampling))
     for request in policy.collect(self.slots, step.rows, emit):
       finish(request)
 
 
 @dataclasses.dataclass
 class InFlight:
-  """A dispatched step: its output tokens (device int32[B]) and the (slot, request) rows whose
-  next token they hold."""
+  """A dispatched step: its output tokens (device int32[B]), the (slot, request) rows whose
+  next token they hold, and the tokens' log-probabilities (device `LogprobArrays`)."""
   tokens: object
   rows: list
+  logprobs: object = None
+
+  def host_logprobs(self) -> HostLogprobs | None:
+    """The log-probabilities on the host, read only when some row asked for them."""
+    return HostLogprobs.read(self.logprobs, [r.sampling for _, r in self.rows])

@@ -37,6 +37,7 @@ from disagg_jax import parallel
 from disagg_jax.engine import buckets
 from disagg_jax.engine.colocated import ChunkedPrefill
 from disagg_jax.engine.decode_core import DecodeCore, InFlight
+from disagg_jax.engine.request import HostLogprobs
 from disagg_jax.engine.sampling import SamplingArrays
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
@@ -144,16 +145,20 @@ class PrefillWorker(Worker):
   def prefill_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling, on_group=None):
     """Runs one prefill step: tokens int32[B, S] (B a batch bucket), lengths int32[B], sampling
     settings of the first rows -> (first tokens int32[B] on the host, the last layer group's
-    KV). Layer group by layer group: `on_group(g, kv)` gets each group's KV as soon as it is
-    dispatched, before the next group is."""
+    KV, the first tokens' log-probabilities on device). Layer group by layer group:
+    `on_group(g, kv)` gets each group's KV as soon as it is dispatched, before the next group
+    is."""
     params, inputs, lengths_d, sampling_d = self._inputs(tokens, lengths, sampling)
     last = len(self.group_steps) - 1
+    logprobs = None
     for g, step in enumerate(self.group_steps):
       out = step(params, inputs, lengths_d, sampling_d)
       inputs, kv = (out.tokens, out.kv) if g == last else out
+      if g == last:
+        logprobs = out.logprobs
       if on_group is not None:
         on_group(g, kv)
-    return np.asarray(inputs), kv
+    return np.asarray(inputs), kv, logprobs
 
   def pieces(self, kv, row: int, num_pages: int, group: int) -> list[pieces_lib.Piece]:
     """Row `row`'s first `num_pages` pages of a layer group's KV, as page blocks."""
@@ -205,12 +210,15 @@ class PrefillWorker(Worker):
             held[i] = cut
           else:
             self.handoff(request, cut, None)
-      first, _ = self.prefill_batch(tokens, lengths, [r.sampling for r in requests], on_group)
+      first, _, logprobs = self.prefill_batch(tokens, lengths, [r.sampling for r in requests],
+                                              on_group)
+      logprobs = HostLogprobs.read(logprobs, [r.sampling for r in requests])
       now = time.perf_counter()
       for i, request in enumerate(requests):
         if request.metrics.first_token is None:
           request.metrics.first_token = now
-        if request.aborted or request.emit(int(first[i]), now):
+        if request.aborted or request.emit(int(first[i]), now,
+                                           logprobs and logprobs.row(i, request.sampling)):
           self.discard(request)
           self.finish(request)
         else:
@@ -500,7 +508,7 @@ class DisaggDecodeLoop(Worker):
         self.chunks.dispatch(plan.chunks)
       else:
         core.dispatch_decode(plan.decode)
-      return InFlight(core.tokens, self.chunks.policy.commit(core.slots, plan))
+      return InFlight(core.tokens, self.chunks.policy.commit(core.slots, plan), core.logprobs)
     return core.decode(decoding) if decoding else None
 
   def _drop_aborted(self) -> None:

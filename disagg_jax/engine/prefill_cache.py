@@ -23,6 +23,7 @@ import numpy as np
 from disagg_jax.engine import buckets, memory
 from disagg_jax.engine.colocated import ChunkedPrefill
 from disagg_jax.engine.decode_core import DecodeCore
+from disagg_jax.engine.request import HostLogprobs
 from disagg_jax.engine.disagg import PrefillWorker, StagingBudget, releasing
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.engine.worker import Worker
@@ -123,9 +124,11 @@ class CachedPrefillWorker(Worker):
       rows = self.policy.commit(core.slots, step)
       if rows:
         tokens = np.asarray(core.tokens)
+        logprobs = HostLogprobs.read(core.logprobs, [r.sampling for _, r in rows])
         now = time.perf_counter()
         for slot, request in rows:
-          self._hand_on(slot, request, int(tokens[slot]), now)
+          self._hand_on(slot, request, int(tokens[slot]), now,
+                        logprobs and logprobs.row(slot, request.sampling))
 
   def _bucket(self, num_tokens: int) -> int:
     return buckets.pick(num_tokens, self.length_buckets)
@@ -150,14 +153,14 @@ class CachedPrefillWorker(Worker):
         out.append(self.core.release(slot))
     return out
 
-  def _hand_on(self, slot: int, request, token: int, now: float) -> None:
+  def _hand_on(self, slot: int, request, token: int, now: float, logprob=None) -> None:
     """The request's prompt is in the pool and `token` is its first output: its KV goes to the
     transfer layer group by layer group, then it leaves its slot (its pages stay cached)."""
     core, ps = self.core, self.steps.page_size
     if request.metrics.first_token is None:
       request.metrics.first_token = now
     num_tokens = request.num_to_compute
-    if request.aborted or request.emit(token, now):
+    if request.aborted or request.emit(token, now, logprob):
       with self.cv:
         core.release(slot)
       self.discard(request)

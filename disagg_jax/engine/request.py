@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
 from disagg_jax.models.config import ModelConfig
 
@@ -35,6 +37,47 @@ class Limits:
     return cls(max_seq_len=seq, max_prefill_length=min(max_prefill_length or seq, seq))
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A generated token's log-probability under the model and, when asked for, the most likely
+  tokens' (`top`: (token id, log-probability), most likely first)."""
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()
+
+  def to_json(self) -> list:
+    return [self.logprob, [[i, v] for i, v in self.top]]
+
+  @classmethod
+  def from_json(cls, value) -> "TokenLogprob | None":
+    if value is None:
+      return None
+    logprob, top = value
+    return cls(float(logprob), tuple((int(i), float(v)) for i, v in top))
+
+
+class HostLogprobs:
+  """A step's `sampling.LogprobArrays` read to the host; `row(i, sampling)` is row i's
+  `TokenLogprob` for a request with those settings (None if it did not ask)."""
+
+  def __init__(self, arrays):
+    self.logprob, self.top_ids, self.top_logprobs = (np.asarray(a) for a in arrays)
+
+  @classmethod
+  def read(cls, arrays, sampling: Sequence[SamplingParams]) -> "HostLogprobs | None":
+    """Reads `arrays` (waiting for them) only if some request asked for log-probabilities."""
+    if arrays is None or all(p.logprobs is None for p in sampling):
+      return None
+    return cls(arrays)
+
+  def row(self, i: int, sampling: SamplingParams) -> TokenLogprob | None:
+    n = sampling.logprobs
+    if n is None:
+      return None
+    return TokenLogprob(float(self.logprob[i]),
+                        tuple((int(t), float(v)) for t, v in zip(self.top_ids[i, :n],
+                                                                 self.top_logprobs[i, :n])))
+
+
 @dataclasses.dataclass
 class RequestOutput:
   """What a request produced. finish_reason: "stop" (EOS or a stop id, which is the last output
@@ -46,6 +89,8 @@ class RequestOutput:
   text: str = ""
   error: str | None = None
   metrics: object = None  # RequestMetrics when produced by the serving engine
+  # One per output token when SamplingParams.logprobs was set, else None.
+  logprobs: list[TokenLogprob] | None = None
 
   def to_json(self) -> dict:
     out = {"prompt_token_ids": list(self.prompt_token_ids),
@@ -54,6 +99,8 @@ class RequestOutput:
            "finish_reason": self.finish_reason}
     if self.error is not None:
       out["error"] = self.error
+    if self.logprobs is not None:
+      out["logprobs"] = [lp.to_json() for lp in self.logprobs]
     return out
 
 

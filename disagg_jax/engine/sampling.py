@@ -41,6 +41,9 @@ MAX_SEED = 2**32
 # settings and the nucleus of a confident distribution; lax.top_k(x, 256) costs about 2 argmaxes,
 # ~1/50 of the full sort, at V=49,152 on CPU (docs/SAMPLING.md has the figures and the bound).
 K_MAX = 256
+# The most alternatives a request may ask log-probabilities of (`SamplingParams.logprobs`), as
+# vLLM's default max_logprobs and OpenAI's top_logprobs limit; every step computes this many.
+MAX_LOGPROBS = 20
 
 
 class InvalidRequestError(ValueError):
@@ -55,7 +58,10 @@ class InvalidRequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """Per-request generation settings. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0
-  disable them (min_p: tokens less likely than min_p times the most likely one are dropped)."""
+  disable them (min_p: tokens less likely than min_p times the most likely one are dropped).
+  logprobs: None, none returned; N in [0, MAX_LOGPROBS], each generated token comes with its own
+  log-probability and the N most likely tokens' (log-softmax of the model's logits, before
+  temperature and the other settings, as vLLM's default)."""
 
   max_new_tokens: int = 32
   temperature: float = 0.0
@@ -65,6 +71,7 @@ class SamplingParams:
   min_p: float = 0.0
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
+  logprobs: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -91,6 +98,10 @@ class SamplingParams:
       bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
       bad(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+    if self.logprobs is not None and (
+        isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+        or not 0 <= self.logprobs <= MAX_LOGPROBS):
+      bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
     for t in self.stop_token_ids:
       if isinstance(t, bool) or not isinstance(t, int) or t < 0:
         bad(f"stop_token_ids must be non-negative integers, got {t!r}")
@@ -101,12 +112,14 @@ class SamplingParams:
 
 class SamplingArrays(NamedTuple):
   """Per-row sampling settings on device: temperature f32[B], top_k i32[B], top_p f32[B],
-  seed u32[B], min_p f32[B] (None: 0 for every row)."""
+  seed u32[B], min_p f32[B] (None: 0 for every row), logprobs i32[B] (-1: none wanted; None:
+  no row wants them, and the steps do not even test for it)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
   min_p: jax.Array | None = None
+  logprobs: jax.Array | None = None
 
   @classmethod
   def from_params(cls, params: Sequence[SamplingParams | None], batch: int) -> "SamplingArrays":
@@ -116,11 +129,64 @@ class SamplingArrays(NamedTuple):
     top_p = np.ones(batch, np.float32)
     seed = np.zeros(batch, np.uint32)
     min_p = np.zeros(batch, np.float32)
+    logprobs = np.full(batch, -1, np.int32)
     for i, p in enumerate(params):
       if p is not None:
         temperature[i], top_k[i], top_p[i], seed[i] = p.temperature, p.top_k, p.top_p, p.seed
         min_p[i] = p.min_p
-    return cls(temperature, top_k, top_p, seed, min_p)
+        logprobs[i] = -1 if p.logprobs is None else p.logprobs
+    return cls(temperature, top_k, top_p, seed, min_p, logprobs)
+
+
+class LogprobArrays(NamedTuple):
+  """Per-row log-probabilities a step returns beside its tokens: logprob f32[B] (the sampled
+  token's), top_ids i32[B, MAX_LOGPROBS] and top_logprobs f32[B, MAX_LOGPROBS] (the most likely
+  tokens, most likely first). Zeros for rows that did not ask (or when no row did)."""
+  logprob: jax.Array
+  top_ids: jax.Array
+  top_logprobs: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int) -> "LogprobArrays":
+    return cls(jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, MAX_LOGPROBS), jnp.int32),
+               jnp.zeros((batch, MAX_LOGPROBS), jnp.float32))
+
+  def at_set(self, index, values: "LogprobArrays", **kwargs) -> "LogprobArrays":
+    """These arrays with rows `index` set to `values` (`.at[index].set(...)` on each)."""
+    return LogprobArrays(*(a.at[index].set(v, **kwargs) for a, v in zip(self, values)))
+
+  def where(self, keep, other: "LogprobArrays") -> "LogprobArrays":
+    """Rows where `keep` (bool[B]) from these arrays, the others from `other`."""
+    return LogprobArrays(*(jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b)
+                           for a, b in zip(self, other)))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array,
+                   sampling: SamplingArrays) -> LogprobArrays:
+  """The log-softmax of logits f32[B, V] at tokens i32[B] and its MAX_LOGPROBS largest entries,
+  computed only when some row asks (a batch-level cond); zeros otherwise."""
+  batch = logits.shape[0]
+  if sampling.logprobs is None:
+    return LogprobArrays.zeros(batch)
+
+  def compute():
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, logp.shape[-1]))
+    pad = MAX_LOGPROBS - top_ids.shape[-1]  # a vocabulary smaller than MAX_LOGPROBS
+    if pad:
+      top_ids = jnp.pad(top_ids, ((0, 0), (0, pad)))
+      top_logprobs = jnp.pad(top_logprobs, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    return LogprobArrays(chosen, top_ids.astype(jnp.int32), top_logprobs)
+  return jax.lax.cond(jnp.any(jnp.asarray(sampling.logprobs) >= 0), compute,
+                      lambda: LogprobArrays.zeros(batch))
+
+
+def sample_with_logprobs(logits: jax.Array, sampling: SamplingArrays,
+                         positions: jax.Array) -> tuple[jax.Array, LogprobArrays]:
+  """`sample`, and the log-probabilities of what it drew (`token_logprobs`), from one logits."""
+  tokens = sample(logits, sampling, positions)
+  return tokens, token_logprobs(logits, tokens, sampling)
 
 
 def sample(logits: jax.Array, sampling: SamplingArrays, positions: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from disagg_jax.engine import buckets, memory
-from disagg_jax.engine.request import Limits, RequestOutput, stop_ids, validate
+from disagg_jax.engine.request import HostLogprobs, Limits, RequestOutput, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingArrays, SamplingParams
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.kv.pages import pages_for
@@ -77,9 +77,10 @@ class StaticGenerator:
     for start in range(0, len(valid), self.max_batch):
       rows = valid[start:start + self.max_batch]
       tokens = self._generate_batch([list(prompts[i]) for i in rows], [sampling[i] for i in rows])
-      for i, (out_tokens, reason) in zip(rows, tokens):
+      for i, (out_tokens, reason, logprobs) in zip(rows, tokens):
         outputs[i].output_token_ids, outputs[i].finish_reason = out_tokens, reason
         outputs[i].text = self.model.tokenizer.decode(out_tokens)
+        outputs[i].logprobs = logprobs if sampling[i].logprobs is not None else None
     return outputs
 
   def _generate_batch(self, prompts: list[list[int]], sampling: list[SamplingParams]):
@@ -121,10 +122,12 @@ class StaticGenerator:
       self._kv_pages = self.steps.init_pages(self.num_pages)
     self._kv_pages = self.steps.insert(self._kv_pages, result.kv, insert_ids)
     next_tokens = np.asarray(result.tokens)
+    step_logprobs = HostLogprobs.read(result.logprobs, sampling)
     t1 = time.perf_counter()
     self.times.prefill_s += t1 - t0
 
     outputs: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     stops = [stop_ids(s, cfg) for s in sampling]
     positions = np.full(batch, -1, np.int32)
@@ -136,6 +139,7 @@ class StaticGenerator:
           continue
         token = int(next_tokens[i])
         outputs[i].append(token)
+        logprobs[i].append(step_logprobs and step_logprobs.row(i, sampling[i]))
         if token in stops[i]:
           reasons[i] = "stop"
         elif len(outputs[i]) >= sampling[i].max_new_tokens:
@@ -144,12 +148,13 @@ class StaticGenerator:
           positions[i] = -1
       if all(r is not None for r in reasons):
         break
-      next_dev, self._kv_pages = self.steps.decode(
+      next_dev, self._kv_pages, logprobs_dev = self.steps.decode(
           self.model.params, self._kv_pages, *put(next_tokens.astype(np.int32), positions),
           page_table_dev, sampling_arrays, all_rows)
       next_tokens = np.asarray(next_dev)
+      step_logprobs = HostLogprobs.read(logprobs_dev, sampling)
       positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
       self.times.decode_steps += 1
     self.times.decode_s += time.perf_counter() - t1
     self.times.generated_tokens += sum(len(o) for o in outputs)
-    return list(zip(outputs, reasons))
+    return list(zip(outputs, reasons, logprobs))

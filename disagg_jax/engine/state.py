@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Iterator
 
-from disagg_jax.engine.request import RequestOutput
+from disagg_jax.engine.request import RequestOutput, TokenLogprob
 from disagg_jax.engine.sampling import SamplingParams
 
 
@@ -63,6 +63,9 @@ class TokenStream:
 
   def __init__(self, request_id: str, on_token=None):
     self.request_id = request_id
+    # The tokens' log-probabilities so far, when the request asked for them: entry i is token
+    # i's, appended before token i is delivered.
+    self.logprobs: list[TokenLogprob | None] = []
     self._on_token = on_token  # called with each token, from the engine's threads
     self._queue: queue.Queue = queue.Queue()
     self._done = threading.Event()
@@ -70,7 +73,8 @@ class TokenStream:
     self._callbacks = []
     self._lock = threading.Lock()
 
-  def put(self, token: int) -> None:
+  def put(self, token: int, logprob: TokenLogprob | None = None) -> None:
+    self.logprobs.append(logprob)
     self._queue.put(token)
     if self._on_token is not None:
       self._on_token(token)
@@ -118,6 +122,7 @@ class RequestState:
   stop_ids: frozenset[int]
   stream: TokenStream
   output_ids: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
   metrics: RequestMetrics = dataclasses.field(default_factory=RequestMetrics)
   finish_reason: str | None = None
   error: str | None = None
@@ -155,11 +160,13 @@ class RequestState:
     """The sequence so far: prompt, then generated tokens."""
     return self.prompt_ids + self.output_ids
 
-  def emit(self, token: int, now: float) -> bool:
-    """Records a generated token; returns True when the request is now finished."""
+  def emit(self, token: int, now: float, logprob: TokenLogprob | None = None) -> bool:
+    """Records a generated token (and its log-probabilities, when the request asked for them);
+    returns True when the request is now finished."""
     self.output_ids.append(token)
+    self.logprobs.append(logprob)
     self.metrics.token_times.append(now)
-    self.stream.put(token)
+    self.stream.put(token, logprob)
     if token in self.stop_ids:
       self.finish_reason = "stop"
     elif len(self.output_ids) >= self.sampling.max_new_tokens:
@@ -176,4 +183,6 @@ class RequestState:
     self.metrics.cached_tokens = self.cached_tokens or 0
     return RequestOutput(self.request_id, list(self.prompt_ids), list(self.output_ids),
                          self.finish_reason, tokenizer.decode(self.output_ids) if tokenizer else "",
-                         self.error, metrics=self.metrics)
+                         self.error, metrics=self.metrics,
+                         logprobs=(list(self.logprobs) if self.sampling.logprobs is not None
+                                   else None))

@@ -1,9 +1,9 @@
 """The engine's pure device functions, jit-compiled once per shape bucket.
 
-    prefill(params, tokens, lengths, sampling)                -> (first tokens, logits, prompt KV)
+    prefill(params, tokens, lengths, sampling)    -> (first tokens, logits, prompt KV, logprobs)
     insert(kv_pages*, prompt_kv, page_ids)                    -> kv_pages
     decode(params, kv_pages*, tokens, positions, page_table, sampling, rows)
-                                                              -> (tokens, kv_pages)
+                                                              -> (tokens, kv_pages, logprobs)
   The serving engine's variants keep each slot's next input token on device:
     prefill_groups(groups)[g](params, tokens | hidden, lengths, sampling)
                                        -> (hidden, layer group g's KV); the last: like prefill
@@ -12,13 +12,16 @@
     insert_block(layer_pages*, block, page_ids)               -> layer_pages
     set_token(tokens, slot, token)                            -> tokens
     mixed(params, kv_pages*, tokens, positions, page_table, sampling, chunk...)
-                                                              -> (tokens, kv_pages)
+                                                              -> (tokens, kv_pages, logprobs)
 
 (* donated: the page pool is updated in place.) Everything is an explicit pytree: `params` is the
 model's `nnx.State`, `kv_pages` a list of `LayerPages`, the prompt KV a list of `LayerKV`.
 Per-row arrays (tokens, positions, page tables, sampling settings) split over the mesh's dp axis
 with the page pool (`disagg_jax.kv.layout`); page tables are [B, W] with W a width bucket covering
-the step's longest sequence, so short contexts never pay for max_seq_len.
+the step's longest sequence, so short contexts never pay for max_seq_len. `logprobs` is a
+`LogprobArrays` over the same rows as the tokens beside it: the log-probabilities of each row's
+token and its most likely alternatives, from the logits the token was sampled from (zeros unless
+a row's sampling settings ask for them).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from disagg_jax import parallel
 from disagg_jax.engine.compiled import Step
 from disagg_jax.engine.attention import (MixedAttention, PagedAttention, PromptAttention,
                                          rows_constraint)
-from disagg_jax.engine.sampling import SamplingArrays, sample
+from disagg_jax.engine.sampling import LogprobArrays, SamplingArrays, sample_with_logprobs
 from disagg_jax.kv import cache as kv_cache
 from disagg_jax.kv import layout as kv_layout
 from disagg_jax.models.loading import Model
@@ -46,6 +49,7 @@ class PrefillResult(NamedTuple):
   tokens: jax.Array  # int32[B], the first generated token of each prompt
   logits: jax.Array  # float32[B, V], at each prompt's last position
   kv: list  # list[LayerKV], each [B, S, Hkv, D]
+  logprobs: LogprobArrays  # of each first token (sampling.LogprobArrays)
 
 
 class ModelSteps:
@@ -67,10 +71,11 @@ class ModelSteps:
     self.rows = rows
     self.replicated = parallel.replicated(self.mesh)
     self.prefill = Step("prefill", jax.jit(self._prefill,
-                                           out_shardings=PrefillResult(rows, rows, dense)))
+                                           out_shardings=PrefillResult(rows, rows, dense,
+                                                                        rows)))
     self.insert = Step("insert", jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages))
     self.decode = Step("decode", jax.jit(self._decode, donate_argnums=(1,),
-                                         out_shardings=(rows, pages)))
+                                         out_shardings=(rows, pages, rows)))
     # Only the page pool is donated: the engine keeps reading a step's token array after
     # dispatching the next step (it is tiny anyway).
     self.insert_block = Step("insert_block", jax.jit(self._insert_block, donate_argnums=(0,),
@@ -79,7 +84,7 @@ class ModelSteps:
                                                tokens.at[slot].set(token), out_shardings=rows))
     self._groups: dict[tuple, list[Step]] = {}
     self.mixed = Step("mixed", jax.jit(self._mixed, donate_argnums=(1,),
-                                       out_shardings=(rows, pages)))
+                                       out_shardings=(rows, pages, rows)))
 
   def all_steps(self) -> list[Step]:
     group_steps = [step for steps in self._groups.values() for step in steps]
@@ -111,7 +116,8 @@ class ModelSteps:
     last = jnp.maximum(lengths - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
-    return PrefillResult(sample(logits, sampling, last), logits, kv)
+    first, logprobs = sample_with_logprobs(logits, sampling, last)
+    return PrefillResult(first, logits, kv, logprobs)
 
   def prefill_groups(self, groups: tuple[tuple[int, int], ...]) -> list[Step]:
     """The prefill step as one step per layer group ([start, stop) each, in order): the first
@@ -127,7 +133,7 @@ class ModelSteps:
         last = g == len(groups) - 1
         fn = functools.partial(self._prefill_group, start=start, stop=stop, first=g == 0,
                                last=last)
-        out = PrefillResult(rows, rows, dense) if last else (rows, dense)
+        out = PrefillResult(rows, rows, dense, rows) if last else (rows, dense)
         steps.append(Step(f"prefill layers {start}-{stop - 1}",
                           jax.jit(fn, out_shardings=out)))
       self._groups[groups] = steps
@@ -150,7 +156,8 @@ class ModelSteps:
     index = jnp.maximum(lengths - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
-    return PrefillResult(sample(logits, sampling, index), logits, kv)
+    first, logprobs = sample_with_logprobs(logits, sampling, index)
+    return PrefillResult(first, logits, kv, logprobs)
 
   def _insert(self, kv_pages, prompt_kv, page_ids):
     """prompt_kv [B, S, Hkv, D] per layer, rows over dp; page_ids int32[B, S // page_size]: the
@@ -174,8 +181,9 @@ class ModelSteps:
     hidden, kv_pages = model(rows_constraint(current[:, None], self.layout), context[:, None],
                              attention, kv_pages)
     logits = model.logits(hidden[:, 0])
-    sampled = sample(logits, jax.tree.map(gather, sampling), context)
-    return tokens.at[rows].set(jnp.where(active, sampled, current)), kv_pages
+    sampled, logprobs = sample_with_logprobs(logits, jax.tree.map(gather, sampling), context)
+    return (tokens.at[rows].set(jnp.where(active, sampled, current)), kv_pages,
+            LogprobArrays.zeros(tokens.shape[0]).at_set(rows, logprobs))
 
   # ------------------------------------------------------------------ serving-engine variants
 
@@ -266,9 +274,12 @@ class ModelSteps:
     rows = jnp.concatenate([decode_hidden, chunk_last])
     row_sampling = jax.tree.map(lambda x, y: jnp.concatenate([x, y[safe_slots]]), sampling,
                                 sampling)
-    sampled = sample(model.logits(rows), row_sampling,
-                     jnp.concatenate([context, chunk_context + last]))
+    sampled, logprobs = sample_with_logprobs(model.logits(rows), row_sampling,
+                                             jnp.concatenate([context, chunk_context + last]))
     tokens = jnp.where(active, sampled[:b], tokens)
     first = sampled[b:]
     write_to = jnp.where(chunk_final, chunk_slots, b)  # b: dropped
-    return tokens.at[write_to].set(first, mode="drop"), kv_pages
+    decode_lp = jax.tree.map(lambda x: x[:b], logprobs)
+    chunk_lp = jax.tree.map(lambda x: x[b:], logprobs)
+    return (tokens.at[write_to].set(first, mode="drop"), kv_pages,
+            decode_lp.at_set(write_to, chunk_lp, mode="drop"))

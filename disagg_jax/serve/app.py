@@ -95,7 +95,8 @@ class Server:
       return self.tokenizer.encode(text)
     return await asyncio.to_thread(render)
 
-  def sampling(self, body, prompt_len: int, default_max: int | None) -> SamplingParams:
+  def sampling(self, body, prompt_len: int, default_max: int | None,
+               logprobs: int | None = None) -> SamplingParams:
     limit = self.engine.limits.max_seq_len - prompt_len
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if max_tokens is None:
@@ -109,7 +110,7 @@ class Server:
           top_k=max(body.top_k or 0, 0),
           min_p=body.min_p or 0.0,
           seed=random.randrange(MAX_SEED) if body.seed is None else body.seed,
-          ignore_eos=body.ignore_eos)
+          ignore_eos=body.ignore_eos, logprobs=logprobs)
     except InvalidRequestError as e:
       raise APIError(400, str(e)) from None
 
@@ -152,7 +153,7 @@ class Server:
     self.pending += 1
     request = _Served(protocol.new_id("cmpl" if kind == "completion" else "chatcmpl"), handles,
                       [IncrementalText(self.tokenizer, stop or ()) for _ in range(n)],
-                      len(prompt_ids), kind, echo or "")
+                      len(prompt_ids), kind, echo or "", sampling.logprobs is not None)
     if stream:
       return StreamingResponse(self._events(http_request, items, request, include_usage),
                                media_type="text/event-stream")
@@ -163,8 +164,11 @@ class Server:
     make = protocol.completion_body if kind == "completion" else protocol.chat_body
     choices = [(request.echo + text.text, self._finish_reason(output, text))
                for text, output in zip(request.texts, outputs)]
+    logprobs = [request.logprobs_object(self.tokenizer, o.output_token_ids, o.logprobs)
+                for o in outputs]
     return JSONResponse(make(request.id, self.model_name, choices, len(prompt_ids),
-                             sum(len(o.output_token_ids) for o in outputs), _cached(outputs[0])))
+                             sum(len(o.output_token_ids) for o in outputs), _cached(outputs[0]),
+                             logprobs=logprobs))
 
   async def _next(self, http_request: Request, items: asyncio.Queue, request: "_Served",
                   watch: list):
@@ -221,12 +225,13 @@ class Server:
           yield _sse(chunk(request.id, model, _delta(kind, delta), reason, i))
           continue
         delta = text.add(item)
+        logprobs = request.next_logprobs(self.tokenizer, i, item)
         if text.stopped:
           self.engine.abort(request.handles[i].request_id)
           continue
         # One chunk per token, even when its text is held back (a partial character, a possible
         # stop sequence): streaming clients time tokens by chunks.
-        yield _sse(chunk(request.id, model, _delta(kind, delta), None, i))
+        yield _sse(chunk(request.id, model, _delta(kind, delta), None, i, logprobs))
       if include_usage:  # plus this server's per-phase times, which clients may ignore
         yield _sse({"id": request.id, "object": chunk(request.id, "", "", None)["object"],
                     "created": int(time.time()), "model": model, "choices": [],
@@ -259,6 +264,32 @@ class _Served:
   prompt_len: int
   kind: str  # "completion" | "chat"
   echo: str = ""
+  logprobs: bool = False  # asked for
+  # Streaming: tokens sent so far, and where the next token's text starts, per choice.
+  sent: list = dataclasses.field(default_factory=list)
+  offsets: list = dataclasses.field(default_factory=list)
+
+  def logprobs_object(self, tokenizer, token_ids, logprobs):
+    """The API's logprobs object of these tokens (None when not asked for)."""
+    if not self.logprobs:
+      return None
+    if self.kind == "chat":
+      return protocol.chat_logprobs(tokenizer, token_ids, logprobs)
+    return protocol.completion_logprobs(tokenizer, token_ids, logprobs, len(self.echo))
+
+  def next_logprobs(self, tokenizer, choice: int, token: int):
+    """Streaming: the logprobs object of `choice`'s next token (its stream holds the entry)."""
+    if not self.logprobs:
+      return None
+    if not self.sent:
+      self.sent, self.offsets = [0] * len(self.handles), [len(self.echo)] * len(self.handles)
+    entry = self.handles[choice].logprobs[self.sent[choice]]
+    self.sent[choice] += 1
+    if self.kind == "chat":
+      return protocol.chat_logprobs(tokenizer, [token], [entry])
+    out = protocol.completion_logprobs(tokenizer, [token], [entry], self.offsets[choice])
+    self.offsets[choice] += len(out["tokens"][0])
+    return out
 
 
 def _forward(loop, items: asyncio.Queue, choice: int, item) -> None:
@@ -314,7 +345,7 @@ def build_app(server: Server) -> FastAPI:
   async def completions(body: protocol.CompletionRequest, request: Request):
     server.check_model(body.model)
     prompt = await server.prompt_ids(body.prompt)
-    sampling = server.sampling(body, len(prompt), COMPLETION_DEFAULT_MAX_TOKENS)
+    sampling = server.sampling(body, len(prompt), COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await server.run(request, prompt, sampling, body.stop, bool(body.stream),
                             include_usage, "completion", n=body.n or 1,
@@ -324,7 +355,7 @@ def build_app(server: Server) -> FastAPI:
   async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
     server.check_model(body.model)
     prompt = await server.chat_prompt([m.model_dump() for m in body.messages])
-    sampling = server.sampling(body, len(prompt), None)
+    sampling = server.sampling(body, len(prompt), None, body.num_logprobs())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await server.run(request, prompt, sampling, body.stop, bool(body.stream),
                             include_usage, "chat", n=body.n or 1)

@@ -12,13 +12,14 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from disagg_jax.engine.sampling import MAX_LOGPROBS
 from disagg_jax.models.tokenizer import unicode_problem
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # the largest `n`
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value gets a 400 naming it, instead of being served as if it were not there.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
+UNSUPPORTED = {"best_of": (None, 1),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
                "suffix": (None, "")}
@@ -117,6 +118,17 @@ class CompletionRequest(_Sampling):
                                         min_length=1)
   echo: Optional[bool] = Field(default=None, description="Put the prompt's text before each "
                                "choice's text.")
+  logprobs: Optional[int] = Field(
+      default=None, ge=0, le=MAX_LOGPROBS, strict=True,
+      description="Return each generated token's log-probability and those of the `logprobs` "
+      "most likely tokens at its position.")
+
+  @model_validator(mode="after")
+  def _no_prompt_logprobs(self):
+    if self.echo and self.logprobs is not None:
+      raise ValueError("`logprobs` with `echo` (log-probabilities of the prompt's tokens) is "
+                       "not supported; leave one of them out")
+    return self
 
   @field_validator("prompt", mode="before")
   @classmethod
@@ -154,6 +166,22 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
   messages: list[ChatMessage] = Field(min_length=1)
   max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+  logprobs: Optional[bool] = Field(default=None, description="Return each generated token's "
+                                   "log-probability.")
+  top_logprobs: Optional[int] = Field(
+      default=None, ge=0, le=MAX_LOGPROBS, strict=True,
+      description="With `logprobs`, also the log-probabilities of this many most likely "
+      "tokens at each position.")
+
+  @model_validator(mode="after")
+  def _top_needs_logprobs(self):
+    if self.top_logprobs and not self.logprobs:
+      raise ValueError("`top_logprobs` needs `logprobs: true`")
+    return self
+
+  def num_logprobs(self) -> int | None:
+    """SamplingParams.logprobs for this request."""
+    return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def new_id(prefix: str) -> str:
@@ -167,38 +195,81 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def completion_logprobs(tokenizer, token_ids, logprobs, text_offset: int = 0) -> dict | None:
+  """The completions API's logprobs object for tokens `token_ids` and their `TokenLogprob`s
+  (None: not asked for). A token's text is its id decoded alone; `text_offset`: where the first
+  one starts."""
+  if logprobs is None:
+    return None
+  tokens, offsets = [], []
+  for token in token_ids:
+    offsets.append(text_offset)
+    tokens.append(tokenizer.decode([token]))
+    text_offset += len(tokens[-1])
+  return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+          "top_logprobs": [_first_per_text(tokenizer, lp.top) for lp in logprobs],
+          "text_offset": offsets}
+
+
+def _first_per_text(tokenizer, top) -> dict:
+  """{text: logprob} of the most likely tokens; tokens that decode alike keep the likelier."""
+  out = {}
+  for token, value in top:
+    out.setdefault(tokenizer.decode([token]), value)
+  return out
+
+
+def chat_logprobs(tokenizer, token_ids, logprobs) -> dict | None:
+  """The chat API's logprobs object ({"content": [...]}) for tokens `token_ids` and their
+  `TokenLogprob`s (None: not asked for)."""
+  if logprobs is None:
+    return None
+
+  def entry(token: int, logprob: float) -> dict:
+    text = tokenizer.decode([token])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+  return {"content": [{**entry(token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                      for token, lp in zip(token_ids, logprobs)]}
+
+
 def completion_body(request_id: str, model: str, choices: list[tuple[str, str | None]],
-                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-  """`choices`: (text, finish_reason) of each choice, in order."""
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                    logprobs: list | None = None) -> dict:
+  """`choices`: (text, finish_reason) of each choice, in order; `logprobs`: each choice's
+  logprobs object (`completion_logprobs`), if asked for."""
+  logprobs = logprobs or [None] * len(choices)
   return {"id": request_id, "object": "text_completion", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                      for i, (text, finish) in enumerate(choices)],
+          "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+                      for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))],
           "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None,
-                     index: int = 0) -> dict:
+                     index: int = 0, logprobs: dict | None = None) -> dict:
   return {"id": request_id, "object": "text_completion", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": index, "text": text, "logprobs": None,
+          "choices": [{"index": index, "text": text, "logprobs": logprobs,
                        "finish_reason": finish_reason}]}
 
 
 def chat_body(request_id: str, model: str, choices: list[tuple[str, str | None]],
-              prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-  """`choices`: (text, finish_reason) of each choice, in order."""
+              prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+              logprobs: list | None = None) -> dict:
+  """`choices`: (text, finish_reason) of each choice, in order; `logprobs`: each choice's
+  logprobs object (`chat_logprobs`), if asked for."""
+  logprobs = logprobs or [None] * len(choices)
   return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
           "model": model,
           "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                       "logprobs": None, "finish_reason": finish}
-                      for i, (text, finish) in enumerate(choices)],
+                       "logprobs": lp, "finish_reason": finish}
+                      for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))],
           "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None,
-               index: int = 0) -> dict:
+               index: int = 0, logprobs: dict | None = None) -> dict:
   return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
           "model": model,
-          "choices": [{"index": index, "delta": delta, "logprobs": None,
+          "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                        "finish_reason": finish_reason}]}

@@ -90,7 +90,8 @@ def wait_for(predicate, timeout=60, what="condition"):
 
 @pytest.mark.parametrize("policy", [pytest.param("error", marks=pytest.mark.slow), "reprefill"])
 def test_decode_worker_killed_mid_stream(policy, model_dir, prompts, expected):
-  long = SamplingParams(max_new_tokens=80, ignore_eos=True)
+  # With log-probabilities: they come from both workers' events and survive the recomputation.
+  long = SamplingParams(max_new_tokens=80, ignore_eos=True, logprobs=2)
   chosen = prompts[:2] + prompts[4:6]  # <= 33 tokens: 80 more fit in max_seq_len
   reference = helpers.static_generator(loading.load_model(model_dir, helpers.mesh())).generate(
       chosen, long)
@@ -112,6 +113,11 @@ def test_decode_worker_killed_mid_stream(policy, model_dir, prompts, expected):
       # Recomputed from prompt + tokens so far on the surviving worker: the same tokens.
       assert not hit
       assert [o.output_token_ids for o in outputs] == [r.output_token_ids for r in reference]
+      for out, ref in zip(outputs, reference):
+        assert len(out.logprobs) == 80
+        for ours, theirs in zip(out.logprobs, ref.logprobs):
+          assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+          assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
     # The cluster keeps serving on the surviving decode worker.
     fresh = engine.generate(prompts, SAMPLING)
     assert [o.output_token_ids for o in fresh] == expected

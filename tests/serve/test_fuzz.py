@@ -16,6 +16,12 @@ def test_api_conforms_to_its_spec(live_server):
   assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
       "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
       "GET /metrics"}
+  # The generated requests cover every parameter the server takes, the newer ones included.
+  spec = httpx.get(live_server["url"] + "/openapi.json").json()["components"]["schemas"]
+  assert {"logprobs", "echo", "top_k", "min_p", "n", "stop"} <= set(
+      spec["CompletionRequest"]["properties"])
+  assert {"logprobs", "top_logprobs", "max_completion_tokens"} <= set(
+      spec["ChatCompletionRequest"]["properties"])
   seen = set()
   for operation in operations:
 

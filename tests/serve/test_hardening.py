@@ -196,7 +196,7 @@ def test_long_stop_string_top_k_and_nulls_are_accepted(live_server):
   assert min_p.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", 2), ("best_of", 2),
+@pytest.mark.parametrize("field, value", [("best_of", 2),
                                           ("presence_penalty", 0.5),
                                           ("frequency_penalty", 1.0)])
 def test_unsupported_parameters_are_refused_by_name(field, value, live_server):
@@ -290,3 +290,83 @@ def test_echo_puts_the_prompt_first(live_server):
                                             "max_tokens": 4, "temperature": 0,
                                             "echo": True}).json()
   assert echoed["choices"][0]["text"] == "The fox" + plain["choices"][0]["text"]
+
+
+def _hf_logprobs(hf_checkpoint, prompt, output):
+  import torch  # pylint: disable=g-import-not-at-top
+  _, hf_model = hf_checkpoint("qwen2")
+  with torch.no_grad():
+    logits = hf_model(torch.tensor([list(prompt) + list(output)])).logits[0].double()
+  return torch.log_softmax(logits, -1)[len(prompt) - 1:-1].numpy()
+
+
+def test_completion_logprobs_match_transformers_streamed_or_not(live_server, hf_checkpoint):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  tokenizer = live_server["engine"].tokenizer
+  prompt = [5, 6, 7, 8]
+  body = {"model": "tiny-qwen2", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+          "ignore_eos": True, "logprobs": 3}
+  response = post(live_server, COMPLETIONS, body)
+  assert response.status_code == 200, response.text
+  lp = response.json()["choices"][0]["logprobs"]
+  output = live_server["engine"].generate([prompt], SamplingParams(
+      max_new_tokens=6, ignore_eos=True))[0].output_token_ids  # the same greedy tokens
+  assert lp["tokens"] == [tokenizer.decode([t]) for t in output]
+  expected = _hf_logprobs(hf_checkpoint, prompt, output)
+  assert len(lp["token_logprobs"]) == 6 == len(lp["top_logprobs"]) == len(lp["text_offset"])
+  np.testing.assert_allclose(lp["token_logprobs"], expected[np.arange(6), output], atol=1e-4)
+  for i, top in enumerate(lp["top_logprobs"]):
+    assert 1 <= len(top) <= 3  # tokens decoding to the same text share a key
+    best = np.sort(expected[i])[::-1][:3]
+    assert max(top.values()) == pytest.approx(best[0], abs=1e-4)
+    assert all(np.isclose(best, v, atol=1e-4).any() for v in top.values())
+    assert max(top.values()) == pytest.approx(lp["token_logprobs"][i], abs=1e-6)  # greedy
+  assert lp["text_offset"] == list(np.cumsum([0] + [len(t) for t in lp["tokens"]])[:-1])
+  # Streamed: one token's logprobs per chunk, the same values.
+  streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+  with httpx.Client(base_url=live_server["url"], timeout=60) as http:
+    with http.stream("POST", COMPLETIONS, json={**body, "stream": True}) as stream:
+      for line in stream.iter_lines():
+        if line.startswith("data: {"):
+          chunk_lp = json.loads(line[6:])["choices"][0]["logprobs"]
+          if chunk_lp is not None:
+            for key in streamed:
+              streamed[key] += chunk_lp[key]
+  assert streamed["tokens"] == lp["tokens"] and streamed["text_offset"] == lp["text_offset"]
+  np.testing.assert_allclose(streamed["token_logprobs"], lp["token_logprobs"], atol=1e-6)
+
+
+def test_chat_logprobs_and_top_logprobs(live_server):
+  url = "/v1/chat/completions"
+  base = {"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}],
+          "max_tokens": 5, "temperature": 0.9, "seed": 4}
+  plain = post(live_server, url, base).json()["choices"][0]
+  assert plain["logprobs"] is None
+  response = post(live_server, url, {**base, "logprobs": True, "top_logprobs": 2})
+  assert response.status_code == 200, response.text
+  choice = response.json()["choices"][0]
+  assert choice["message"] == plain["message"]  # asking for logprobs changes no token
+  content = choice["logprobs"]["content"]
+  assert "".join(c["token"] for c in content) == choice["message"]["content"]
+  for entry in content:
+    assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+    assert entry["bytes"] == list(entry["token"].encode())
+    assert entry["top_logprobs"][0]["logprob"] >= entry["logprob"] - 1e-6
+  only = post(live_server, url, {**base, "logprobs": True}).json()["choices"][0]["logprobs"]
+  assert [c["top_logprobs"] for c in only["content"]] == [[]] * len(content)
+
+
+@pytest.mark.parametrize("path, fields, message", [
+    (COMPLETIONS, {"logprobs": 21}, "less than or equal to 20"),
+    (COMPLETIONS, {"logprobs": True}, "valid integer"),
+    (COMPLETIONS, {"logprobs": 2, "echo": True}, "`logprobs` with `echo`"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "`top_logprobs` needs `logprobs: true`"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 30}, "less than or equal"),
+])
+def test_bad_logprobs_are_refused(path, fields, message, live_server):
+  body = {"model": "tiny-qwen2", "max_tokens": 2, **fields}
+  body.update({"prompt": "hi"} if path == COMPLETIONS else
+              {"messages": [{"role": "user", "content": "hi"}]})
+  response = post(live_server, path, body)
+  assert response.status_code == 400 and message in response.json()["error"]["message"], (
+      response.text)
