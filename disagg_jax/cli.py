@@ -111,6 +111,14 @@ def define_sampling_flags() -> None:
   flags.DEFINE_float("min_p", 0.0, "Drop tokens less likely than min_p x the most likely one; "
                      "0 disables.")
   flags.DEFINE_integer("seed", 0, "Sampling seed, in [0, 2**32).")
+  flags.DEFINE_float("presence_penalty", 0.0, "Subtracted from the logit of every token "
+                     "generated so far, in [-2, 2]; 0 disables.")
+  flags.DEFINE_float("frequency_penalty", 0.0, "Times each token's count so far, subtracted "
+                     "from its logit, in [-2, 2]; 0 disables.")
+  flags.DEFINE_float("repetition_penalty", 1.0, "Tokens of the prompt or generated so far: "
+                     "positive logits divided by it, negative ones multiplied; 1 disables.")
+  flags.DEFINE_integer("logprobs", None, "Write each output token's log-probability and the N "
+                       "most likely tokens' (0-20) into the output lines; unset: none.")
 
 
 def run(main) -> None:
@@ -204,7 +212,10 @@ def sampling_from_flags() -> SamplingParams:
   f = flags.FLAGS
   try:
     return SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                          top_p=f.top_p, top_k=f.top_k, seed=f.seed, min_p=f.min_p)
+                          top_p=f.top_p, top_k=f.top_k, seed=f.seed, min_p=f.min_p,
+                          presence_penalty=f.presence_penalty,
+                          frequency_penalty=f.frequency_penalty,
+                          repetition_penalty=f.repetition_penalty, logprobs=f.logprobs)
   except InvalidRequestError as e:
     raise app.UsageError(str(e)) from None
 

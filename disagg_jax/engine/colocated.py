@@ -109,7 +109,7 @@ class ColocatedScheduler(Worker):
     `max_width` pages wide, smallest first."""
     return ([(f"decode rows={r} width={w}", lambda w=w, r=r: self.core.precompile_decode(w, r))
              for w in self.core.widths if w <= max_width for r in self.core.row_buckets]
-            + self.chunks.shapes(max_width))
+            + self.chunks.shapes(max_width) + [self.core.history_shape()])
 
   def run_mixed_discarded(self, rows_per_shard: int, chunk_len: int, width: int) -> None:
     """Dispatches a mixed step of that shape with no chunks and no decoding rows (all writes

@@ -16,7 +16,7 @@ import numpy as np
 
 from disagg_jax.engine import buckets
 from disagg_jax.engine.request import HostLogprobs
-from disagg_jax.engine.sampling import SamplingArrays
+from disagg_jax.engine.sampling import SamplingArrays, history_row
 from disagg_jax.engine.slots import DecodeSlots
 from disagg_jax.engine.state import RequestState
 from disagg_jax.engine.steps import ModelSteps
@@ -47,6 +47,13 @@ class DecodeCore:
     self.tokens = jax.device_put(jnp.zeros((num_slots,), jnp.int32), steps.rows)
     # The last step's log-probabilities of each slot's token (sampling.LogprobArrays).
     self.logprobs = None
+    # Each slot's penalty history int32[num_slots, V] (sampling.history_row), set when a
+    # penalized request takes the slot and updated by every step; `_history_of[slot]` is the
+    # (request, its preemption count) it was last set for.
+    self.history = jax.device_put(jnp.zeros((num_slots, steps.cfg.vocab_size), jnp.int32),
+                                  steps.rows)
+    self._history_of: list = [None] * num_slots
+    self._history_version = None
     self._sampling = None
     self._sampling_version = None
     self._table_key = None
@@ -63,6 +70,23 @@ class DecodeCore:
       self._sampling = jax.device_put(host, self.steps.rows)
       self._sampling_version = self.slots.occupancy_version
     return self._sampling
+
+  def sync_history(self) -> None:
+    """Sets the penalty history of every slot a penalized request took since the last step
+    (its prompt, and what it generated before, e.g. the first token made by the prefill mesh or
+    the tokens before a preemption)."""
+    if self._history_version == self.slots.occupancy_version:
+      return
+    self._history_version = self.slots.occupancy_version
+    for slot, request in enumerate(self.slots.requests):
+      # A request back after a preemption is a new occupant: it may have generated more since.
+      occupant = request and (request, request.metrics.preemptions)
+      if occupant == self._history_of[slot]:
+        continue
+      self._history_of[slot] = occupant
+      if request is not None and request.sampling.penalized:
+        row = history_row(request.prompt_ids, request.output_ids, self.steps.cfg.vocab_size)
+        self.history = self.steps.set_history(self.history, np.int32(slot), row)
 
   def positions(self):
     """This step's positions on device (an explicit transfer costs less than letting the jitted
@@ -102,9 +126,10 @@ class DecodeCore:
 
   def dispatch_decode(self, decoding: list[int]) -> None:
     """Dispatches one decode step over the slots' prefix holding `decoding` (asynchronously)."""
-    self.tokens, self.kv_pages, self.logprobs = self.steps.decode(
+    self.sync_history()
+    self.tokens, self.kv_pages, self.logprobs, self.history = self.steps.decode(
         self.params, self.kv_pages, self.tokens, self.positions(), self.page_table(),
-        self.sampling_arrays(), self._rows[self.decode_rows(decoding)])
+        self.sampling_arrays(), self._rows[self.decode_rows(decoding)], self.history)
 
   def decode(self, decoding: list[int]) -> "InFlight":
     """Dispatches one decode step over `decoding`, advances their positions and returns the
@@ -117,12 +142,14 @@ class DecodeCore:
   def mixed(self, table, chunk_inputs, precompile: bool = False) -> None:
     """Dispatches (or with `precompile` only compiles) the colocated mixed step: prompt chunks
     (`chunk_inputs`, on device) beside a decode token for every decoding slot."""
+    if not precompile:
+      self.sync_history()
     args = (self.params, self.kv_pages, self.tokens, self.positions(), table,
-            self.sampling_arrays(), *chunk_inputs)
+            self.sampling_arrays(), *chunk_inputs, self.history)
     if precompile:
       self.steps.mixed.precompile(*args)
     else:
-      self.tokens, self.kv_pages, self.logprobs = self.steps.mixed(*args)
+      self.tokens, self.kv_pages, self.logprobs, self.history = self.steps.mixed(*args)
 
   def insert(self, pieces, page_ids, slot: int, token: int) -> None:
     """Writes a request's arrived KV `pieces` (`transfer.pieces.Piece`, each a page block of a
@@ -148,7 +175,13 @@ class DecodeCore:
     (without running it; safe to call from several threads at once)."""
     self.steps.decode.precompile(self.params, self.kv_pages, self.tokens, self.positions(),
                                  self.table_for_compiling(width), self.sampling_arrays(),
-                                 self._rows[rows])
+                                 self._rows[rows], self.history)
+
+  def history_shape(self):
+    """(description, thunk compiling it) of the step that sets a slot's penalty history."""
+    row = np.zeros(self.steps.cfg.vocab_size, np.int32)
+    return ("set history", lambda: self.steps.set_history.precompile(self.history, np.int32(0),
+                                                                     row))
 
   def table_for_compiling(self, width: int):
     """A `width`-page table on device shaped and sharded as the steps take it (not cached)."""

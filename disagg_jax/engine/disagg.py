@@ -138,17 +138,20 @@ class PrefillWorker(Worker):
         out.append((f"prefill batch={b} len={s}", lambda b=b, s=s: self._compile(b, s)))
     return out
 
-  def _inputs(self, tokens, lengths, sampling):
-    sampling_arrays = SamplingArrays.from_params(sampling, tokens.shape[0])
+  def _inputs(self, tokens, lengths, sampling, prompt_lens=None):
+    sampling_arrays = SamplingArrays.from_params(
+        sampling, tokens.shape[0], lengths if prompt_lens is None else prompt_lens)
     return (self.params, *self.steps.put_rows(tokens, lengths, sampling_arrays))
 
-  def prefill_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling, on_group=None):
+  def prefill_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling, on_group=None,
+                    prompt_lens=None):
     """Runs one prefill step: tokens int32[B, S] (B a batch bucket), lengths int32[B], sampling
-    settings of the first rows -> (first tokens int32[B] on the host, the last layer group's
+    settings of the first rows, how many of each row's tokens are its prompt (`prompt_lens`;
+    default all, for the penalties) -> (first tokens int32[B] on the host, the last layer group's
     KV, the first tokens' log-probabilities on device). Layer group by layer group:
     `on_group(g, kv)` gets each group's KV as soon as it is dispatched, before the next group
     is."""
-    params, inputs, lengths_d, sampling_d = self._inputs(tokens, lengths, sampling)
+    params, inputs, lengths_d, sampling_d = self._inputs(tokens, lengths, sampling, prompt_lens)
     last = len(self.group_steps) - 1
     logprobs = None
     for g, step in enumerate(self.group_steps):
@@ -175,7 +178,7 @@ class PrefillWorker(Worker):
                                   sharding=parallel.batch_sharding(steps.mesh))
     sizes = set()
     for g, step in enumerate(self.group_steps):
-      step.precompile(args[0], args[1] if g == 0 else hidden, *args[2:])
+      step.precompile(args[0], args[1] if g == 0 else (hidden, args[1]), *args[2:])
       start, stop = self.groups[g]
       sizes.add(stop - start)
     for size in sizes:
@@ -211,7 +214,7 @@ class PrefillWorker(Worker):
           else:
             self.handoff(request, cut, None)
       first, _, logprobs = self.prefill_batch(tokens, lengths, [r.sampling for r in requests],
-                                              on_group)
+                                              on_group, [len(r.prompt_ids) for r in requests])
       logprobs = HostLogprobs.read(logprobs, [r.sampling for r in requests])
       now = time.perf_counter()
       for i, request in enumerate(requests):
@@ -452,6 +455,7 @@ class DisaggDecodeLoop(Worker):
       out += self.chunks.shapes(max(max_len // ps, core.widths[0]))
     out.append(("set token", lambda: core.steps.set_token.precompile(core.tokens, np.int32(0),
                                                                      np.int32(0))))
+    out.append(core.history_shape())
     return out
 
   def run(self) -> None:

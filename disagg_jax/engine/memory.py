@@ -119,12 +119,14 @@ def step_activation_bytes(cfg: ModelConfig, *, tokens: int, logits_rows: int,
                           ) -> int:
   """An upper bound of one step's temporaries on one device: per token the residual stream and
   its norms, q/k/v and the MLP's gate/up (split over tp), float32 logits and the sampler's
-  temporaries per row, the attention path's own (`attention_bytes`, already per device) and the
-  step's KV output (prefill). Doubled for XLA's fusion temporaries and buffer reuse limits."""
+  temporaries per row (the penalties' history rows and penalized logits among them), the
+  attention path's own (`attention_bytes`, already per device) and the step's KV output
+  (prefill). Doubled for XLA's fusion temporaries and buffer reuse limits."""
   per_token = (4 * cfg.hidden_size * itemsize
                + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * itemsize // tp
                + 3 * cfg.intermediate_size * itemsize // tp)
-  logits = logits_rows * (3 * cfg.vocab_size // tp + 2 * SAMPLING_CANDIDATES) * 4
+  logits = logits_rows * (3 * cfg.vocab_size // tp + 2 * cfg.vocab_size
+                         + 2 * SAMPLING_CANDIDATES) * 4
   return 2 * (tokens * per_token + logits + attention_bytes) + kv_out_bytes
 
 
@@ -281,7 +283,8 @@ def paged_step_activations(config, limits, model, *, decode_rows: int, chunk_row
                            chunk_len: int = 0) -> int:
   """The largest paged step's activations on one device of `model`'s mesh: `decode_rows` rows of
   one query and `chunk_rows` rows of `chunk_len` queries (a mixed step), contexts up to
-  max_seq_len."""
+  max_seq_len; with the decode slots' penalty history (`history_bytes`), which lives beside
+  them."""
   cfg, mesh = model.cfg, model.mesh
   tp, dp = parallel.tp_size(mesh), parallel.dp_size(mesh)
   itemsize = np.dtype(model.dtype).itemsize
@@ -295,7 +298,14 @@ def paged_step_activations(config, limits, model, *, decode_rows: int, chunk_row
   rows = decode_rows + chunk_rows
   return step_activation_bytes(cfg, tokens=-(-(decode_rows + chunk_rows * chunk_len) // dp),
                                logits_rows=-(-rows // dp), attention_bytes=attention,
-                               kv_out_bytes=0, itemsize=itemsize, tp=tp)
+                               kv_out_bytes=0, itemsize=itemsize, tp=tp) + history_bytes(
+                                   cfg, decode_rows, dp)
+
+
+def history_bytes(cfg: ModelConfig, num_slots: int, dp: int) -> int:
+  """Per device: the penalty history of `num_slots` decode slots (int32[slots, V], rows over
+  dp; `engine.decode_core.DecodeCore.history`)."""
+  return -(-num_slots // dp) * cfg.vocab_size * 4
 
 
 def prefill_step_activations(config, limits, model) -> int:
@@ -368,11 +378,16 @@ def cache_knob(config, name: str) -> int | None:
 
 
 def prefill_cache_bytes(config, limits, model) -> int:
-  """Bytes of the prefill mesh's prefix cache (`engine.prefill_cache`), all its devices."""
+  """Bytes of the prefill mesh's prefix cache (`engine.prefill_cache`), all its devices: its
+  pages and its slots' penalty history."""
   cfg, mesh = model.cfg, model.mesh
-  tokens = prefill_cache_tokens(config, limits.max_seq_len, parallel.dp_size(mesh))
+  dp = parallel.dp_size(mesh)
+  tokens = prefill_cache_tokens(config, limits.max_seq_len, dp)
+  if not tokens:
+    return 0
+  slots = -(-config.prefill_batch // dp) * dp  # as engine.prefill_cache sizes them
   return (2 * cfg.num_layers * parallel.pool_kv_heads(cfg, mesh) * cfg.head_dim * tokens
-          * np.dtype(model.dtype).itemsize)
+          * np.dtype(model.dtype).itemsize + mesh.size * history_bytes(cfg, slots, dp))
 
 
 def describe_prefill(config, limits, model) -> str:

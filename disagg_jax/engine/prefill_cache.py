@@ -92,7 +92,7 @@ class CachedPrefillWorker(Worker):
                     lambda size=size, bucket=bucket: self.gather.precompile(
                         self.core.kv_pages[:size], np.zeros(bucket // ps, np.int32),
                         np.int32(1))))
-    return out
+    return out + [self.core.history_shape()]
 
   # ------------------------------------------------------------------ the thread
 

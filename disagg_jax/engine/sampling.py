@@ -44,6 +44,11 @@ K_MAX = 256
 # The most alternatives a request may ask log-probabilities of (`SamplingParams.logprobs`), as
 # vLLM's default max_logprobs and OpenAI's top_logprobs limit; every step computes this many.
 MAX_LOGPROBS = 20
+# Penalties (vLLM's): a row's history int32[V] holds how often each token was generated so far,
+# plus PROMPT_FLAG if the token is in the prompt (`history_row`; the decode side keeps one per
+# slot on device). presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY].
+PROMPT_FLAG = 1 << 24
+MAX_PENALTY = 2.0
 
 
 class InvalidRequestError(ValueError):
@@ -61,7 +66,11 @@ class SamplingParams:
   disable them (min_p: tokens less likely than min_p times the most likely one are dropped).
   logprobs: None, none returned; N in [0, MAX_LOGPROBS], each generated token comes with its own
   log-probability and the N most likely tokens' (log-softmax of the model's logits, before
-  temperature and the other settings, as vLLM's default)."""
+  temperature and the other settings, as vLLM's default).
+  Penalties, as vLLM applies them to the logits before everything else: repetition_penalty r
+  (1: off) divides the positive logits of tokens in the prompt or generated so far by r and
+  multiplies their negative ones by r; frequency_penalty f and presence_penalty p (0: off)
+  subtract f x (times the token was generated) and p x (1 if it was generated at all)."""
 
   max_new_tokens: int = 32
   temperature: float = 0.0
@@ -72,6 +81,9 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
   logprobs: int | None = None
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -102,6 +114,15 @@ class SamplingParams:
         isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
         or not 0 <= self.logprobs <= MAX_LOGPROBS):
       bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+          or not -MAX_PENALTY <= value <= MAX_PENALTY):
+        bad(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+    value = self.repetition_penalty
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+        or math.isinf(value) or value <= 0):
+      bad(f"repetition_penalty must be a finite number > 0 (1 disables it), got {value!r}")
     for t in self.stop_token_ids:
       if isinstance(t, bool) or not isinstance(t, int) or t < 0:
         bad(f"stop_token_ids must be non-negative integers, got {t!r}")
@@ -109,33 +130,57 @@ class SamplingParams:
   def replace(self, **changes) -> "SamplingParams":
     return dataclasses.replace(self, **changes)
 
+  @property
+  def penalized(self) -> bool:
+    """Whether any penalty applies (the request's history is then kept on device)."""
+    return (self.presence_penalty != 0 or self.frequency_penalty != 0
+            or self.repetition_penalty != 1)
+
 
 class SamplingArrays(NamedTuple):
   """Per-row sampling settings on device: temperature f32[B], top_k i32[B], top_p f32[B],
   seed u32[B], min_p f32[B] (None: 0 for every row), logprobs i32[B] (-1: none wanted; None:
-  no row wants them, and the steps do not even test for it)."""
+  no row wants them, and the steps do not even test for it), presence / frequency / repetition
+  penalties f32[B] (None: none), and for a prefill step prompt_len i32[B], how many of each
+  row's tokens are the prompt (the rest are generated tokens recomputed after a preemption;
+  None: all)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
   min_p: jax.Array | None = None
   logprobs: jax.Array | None = None
+  presence: jax.Array | None = None
+  frequency: jax.Array | None = None
+  repetition: jax.Array | None = None
+  prompt_len: jax.Array | None = None
 
   @classmethod
-  def from_params(cls, params: Sequence[SamplingParams | None], batch: int) -> "SamplingArrays":
-    """Host arrays for `batch` rows; missing rows are greedy."""
+  def from_params(cls, params: Sequence[SamplingParams | None], batch: int,
+                  prompt_lens: Sequence[int] | None = None) -> "SamplingArrays":
+    """Host arrays for `batch` rows; missing rows are greedy. `prompt_lens` (prefill steps):
+    each row's prompt length, when its tokens may include generated ones."""
     temperature = np.zeros(batch, np.float32)
     top_k = np.zeros(batch, np.int32)
     top_p = np.ones(batch, np.float32)
     seed = np.zeros(batch, np.uint32)
     min_p = np.zeros(batch, np.float32)
     logprobs = np.full(batch, -1, np.int32)
+    presence, frequency = np.zeros(batch, np.float32), np.zeros(batch, np.float32)
+    repetition = np.ones(batch, np.float32)
+    prompt_len = None
+    if prompt_lens is not None:
+      prompt_len = np.zeros(batch, np.int32)
+      prompt_len[:len(prompt_lens)] = prompt_lens
     for i, p in enumerate(params):
       if p is not None:
         temperature[i], top_k[i], top_p[i], seed[i] = p.temperature, p.top_k, p.top_p, p.seed
         min_p[i] = p.min_p
         logprobs[i] = -1 if p.logprobs is None else p.logprobs
-    return cls(temperature, top_k, top_p, seed, min_p, logprobs)
+        presence[i], frequency[i] = p.presence_penalty, p.frequency_penalty
+        repetition[i] = p.repetition_penalty
+    return cls(temperature, top_k, top_p, seed, min_p, logprobs, presence, frequency, repetition,
+               prompt_len)
 
 
 class LogprobArrays(NamedTuple):
@@ -182,11 +227,78 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
                       lambda: LogprobArrays.zeros(batch))
 
 
-def sample_with_logprobs(logits: jax.Array, sampling: SamplingArrays,
-                         positions: jax.Array) -> tuple[jax.Array, LogprobArrays]:
-  """`sample`, and the log-probabilities of what it drew (`token_logprobs`), from one logits."""
-  tokens = sample(logits, sampling, positions)
+def sample_with_logprobs(logits: jax.Array, sampling: SamplingArrays, positions: jax.Array,
+                         history: jax.Array | None = None,
+                         history_rows: jax.Array | None = None) -> tuple[jax.Array, LogprobArrays]:
+  """`sample` of the logits penalized by each row's history (`apply_penalties`; None: no
+  penalties), and the log-probabilities of what it drew (`token_logprobs`, of the logits as the
+  model gave them)."""
+  tokens = sample(apply_penalties(logits, history, sampling, history_rows), sampling, positions)
   return tokens, token_logprobs(logits, tokens, sampling)
+
+
+def history_row(prompt_ids: Sequence[int], output_ids: Sequence[int], vocab: int) -> np.ndarray:
+  """A sequence's penalty history int32[vocab] (on the host): PROMPT_FLAG at its prompt's
+  tokens, plus how often each token was generated."""
+  row = np.zeros(vocab, np.int32)
+  row[np.asarray(prompt_ids, np.int64)] = PROMPT_FLAG
+  np.add.at(row, np.asarray(output_ids, np.int64), 1)
+  return row
+
+
+def prompt_history(tokens: jax.Array, lengths: jax.Array, sampling: SamplingArrays,
+                   vocab: int) -> jax.Array | None:
+  """The penalty history int32[B, vocab] of a prefill batch's rows (tokens int32[B, S], the
+  first lengths[b] real; the first sampling.prompt_len[b] the prompt, all when None), built
+  only when some row is penalized; None when the settings carry no penalties."""
+  if sampling.presence is None:
+    return None
+  b, s = tokens.shape
+
+  def build():
+    position = jnp.arange(s, dtype=jnp.int32)[None, :]
+    real = position < lengths[:, None]
+    prompt_len = lengths if sampling.prompt_len is None else jnp.asarray(sampling.prompt_len)
+    in_prompt = real & (position < prompt_len[:, None])
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+    history = jnp.zeros((b, vocab), jnp.int32)
+    history = history.at[rows, tokens].max(jnp.where(in_prompt, PROMPT_FLAG, 0))
+    return history.at[rows, tokens].add((real & ~in_prompt).astype(jnp.int32))
+  return jax.lax.cond(_any_penalty(sampling), build, lambda: jnp.zeros((b, vocab), jnp.int32))
+
+
+def record_tokens(history: jax.Array | None, rows: jax.Array, tokens: jax.Array,
+                  counted: jax.Array) -> jax.Array | None:
+  """The history with tokens[i] generated once more by row rows[i] where counted[i] (rows past
+  the batch are dropped)."""
+  if history is None:
+    return None
+  return history.at[rows, tokens].add(counted.astype(jnp.int32), mode="drop")
+
+
+def _any_penalty(sampling: SamplingArrays):
+  return jnp.any((jnp.asarray(sampling.presence) != 0) | (jnp.asarray(sampling.frequency) != 0)
+                 | (jnp.asarray(sampling.repetition) != 1))
+
+
+def apply_penalties(logits: jax.Array, history: jax.Array | None, sampling: SamplingArrays,
+                    rows: jax.Array | None = None) -> jax.Array:
+  """logits f32[B, V] with each row's penalties applied (vLLM's rule, `SamplingParams`) given
+  its history: history int32[B, V], or history[rows] (rows int32[B]; gathered only when some row
+  is penalized: a batch-level cond skips everything otherwise)."""
+  if history is None or sampling.presence is None:
+    return logits
+
+  def penalize():
+    rows_history = history if rows is None else history[rows]
+    count = (rows_history % PROMPT_FLAG).astype(logits.dtype)
+    repetition = jnp.asarray(sampling.repetition)[:, None].astype(logits.dtype)
+    seen = rows_history > 0
+    out = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition),
+                    logits)
+    return (out - jnp.asarray(sampling.frequency)[:, None] * count
+            - jnp.asarray(sampling.presence)[:, None] * (count > 0).astype(logits.dtype))
+  return jax.lax.cond(_any_penalty(sampling), penalize, lambda: logits)
 
 
 def sample(logits: jax.Array, sampling: SamplingArrays, positions: jax.Array) -> jax.Array:

@@ -15,7 +15,8 @@ import numpy as np
 
 from disagg_jax.engine import buckets, memory
 from disagg_jax.engine.request import HostLogprobs, Limits, RequestOutput, stop_ids, validate
-from disagg_jax.engine.sampling import InvalidRequestError, SamplingArrays, SamplingParams
+from disagg_jax.engine.sampling import (InvalidRequestError, SamplingArrays, SamplingParams,
+                                        history_row)
 from disagg_jax.engine.steps import ModelSteps
 from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.loading import Model
@@ -123,6 +124,12 @@ class StaticGenerator:
     self._kv_pages = self.steps.insert(self._kv_pages, result.kv, insert_ids)
     next_tokens = np.asarray(result.tokens)
     step_logprobs = HostLogprobs.read(result.logprobs, sampling)
+    # Penalty histories: each prompt and its first token (the steps add the later ones).
+    history = np.zeros((batch, cfg.vocab_size), np.int32)
+    for i in range(n):
+      if sampling[i].penalized:
+        history[i] = history_row(prompts[i], [int(next_tokens[i])], cfg.vocab_size)
+    history = put(history)[0]
     t1 = time.perf_counter()
     self.times.prefill_s += t1 - t0
 
@@ -148,9 +155,9 @@ class StaticGenerator:
           positions[i] = -1
       if all(r is not None for r in reasons):
         break
-      next_dev, self._kv_pages, logprobs_dev = self.steps.decode(
+      next_dev, self._kv_pages, logprobs_dev, history = self.steps.decode(
           self.model.params, self._kv_pages, *put(next_tokens.astype(np.int32), positions),
-          page_table_dev, sampling_arrays, all_rows)
+          page_table_dev, sampling_arrays, all_rows, history)
       next_tokens = np.asarray(next_dev)
       step_logprobs = HostLogprobs.read(logprobs_dev, sampling)
       positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)

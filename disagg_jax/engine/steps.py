@@ -2,17 +2,18 @@
 
     prefill(params, tokens, lengths, sampling)    -> (first tokens, logits, prompt KV, logprobs)
     insert(kv_pages*, prompt_kv, page_ids)                    -> kv_pages
-    decode(params, kv_pages*, tokens, positions, page_table, sampling, rows)
-                                                              -> (tokens, kv_pages, logprobs)
+    decode(params, kv_pages*, tokens, positions, page_table, sampling, rows, history*)
+                                                     -> (tokens, kv_pages, logprobs, history)
   The serving engine's variants keep each slot's next input token on device:
-    prefill_groups(groups)[g](params, tokens | hidden, lengths, sampling)
+    prefill_groups(groups)[g](params, tokens | (hidden, tokens), lengths, sampling)
                                        -> (hidden, layer group g's KV); the last: like prefill
     make_extract(plan)(prompt_kv, row, num_pages)             -> one request's KV as page blocks
     make_gather(plan)(layer_pages, page_ids, num_pages)       -> the same, read from the pool
     insert_block(layer_pages*, block, page_ids)               -> layer_pages
     set_token(tokens, slot, token)                            -> tokens
-    mixed(params, kv_pages*, tokens, positions, page_table, sampling, chunk...)
-                                                              -> (tokens, kv_pages, logprobs)
+    mixed(params, kv_pages*, tokens, positions, page_table, sampling, chunk..., history*)
+                                                     -> (tokens, kv_pages, logprobs, history)
+    set_history(history*, slot, row)                          -> history
 
 (* donated: the page pool is updated in place.) Everything is an explicit pytree: `params` is the
 model's `nnx.State`, `kv_pages` a list of `LayerPages`, the prompt KV a list of `LayerKV`.
@@ -21,7 +22,9 @@ with the page pool (`disagg_jax.kv.layout`); page tables are [B, W] with W a wid
 the step's longest sequence, so short contexts never pay for max_seq_len. `logprobs` is a
 `LogprobArrays` over the same rows as the tokens beside it: the log-probabilities of each row's
 token and its most likely alternatives, from the logits the token was sampled from (zeros unless
-a row's sampling settings ask for them).
+a row's sampling settings ask for them). `history` int32[B, V] is each slot's penalty history
+(`sampling.history_row`), updated with the tokens the step samples; None (the default) when the
+caller applies no penalties.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from disagg_jax import parallel
 from disagg_jax.engine.compiled import Step
 from disagg_jax.engine.attention import (MixedAttention, PagedAttention, PromptAttention,
                                          rows_constraint)
-from disagg_jax.engine.sampling import LogprobArrays, SamplingArrays, sample_with_logprobs
+from disagg_jax.engine.sampling import (LogprobArrays, SamplingArrays, prompt_history,
+                                        record_tokens, sample_with_logprobs)
 from disagg_jax.kv import cache as kv_cache
 from disagg_jax.kv import layout as kv_layout
 from disagg_jax.models.loading import Model
@@ -74,8 +78,8 @@ class ModelSteps:
                                            out_shardings=PrefillResult(rows, rows, dense,
                                                                         rows)))
     self.insert = Step("insert", jax.jit(self._insert, donate_argnums=(0,), out_shardings=pages))
-    self.decode = Step("decode", jax.jit(self._decode, donate_argnums=(1,),
-                                         out_shardings=(rows, pages, rows)))
+    self.decode = Step("decode", jax.jit(self._decode, donate_argnums=(1, 7),
+                                         out_shardings=(rows, pages, rows, rows)))
     # Only the page pool is donated: the engine keeps reading a step's token array after
     # dispatching the next step (it is tiny anyway).
     self.insert_block = Step("insert_block", jax.jit(self._insert_block, donate_argnums=(0,),
@@ -83,13 +87,16 @@ class ModelSteps:
     self.set_token = Step("set_token", jax.jit(lambda tokens, slot, token:
                                                tokens.at[slot].set(token), out_shardings=rows))
     self._groups: dict[tuple, list[Step]] = {}
-    self.mixed = Step("mixed", jax.jit(self._mixed, donate_argnums=(1,),
-                                       out_shardings=(rows, pages, rows)))
+    self.mixed = Step("mixed", jax.jit(self._mixed, donate_argnums=(1, 11),
+                                       out_shardings=(rows, pages, rows, rows)))
+    self.set_history = Step("set_history", jax.jit(
+        lambda history, slot, row: history.at[slot].set(row), donate_argnums=(0,),
+        out_shardings=rows))
 
   def all_steps(self) -> list[Step]:
     group_steps = [step for steps in self._groups.values() for step in steps]
     return [self.prefill, self.insert, self.decode, self.insert_block, self.set_token,
-            self.mixed, *group_steps]
+            self.mixed, self.set_history, *group_steps]
 
   def put_rows(self, *arrays):
     """Host arrays -> device arrays with their rows over dp (what the steps expect)."""
@@ -116,13 +123,15 @@ class ModelSteps:
     last = jnp.maximum(lengths - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
-    first, logprobs = sample_with_logprobs(logits, sampling, last)
+    history = prompt_history(tokens, lengths, sampling, logits.shape[-1])
+    first, logprobs = sample_with_logprobs(logits, sampling, last, history)
     return PrefillResult(first, logits, kv, logprobs)
 
   def prefill_groups(self, groups: tuple[tuple[int, int], ...]) -> list[Step]:
     """The prefill step as one step per layer group ([start, stop) each, in order): the first
-    takes the tokens, each passes its hidden states on, and every one returns its layers' KV
-    ([B, S, Hkv, D] per layer); the last returns a PrefillResult. One group is `prefill`."""
+    takes the tokens, each passes (its hidden states, the tokens) on, and every one returns its
+    layers' KV ([B, S, Hkv, D] per layer); the last returns a PrefillResult (the tokens make
+    its penalty history). One group is `prefill`."""
     if len(groups) == 1:
       return [self.prefill]
     if groups not in self._groups:
@@ -133,7 +142,7 @@ class ModelSteps:
         last = g == len(groups) - 1
         fn = functools.partial(self._prefill_group, start=start, stop=stop, first=g == 0,
                                last=last)
-        out = PrefillResult(rows, rows, dense, rows) if last else (rows, dense)
+        out = PrefillResult(rows, rows, dense, rows) if last else ((rows, rows), dense)
         steps.append(Step(f"prefill layers {start}-{stop - 1}",
                           jax.jit(fn, out_shardings=out)))
       self._groups[groups] = steps
@@ -142,22 +151,26 @@ class ModelSteps:
   def _prefill_group(self, params, inputs, lengths, sampling: SamplingArrays, *, start: int,
                      stop: int, first: bool, last: bool):
     """Layers [start, stop) of the prefill step. inputs: int32[B, S] tokens (first group) or
-    the previous group's hidden states [B, S, H]."""
+    (the previous group's hidden states [B, S, H], the tokens)."""
     model = self._model(params)
     if first:
+      tokens = inputs
       inputs = model.embed(rows_constraint(inputs, self.layout))
+    else:
+      inputs, tokens = inputs
     b, s = inputs.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     attention = PromptAttention(lengths, self.attention_impl, self.layout)
     hidden, kv = model.run_layers(inputs, positions, attention, start, stop)
     if not last:
-      return hidden, kv
+      return (hidden, tokens), kv
     hidden = model.final_norm(hidden)
     index = jnp.maximum(lengths - 1, 0)
     hidden_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
     logits = model.logits(hidden_last)
-    first, logprobs = sample_with_logprobs(logits, sampling, index)
-    return PrefillResult(first, logits, kv, logprobs)
+    history = prompt_history(tokens, lengths, sampling, logits.shape[-1])
+    first_tokens, logprobs = sample_with_logprobs(logits, sampling, index, history)
+    return PrefillResult(first_tokens, logits, kv, logprobs)
 
   def _insert(self, kv_pages, prompt_kv, page_ids):
     """prompt_kv [B, S, Hkv, D] per layer, rows over dp; page_ids int32[B, S // page_size]: the
@@ -165,7 +178,7 @@ class ModelSteps:
     return self.layout.write_prompts(kv_pages, prompt_kv, page_ids)
 
   def _decode(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays,
-              rows):
+              rows, history=None):
     """Decodes the batch rows `rows` int32[R] (R <= B; each dp row's share of them from its own
     rows): tokens int32[B] holds each row's token at `positions` int32[B] (-1: idle); the rows'
     tokens are appended to their pages and attended, and `tokens` comes back with each active
@@ -181,9 +194,11 @@ class ModelSteps:
     hidden, kv_pages = model(rows_constraint(current[:, None], self.layout), context[:, None],
                              attention, kv_pages)
     logits = model.logits(hidden[:, 0])
-    sampled, logprobs = sample_with_logprobs(logits, jax.tree.map(gather, sampling), context)
+    sampled, logprobs = sample_with_logprobs(logits, jax.tree.map(gather, sampling), context,
+                                             history, rows)
     return (tokens.at[rows].set(jnp.where(active, sampled, current)), kv_pages,
-            LogprobArrays.zeros(tokens.shape[0]).at_set(rows, logprobs))
+            LogprobArrays.zeros(tokens.shape[0]).at_set(rows, logprobs),
+            record_tokens(history, rows, sampled, active))
 
   # ------------------------------------------------------------------ serving-engine variants
 
@@ -248,7 +263,7 @@ class ModelSteps:
     return self.layout.write_prompts(layer_pages, batched, page_ids[None], rows_sharded=False)
 
   def _mixed(self, params, kv_pages, tokens, positions, page_table, sampling: SamplingArrays,
-             chunk_tokens, chunk_slots, chunk_context, chunk_lens, chunk_final):
+             chunk_tokens, chunk_slots, chunk_context, chunk_lens, chunk_final, history=None):
     """One continuous-batching step: every slot with positions >= 0 decodes one token, and
     chunk_tokens int32[Bc, C] extend the prompts of slots chunk_slots (B for a padding row) at
     positions chunk_context + [0, chunk_lens). Chunk row i belongs to dp row i // (Bc / dp), as
@@ -275,11 +290,14 @@ class ModelSteps:
     row_sampling = jax.tree.map(lambda x, y: jnp.concatenate([x, y[safe_slots]]), sampling,
                                 sampling)
     sampled, logprobs = sample_with_logprobs(model.logits(rows), row_sampling,
-                                             jnp.concatenate([context, chunk_context + last]))
+                                             jnp.concatenate([context, chunk_context + last]),
+                                             history, jnp.concatenate([jnp.arange(b), safe_slots]))
     tokens = jnp.where(active, sampled[:b], tokens)
     first = sampled[b:]
     write_to = jnp.where(chunk_final, chunk_slots, b)  # b: dropped
     decode_lp = jax.tree.map(lambda x: x[:b], logprobs)
     chunk_lp = jax.tree.map(lambda x: x[b:], logprobs)
+    history = record_tokens(history, jnp.arange(b), sampled[:b], active)
+    history = record_tokens(history, write_to, first, chunk_final)
     return (tokens.at[write_to].set(first, mode="drop"), kv_pages,
-            decode_lp.at_set(write_to, chunk_lp, mode="drop"))
+            decode_lp.at_set(write_to, chunk_lp, mode="drop"), history)

@@ -110,7 +110,10 @@ class Server:
           top_k=max(body.top_k or 0, 0),
           min_p=body.min_p or 0.0,
           seed=random.randrange(MAX_SEED) if body.seed is None else body.seed,
-          ignore_eos=body.ignore_eos, logprobs=logprobs)
+          ignore_eos=body.ignore_eos, logprobs=logprobs,
+          presence_penalty=body.presence_penalty or 0.0,
+          frequency_penalty=body.frequency_penalty or 0.0,
+          repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
     except InvalidRequestError as e:
       raise APIError(400, str(e)) from None
 

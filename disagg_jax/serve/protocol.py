@@ -12,17 +12,14 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from disagg_jax.engine.sampling import MAX_LOGPROBS
+from disagg_jax.engine.sampling import MAX_LOGPROBS, MAX_PENALTY
 from disagg_jax.models.tokenizer import unicode_problem
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # the largest `n`
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value gets a 400 naming it, instead of being served as if it were not there.
-UNSUPPORTED = {"best_of": (None, 1),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
-               "suffix": (None, "")}
+UNSUPPORTED = {"best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, "")}
 
 
 def _text(value: str) -> str:
@@ -86,6 +83,15 @@ class _Sampling(BaseModel):
   stream_options: Optional[StreamOptions] = None
   ignore_eos: bool = Field(default=False, description="Extension (as vLLM): keep generating "
                            "past EOS until max_tokens.")
+  presence_penalty: Optional[float] = Field(
+      default=None, ge=-MAX_PENALTY, le=MAX_PENALTY, description="Subtracted from the logit of "
+      "every token generated so far.")
+  frequency_penalty: Optional[float] = Field(
+      default=None, ge=-MAX_PENALTY, le=MAX_PENALTY, description="Times the count of each "
+      "token generated so far, subtracted from its logit.")
+  repetition_penalty: Optional[float] = Field(
+      default=None, gt=0.0, description="Extension (as vLLM): tokens of the prompt or "
+      "generated so far have positive logits divided by it, negative ones multiplied; 1: off.")
 
   _check_model = field_validator("model")(classmethod(lambda cls, value: _text(value)))
 

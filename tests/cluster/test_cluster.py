@@ -90,8 +90,9 @@ def wait_for(predicate, timeout=60, what="condition"):
 
 @pytest.mark.parametrize("policy", [pytest.param("error", marks=pytest.mark.slow), "reprefill"])
 def test_decode_worker_killed_mid_stream(policy, model_dir, prompts, expected):
-  # With log-probabilities: they come from both workers' events and survive the recomputation.
-  long = SamplingParams(max_new_tokens=80, ignore_eos=True, logprobs=2)
+  # With log-probabilities (from both workers' events) and a penalty (its history rebuilt on the
+  # surviving worker): both survive the recomputation.
+  long = SamplingParams(max_new_tokens=80, ignore_eos=True, logprobs=2, repetition_penalty=1.3)
   chosen = prompts[:2] + prompts[4:6]  # <= 33 tokens: 80 more fit in max_seq_len
   reference = helpers.static_generator(loading.load_model(model_dir, helpers.mesh())).generate(
       chosen, long)

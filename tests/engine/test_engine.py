@@ -97,7 +97,11 @@ def test_many_requests_with_waiting_and_preemption(mode, dp, hf_checkpoint):
   rng = np.random.default_rng(3)
   lengths = rng.integers(1, 60, 120)
   prompts = helpers.random_prompts(lengths, tiny_hf.VOCAB, seed=4)
-  sampling = [SamplingParams(max_new_tokens=int(n), ignore_eos=True, temperature=0.7, seed=i)
+  # Penalties on some: their history (prompt + tokens so far) is rebuilt after a preemption.
+  penalties = [{}, {"presence_penalty": 1.0}, {"frequency_penalty": 0.7},
+               {"repetition_penalty": 1.4}]
+  sampling = [SamplingParams(max_new_tokens=int(n), ignore_eos=True, temperature=0.7, seed=i,
+                             **penalties[i % 4])
               for i, n in enumerate(rng.integers(1, 40, 120))]
   expected = reference_outputs(model_dir, prompts, sampling)
   # 13 usable pages of 16 tokens for 4 slots of up to 99 tokens each: growth must preempt.

@@ -72,8 +72,11 @@ def _step_args(steps: ModelSteps, plan: TransferPlan):
   """{step name: (Step, abstract arguments)} for every jitted step."""
   mesh, cfg = steps.mesh, steps.cfg
   rows = lambda shape, dtype=jnp.int32: _spec(mesh, shape, dtype, P(parallel.DP))
-  sampling = lambda b: SamplingArrays(rows((b,), jnp.float32), rows((b,)),
-                                      rows((b,), jnp.float32), rows((b,), jnp.uint32))
+  f32 = lambda b: rows((b,), jnp.float32)
+  # Every setting the engine passes: min_p, logprobs, the penalties, prompt lengths.
+  sampling = lambda b: SamplingArrays(f32(b), rows((b,)), f32(b), rows((b,), jnp.uint32),
+                                      f32(b), rows((b,)), f32(b), f32(b), f32(b), rows((b,)))
+  history = lambda b: rows((b, cfg.vocab_size))
   params = loading.abstract_on_mesh(cfg, mesh).params
   pool_shape = (parallel.pool_kv_heads(cfg, mesh), PAGES, PAGE_SIZE, cfg.head_dim)
   pool = [kv_cache.LayerPages(_spec(mesh, pool_shape, jnp.bfloat16, parallel.POOL_SPEC),
@@ -96,16 +99,19 @@ def _step_args(steps: ModelSteps, plan: TransferPlan):
       "prefill": (steps.prefill, (params, rows((b, s)), rows((b,)), sampling(b))),
       "insert": (steps.insert, (pool, prompt_kv, rows((b, s // PAGE_SIZE)))),
       "decode": (steps.decode, (params, pool, rows((BATCH,)), rows((BATCH,)),
-                                rows((BATCH, WIDTH)), sampling(BATCH), rows((BATCH // 2,)))),
+                                rows((BATCH, WIDTH)), sampling(BATCH), rows((BATCH // 2,)),
+                                history(BATCH))),
       "prefill_group_first": (first, (params, rows((b, s)), rows((b,)), sampling(b))),
-      "prefill_group_last": (rest, (params, hidden, rows((b,)), sampling(b))),
+      "prefill_group_last": (rest, (params, (hidden, rows((b, s))), rows((b,)), sampling(b))),
       "extract": (extract, (prompt_kv, scalar, scalar)),
       "insert_block": (steps.insert_block, (pool[:1], block,
                                             _spec(mesh, (s // PAGE_SIZE,), jnp.int32))),
       "set_token": (steps.set_token, (rows((BATCH,)), scalar, scalar)),
+      "set_history": (steps.set_history, (history(BATCH), scalar,
+                                          _spec(mesh, (cfg.vocab_size,), jnp.int32))),
       "mixed": (steps.mixed, (params, pool, rows((BATCH,)), rows((BATCH,)),
                               rows((BATCH, WIDTH)), sampling(BATCH), rows((bc, c)), rows((bc,)),
-                              rows((bc,)), rows((bc,)), rows((bc,), jnp.bool_))),
+                              rows((bc,)), rows((bc,)), rows((bc,), jnp.bool_), history(BATCH))),
   }
 
 

@@ -42,14 +42,20 @@ def test_jsonl_round_trip_matches_transformers(qwen_with_tokenizer, tmp_path, re
   in_path, out_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   in_path.write_text("".join(json.dumps(l) + "\n" for l in lines))
   run_generate(repo_root, f"--model_path={model_dir}", f"--prompts_file={in_path}",
-               f"--output_file={out_path}", "--mode=single", "--max_new_tokens=24")
+               f"--output_file={out_path}", "--mode=single", "--max_new_tokens=24",
+               "--logprobs=2")
   outputs = read_jsonl(out_path)
   assert len(outputs) == 4
   text_ids = tokenizer.encode("The quick brown fox")
   assert text_ids[0] == tiny_hf.BOS  # the tokenizer.json's post-processor added BOS
   expected_prompts = [prompts[0], text_ids, prompts[1], prompts[2]]
   for out, prompt in zip(outputs, expected_prompts):
-    assert set(out) == {"prompt_token_ids", "output_token_ids", "text", "finish_reason"}
+    assert set(out) == {"prompt_token_ids", "output_token_ids", "text", "finish_reason",
+                        "logprobs"}
+    # [logprob, [[id, logprob] x 2]] per token; greedy: the token is the most likely one.
+    assert len(out["logprobs"]) == len(out["output_token_ids"])
+    for token, (logprob, top) in zip(out["output_token_ids"], out["logprobs"]):
+      assert len(top) == 2 and top[0] == [token, pytest.approx(logprob, abs=1e-6)]
     assert out["prompt_token_ids"] == prompt
     max_new = 5 if prompt is text_ids else 24
     assert out["output_token_ids"] == helpers.hf_greedy(hf_model, prompt, max_new, (tiny_hf.EOS,))
@@ -86,6 +92,8 @@ def test_bad_lines_are_reported_and_the_rest_generated(qwen_with_tokenizer, tmp_
     ("--temperature=-1", "temperature must be finite and >= 0, got -1.0"),
     ("--temperature=nan", "temperature must be a number >= 0, got nan"),
     ("--top_p=1.5", r"top_p must be in (0, 1], got 1.5"),
+    ("--repetition_penalty=0", "repetition_penalty must be a finite number > 0"),
+    ("--logprobs=30", "logprobs must be an integer in [0, 20], got 30"),
     ("--mode=bogus", "value should be one of <single|colocated|disagg>"),
     ("--attention_impl=cuda", "value should be one of <auto|xla|pallas>"),
     ("--tp=3", "tp=3 must be positive and divide the mesh's 1 devices"),

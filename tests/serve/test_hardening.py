@@ -196,9 +196,8 @@ def test_long_stop_string_top_k_and_nulls_are_accepted(live_server):
   assert min_p.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 2),
-                                          ("presence_penalty", 0.5),
-                                          ("frequency_penalty", 1.0)])
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("logit_bias", {"5": 1}),
+                                          ("suffix", "end")])
 def test_unsupported_parameters_are_refused_by_name(field, value, live_server):
   response = post(live_server, COMPLETIONS, {"model": "tiny-qwen2", "prompt": "hi", field: value})
   assert response.status_code == 400
@@ -370,3 +369,24 @@ def test_bad_logprobs_are_refused(path, fields, message, live_server):
   response = post(live_server, path, body)
   assert response.status_code == 400 and message in response.json()["error"]["message"], (
       response.text)
+
+
+def test_penalties_are_applied_as_the_engine_applies_them(live_server):
+  engine = live_server["engine"]
+  prompt = [5, 6, 7, 5, 6, 7]
+  base = {"model": "tiny-qwen2", "prompt": prompt, "max_tokens": 12, "temperature": 0,
+          "ignore_eos": True}
+  tokenizer = engine.tokenizer
+  plain = post(live_server, COMPLETIONS, base).json()["choices"][0]["text"]
+  for fields in ({"presence_penalty": 2.0}, {"frequency_penalty": 1.5},
+                 {"repetition_penalty": 2.0}):
+    response = post(live_server, COMPLETIONS, {**base, **fields})
+    assert response.status_code == 200, response.text
+    expected = engine.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True,
+                                                        **fields))[0].output_token_ids
+    assert response.json()["choices"][0]["text"] == tokenizer.decode(expected)
+    assert response.json()["choices"][0]["text"] != plain, fields  # they change greedy output
+  for fields, message in (({"presence_penalty": 3}, "less than or equal to 2"),
+                          ({"repetition_penalty": 0}, "greater than 0")):
+    response = post(live_server, COMPLETIONS, {**base, **fields})
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
