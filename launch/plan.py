@@ -35,6 +35,8 @@ import time
 
 from absl import app, flags
 
+from disagg_jax import cli
+
 flags.DEFINE_string("model_config", None, "A module of configs/models, e.g. llama3_8b.")
 flags.DEFINE_string("model_path", None, "Or a checkpoint directory whose config.json to use.")
 flags.DEFINE_string("hardware", "v5e", "v5e, v5p, v6e, h100, h200, a100, or PREFILL+DECODE "
@@ -314,4 +316,4 @@ def _plot(ranked, path, title):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

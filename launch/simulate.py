@@ -29,6 +29,7 @@ from absl import app, flags
 from disagg_jax import cli
 
 cli.define_engine_flags()
+flags.FLAGS.set_default("mode", "colocated")  # --hardware; a --profile brings its own mode
 cli.define_workload_flags()
 flags.DEFINE_string("profile", None, "Step-time table written by launch/profile.py.")
 flags.DEFINE_string("hardware", None, "Or the analytic model of v5e, v5p, v6e, h100, h200, a100 "

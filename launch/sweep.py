@@ -14,6 +14,8 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from disagg_jax import cli
+
 config_flags.DEFINE_config_file("experiment", None, "Experiment config (configs/experiments/).",
                                 lock_config=True)
 flags.DEFINE_string("output_dir", None, "Where results and plots go.", required=True)
@@ -26,6 +28,12 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   experiment = FLAGS.experiment
+  try:  # ml_collections reports a config file it could not load only when it is first read
+    experiment.num_cpu_devices  # pylint: disable=pointless-statement
+  except OSError as e:
+    path = config_flags.get_config_filename(FLAGS["experiment"])
+    raise app.UsageError(f"--experiment={path}: {str(e).strip().splitlines()[-1].strip()}"
+                         ) from None
   if experiment.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", experiment.num_cpu_devices)
   from disagg_jax.bench import plots, sweep  # pylint: disable=g-import-not-at-top
@@ -35,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
