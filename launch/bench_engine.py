@@ -74,7 +74,7 @@ def engine_decode_throughput(prefill, decode):
     all_rows = jax.device_put(np.arange(batch, dtype=np.int32), steps.rows)
 
     def bare_step(tokens, pages, i):
-      tokens, pages, _ = steps.decode(core.params, pages, tokens,
+      tokens, pages, *_ = steps.decode(core.params, pages, tokens,
                                       jax.device_put(positions + i, steps.rows), table, sampling,
                                       all_rows)
       return tokens, pages
@@ -165,8 +165,8 @@ def decode_with_transfers(prefill, decode):
   all_rows = jax.device_put(np.arange(batch, dtype=np.int32), steps.rows)
 
   def step():
-    state["tokens"], state["pages"], _ = steps.decode(decode.params, state["pages"], state["tokens"],
-                                                   positions, table, sampling, all_rows)
+    state["tokens"], state["pages"], *_ = steps.decode(
+        decode.params, state["pages"], state["tokens"], positions, table, sampling, all_rows)
     jax.block_until_ready(state["tokens"])
 
   step()

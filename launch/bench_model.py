@@ -155,7 +155,7 @@ def run_bare_loop(steps, params, kv_pages, batch, prompt_len, width, max_new_tok
 
   def loop():
     for pos in position_steps:
-      state["tokens"], state["pages"], _ = steps.decode(params, state["pages"], state["tokens"],
+      state["tokens"], state["pages"], *_ = steps.decode(params, state["pages"], state["tokens"],
                                                      pos, table, sampling, rows)
     jax.block_until_ready(state["tokens"])
 

@@ -107,7 +107,8 @@ def _print_timings(generator, outputs) -> None:
   if times is not None:
     print(f"mode={FLAGS.mode}: prefill {times.prefill_s * 1e3:.0f} ms; decode "
           f"{times.decode_s * 1e3:.0f} ms over {times.decode_steps} steps "
-          f"({times.decode_s / max(times.decode_steps, 1) * 1e3:.1f} ms/step)")
+          f"({times.decode_s / max(times.decode_steps, 1) * 1e3:.1f} ms/step); compiling the "
+          f"steps {times.compile_s * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,9 +42,13 @@ def test_jsonl_round_trip_matches_transformers(qwen_with_tokenizer, tmp_path, re
   lines.insert(1, {"prompt": "The quick brown fox", "max_new_tokens": 5})
   in_path, out_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   in_path.write_text("".join(json.dumps(l) + "\n" for l in lines))
-  run_generate(repo_root, f"--model_path={model_dir}", f"--prompts_file={in_path}",
-               f"--output_file={out_path}", "--mode=single", "--max_new_tokens=24",
-               "--logprobs=2")
+  result = run_generate(repo_root, f"--model_path={model_dir}", f"--prompts_file={in_path}",
+                        f"--output_file={out_path}", "--mode=single", "--max_new_tokens=24",
+                        "--logprobs=2")
+  # The phase times leave compilation out (a tiny model's prefill takes far less).
+  times = re.search(r"prefill (\d+) ms; decode (\d+) ms .* compiling the steps (\d+) ms",
+                    result.stdout)
+  assert times and int(times[1]) < int(times[3]), result.stdout
   outputs = read_jsonl(out_path)
   assert len(outputs) == 4
   text_ids = tokenizer.encode("The quick brown fox")
