@@ -1,6 +1,6 @@
 """Flags shared by the launch scripts, and building a generator or engine from them.
 
-The flag names are the contract of DESIGN.md; tuning knobs live in the ml_collections config
+The flags are documented in docs/CLI.md; tuning knobs live in the ml_collections config
 (`--config=configs/engine.py`, `--config.engine.page_size=32`).
 """
 
@@ -346,8 +346,18 @@ def define_workload_flags() -> None:
                     "200 tokens on average), 1k_1k, 4k_256, 8k_128 (input_output tokens, +-10%); "
                     "or shared prefixes (prefix caching): multiturn (conversations on shared "
                     "system prompts), documents (questions about shared documents); see "
-                    "--multiturn_*.")
-  flags.DEFINE_string("dataset_path", None, "ShareGPT JSON file (--dataset_name=sharegpt).")
+                    "--multiturn_*; or with their own arrival times: shifting (phases of "
+                    "different mixes, --shifting_phases), trace (a recorded trace replayed, "
+                    "--dataset_path).")
+  flags.DEFINE_string("dataset_path", None, "ShareGPT JSON file (--dataset_name=sharegpt), or a "
+                      "trace CSV / JSONL of arrival time, input and output length "
+                      "(--dataset_name=trace; e.g. configs/traces/sample.csv).")
+  flags.DEFINE_string("shifting_phases", None,
+                      "--dataset_name=shifting: name:seconds[:rate],... phases one after the "
+                      "other, each a length workload (prefill_heavy, decode_heavy, random, "
+                      "chat, ...) at its rate or --request_rate; default "
+                      "prefill_heavy:20,decode_heavy:20,random:20. --num_prompts does not "
+                      "apply (the phases set the count); for trace it keeps the first N.")
   flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
   flags.DEFINE_float("request_rate", float("inf"), "Requests per second; inf sends all at once.")
   flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the gaps: 1 Poisson, < 1 burstier.")
@@ -396,6 +406,19 @@ def workload_from_flags(config, limits=None, model_cfg=None):
     limits = Limits.for_model(model_cfg, config.engine.max_seq_len,
                               config.engine.max_prefill_length)
   tokenizer = load_tokenizer(model_dir, tokenizer_cfg.bos_token_id)
+  if FLAGS.dataset_name in workloads.TIMED_DATASETS:
+    from disagg_jax.bench import timed  # pylint: disable=g-import-not-at-top
+    if FLAGS.dataset_name == "shifting":
+      requests, arrivals = timed.shifting(
+          timed.parse_phases(FLAGS.shifting_phases or timed.DEFAULT_PHASES),
+          request_rate=FLAGS.request_rate, burstiness=FLAGS.burstiness,
+          vocab_size=model_cfg.vocab_size, seed=FLAGS.seed, first_id=_first_plain_id(model_cfg))
+    else:
+      requests, arrivals = timed.trace(FLAGS.dataset_path, num=FLAGS.num_prompts,
+                                       vocab_size=model_cfg.vocab_size, seed=FLAGS.seed,
+                                       first_id=_first_plain_id(model_cfg))
+    workloads.check_limits(requests, limits.max_seq_len, limits.max_prefill_length)
+    return requests, arrivals, slos
   requests = workloads.build(
       FLAGS.dataset_name, num_prompts=FLAGS.num_prompts, vocab_size=model_cfg.vocab_size,
       tokenizer=tokenizer, seed=FLAGS.seed, dataset_path=FLAGS.dataset_path,
@@ -408,6 +431,21 @@ def workload_from_flags(config, limits=None, model_cfg=None):
     requests, arrivals = arrivals_lib.conversation_arrivals(requests, FLAGS.request_rate,
                                                             FLAGS.burstiness, FLAGS.seed)
   return requests, arrivals, slos
+
+
+def workload_fields(requests) -> dict:
+  """The benchmark JSON's workload keys the flags alone do not give: for shifting and trace
+  workloads the number of requests (their phases or file set it); for shifting the phases
+  ("workload_phases": [[name, start s, end s], ...])."""
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  out = {}
+  if FLAGS.dataset_name in ("shifting", "trace"):
+    out["num_prompts"] = len(requests)
+  if FLAGS.dataset_name == "shifting":
+    from disagg_jax.bench import timed  # pylint: disable=g-import-not-at-top
+    out["workload_phases"] = timed.phase_bounds(
+        timed.parse_phases(FLAGS.shifting_phases or timed.DEFAULT_PHASES))
+  return out
 
 
 def _first_plain_id(model_cfg) -> int:

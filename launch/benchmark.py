@@ -8,7 +8,7 @@ r"""Serving benchmark: a workload against the in-process engine, with vLLM's met
     python launch/benchmark.py --backend=openai --base_url=http://127.0.0.1:8000 \
         --dataset_name=decode_heavy --num_prompts=100 --request_rate=8      # any OpenAI server
 
-Writes the contract's JSON (DESIGN.md: vLLM's keys plus per-phase means and p99s) to
+Writes the benchmark JSON (docs/FORMATS.md: vLLM's keys plus per-phase means and p99s) to
 --output_json, one line per request to --output_requests (default: next to the JSON), and
 prints the same as a table. Bad workload input fails before the engine starts. With
 --backend=openai the workload is sent as streamed /v1/completions with token-id prompts and timed
@@ -84,6 +84,7 @@ def main(argv):
                 request_rate=FLAGS.request_rate, burstiness=FLAGS.burstiness,
                 max_concurrency=FLAGS.max_concurrency, goodput=FLAGS.goodput,
                 date=time.strftime("%Y-%m-%d %H:%M"), num_devices=num_devices)
+  result.update(cli.workload_fields(requests))
   print(report.format_table(result, f"{label} on {FLAGS.dataset_name}"))
   if FLAGS.output_json:
     report.write_json(FLAGS.output_json, result)

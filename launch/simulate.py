@@ -91,6 +91,7 @@ def main(argv):
              profile=FLAGS.profile, hardware=FLAGS.hardware, page_stalls=result.page_stalls,
              warmup_fraction=FLAGS.warmup_fraction, scored_requests=len(records),
              simulation_s=time.perf_counter() - start)
+  out.update(cli.workload_fields(requests))
   above = False
   if analytic_model:
     bound = _roofline(analytic_model, prompt_lens, output_lens)

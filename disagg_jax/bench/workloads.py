@@ -55,10 +55,13 @@ CHAT_MAX_TOTAL = 2048
 # output_len, think_time seconds); the --multiturn_* flags override each.
 PREFIX_DEFAULTS = {"multiturn": (4, 128, 4, 32, 16, 1.0), "documents": (1, 320, 4, 32, 16, 0.0)}
 PREFIX_FIELDS = ("turns", "prefix_len", "num_prefixes", "turn_len", "output_len", "think_time")
+# Workloads whose arrival times are their own (`bench.timed`): shifting phases, trace replay.
+TIMED_DATASETS = ("shifting", "trace")
 DATASETS = ("random", "sharegpt", "prefill_heavy", "decode_heavy", "chat", *SCALED_PRESETS,
-            *PREFIX_DEFAULTS)
+            *PREFIX_DEFAULTS, *TIMED_DATASETS)
 # Length-only presets (no dataset file): what plan.py and the analytic model accept.
-LENGTH_DATASETS = tuple(d for d in DATASETS if d != "sharegpt" and d not in PREFIX_DEFAULTS)
+LENGTH_DATASETS = tuple(d for d in DATASETS if d != "sharegpt" and d not in PREFIX_DEFAULTS
+                        and d not in TIMED_DATASETS)
 # vLLM's random defaults are 1024 / 128; ours fit the demo model's context.
 RANDOM_DEFAULTS = (256, 64, 0.0)
 SHAREGPT_MIN_LEN = 4
@@ -264,8 +267,10 @@ def build(dataset_name: str, *, num_prompts: int, vocab_size: int, tokenizer, se
   """The requests of a workload. Presets take their lengths from PRESETS, SCALED_PRESETS or the
   chat distribution unless given; shared-prefix workloads from PREFIX_DEFAULTS, overridden by
   `prefix` (keys PREFIX_FIELDS; None: the default)."""
-  if dataset_name not in DATASETS:
-    raise WorkloadError(f"--dataset_name={dataset_name!r} is not one of {', '.join(DATASETS)}")
+  if dataset_name not in DATASETS or dataset_name in TIMED_DATASETS:
+    raise WorkloadError(f"--dataset_name={dataset_name!r} is not one of "
+                        f"{', '.join(d for d in DATASETS if d not in TIMED_DATASETS)} "
+                        "(shifting and trace come with their arrival times: bench.timed)")
   if num_prompts < 1:
     raise WorkloadError(f"--num_prompts={num_prompts} must be at least 1")
   if dataset_name == "sharegpt":
