@@ -6,8 +6,8 @@ r"""Runs the planner's best configurations for real and measures their goodput.
 
 For each of the plan's first --top configurations (a plan over measured tables, whose entries
 carry the engine flags that run them), builds that engine and finds the highest request rate at
-which >= 90% of the plan's own workload (the same lengths, SLOs and arrival seed) meets the
-SLOs: a run at the simulated goodput, then brackets by factors of --bracket and --steps
+which >= 90% of the plan's own workload (its first --num_prompts requests: the same lengths,
+SLOs and arrival seed) meets the SLOs: a run at the simulated goodput, then brackets by factors of --bracket and --steps
 bisections between them. Prints simulated against measured goodput and the planner's check:
 the top configuration's measured goodput over the best measured among the five.
 """
@@ -28,18 +28,22 @@ flags.DEFINE_list("also", [], "Ranks (1-based) to run as well, for reference, e.
                   "the other mode; they do not enter the top-N check.")
 flags.DEFINE_integer("steps", 4, "Bisections of the measured goodput's bracket.")
 flags.DEFINE_float("bracket", 1.3, "Factor by which the first bracket grows or shrinks.")
+flags.DEFINE_integer("num_prompts", 200, "Requests per measured run: the first N of the plan's "
+                     "workload (0: all; plan.py draws 4096 by default, hours per run on a CPU).")
 flags.DEFINE_string("output_json", None, "Simulated and measured goodput per configuration.")
 FLAGS = flags.FLAGS
 
 ATTAINMENT = 0.9
 
 
-def _requests(workload: dict, vocab_size: int):
+def _requests(workload: dict, vocab_size: int, limit: int = 0):
+  """The plan's requests (random ids of its lengths), the first `limit` of them (0: all)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from disagg_jax.bench.workloads import BenchRequest  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(workload["seed"])
+  lengths = list(zip(workload["prompt_lens"], workload["output_lens"]))
   return [BenchRequest([int(t) for t in rng.integers(3, vocab_size, int(n))], int(o))
-          for n, o in zip(workload["prompt_lens"], workload["output_lens"])]
+          for n, o in lengths[:limit or len(lengths)]]
 
 
 def measured_goodput(engine, requests, workload: dict, start_rate: float, *, steps: int,
@@ -88,7 +92,6 @@ def measured_goodput(engine, requests, workload: dict, start_rate: float, *, ste
 
 def main(argv):
   del argv
-  cli.setup_jax()
   try:
     with open(FLAGS.plan) as f:
       plan = json.load(f)
@@ -103,9 +106,13 @@ def main(argv):
                        "--profiles")
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise app.UsageError(f"--plan={FLAGS.plan}: not a plan over measured tables ({e})") from None
-  if FLAGS.top < 1 or FLAGS.steps < 0 or FLAGS.bracket <= 1:
-    raise app.UsageError(f"--top={FLAGS.top} must be >= 1, --steps={FLAGS.steps} >= 0 and "
-                         f"--bracket={FLAGS.bracket} > 1")
+  if FLAGS.top < 1 or FLAGS.steps < 0 or FLAGS.bracket <= 1 or FLAGS.num_prompts < 0:
+    raise app.UsageError(f"--top={FLAGS.top} must be >= 1, --steps={FLAGS.steps} >= 0, "
+                         f"--bracket={FLAGS.bracket} > 1 and --num_prompts={FLAGS.num_prompts} "
+                         ">= 0")
+  if not FLAGS.num_cpu_devices:  # CPU: simulate as many devices as the largest configuration
+    FLAGS.num_cpu_devices = max(int(c.get("devices", 1)) for c in configs)
+  cli.setup_jax()
   results = []
   for rank, config in zip(ranks, configs):
     try:
@@ -117,7 +124,7 @@ def main(argv):
     start = time.perf_counter()
     engine = cli.build_engine(FLAGS.config)
     try:
-      requests = _requests(workload, engine.model_cfg.vocab_size)
+      requests = _requests(workload, engine.model_cfg.vocab_size, FLAGS.num_prompts)
       rate, runs = measured_goodput(engine, requests, workload, config["goodput"],
                                     steps=FLAGS.steps, bracket=FLAGS.bracket,
                                     log=lambda line: print(line, flush=True))
