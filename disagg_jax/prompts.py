@@ -1,4 +1,5 @@
-"""The offline prompt file format (DESIGN.md): JSONL in, JSONL out, one line per prompt, in order.
+"""The offline prompt file format (docs/FORMATS.md): JSONL in, JSONL out, one line per prompt, in
+order.
 
 Input line: {"prompt_token_ids": [...]} or {"prompt": "text"}, optionally "max_new_tokens" and
 "seed". A line that cannot be used becomes a `PromptLine` carrying its error; it is reported on its

@@ -23,7 +23,7 @@ first one not scored, and the number in the system no higher at the end than aft
 Every result is checked against the roofline (peak FLOP/s and HBM bandwidth, printed): a plan
 with a configuration above it is written, flagged, and the script exits with status 1. Prints the
 ranked list and how the prefill:decode split should move for the opposite workload mix, writes
-the JSON of DESIGN.md and a Pareto plot (--plot).
+the plan JSON (docs/FORMATS.md) and a Pareto plot (--plot).
 """
 
 from __future__ import annotations
