@@ -88,10 +88,22 @@ SLOW = [
      "two profiles, plans and a validation run: several minutes even at reduced sizes"),
     ("docs/TUTORIAL.md", "--output=dis.json",
      "the disaggregated profile serves calibration runs (1-2 minutes)"),
-    ("docs/TUTORIAL.md", "--profiles=col.json,dis.json", "needs the disaggregated profile"),
     ("docs/TUTORIAL.md", "cli.define_engine_flags()",
      "a second engine start-up in Python, the same engine as step 2's"),
     ("docs/TUTORIAL.md", "--backend=openai", "a second benchmark, through the HTTP server"),
+    # Kept out of the default suite for its time budget (each block starts and compiles an
+    # engine); what each does runs there in a test of its own.
+    ("docs/TUTORIAL.md", "--mode=colocated --devices=2 --max_new_tokens=32",
+     "both serving modes' generate.py: tests/launch/test_generate.py, tests/engine"),
+    ("docs/TUTORIAL.md", "cat > prompts.jsonl", "prompt files: tests/launch/test_generate.py"),
+    ("docs/TUTORIAL.md", "python launch/benchmark.py --mode=colocated --devices=2",
+     "two benchmark runs: tests/launch/test_benchmark.py"),
+    ("docs/TUTORIAL.md", 'for mode in ("colocated", "disagg")', "reads those benchmarks' JSON"),
+    ("docs/TUTORIAL.md", "--iters=3 --output=col.json",
+     "profile + simulate: tests/sim/test_timing.py, tests/launch/test_sim_scripts.py"),
+    ("docs/TUTORIAL.md", "--profiles=col.json,dis.json", "needs the profiles"),
+    ("docs/TUTORIAL.md", "--dataset_name=8k_128 --goodput=ttft:2000,tpot:50",
+     "the planner: tests/sim/test_analytic_planner.py, tests/launch/test_plan_sweep_cli.py"),
 ]
 
 SERVER = "launch/serve.py"

@@ -120,6 +120,11 @@ class SimResult:
   records: list[RequestRecord]
   duration: float
   preemptions: int = 0  # requests that lost their slot (and were recomputed), as in the engine
+  # Elastic runs (`simulate_disagg(elastic=...)`): [[time, prefill devices, decode devices]] at
+  # the start and after each move, the moves made, and the controller's log (JSON).
+  split_timeline: list | None = None
+  split_changes: int = 0
+  decisions: list | None = None
 
   @property
   def page_stalls(self) -> int:
@@ -253,6 +258,7 @@ class _DecodeWorker:
   device_free: float = 0.0
   transfer_free: float = 0.0  # its KV transfers run one at a time
   promised: int = 0  # pages of requests routed here but not yet inserted
+  serving: bool = True  # routed to (False: draining to change role, or gone)
   in_flight: tuple | None = None
   transfers: collections.deque = dataclasses.field(default_factory=collections.deque)
   arrived: collections.deque = dataclasses.field(default_factory=collections.deque)
@@ -272,6 +278,7 @@ class _Disagg:
     self.requests = requests
     self.waiting: collections.deque[SimRequest] = collections.deque()
     self.prefill_free = [0.0] * num_prefill_workers
+    self.prefill_serving = [True] * num_prefill_workers
     self.workers = [_DecodeWorker(_pool(profile), j) for j in range(num_decode_workers)]
     # The staging budget, as the engines set it: the in-process engine lets one longest length
     # bucket of prefilled KV wait on its decode devices (`engine.memory`); a cluster's workers
@@ -286,6 +293,7 @@ class _Disagg:
     self.bucket_of = functools.lru_cache(maxsize=None)(
         lambda n: buckets.pick(n, profile.length_buckets))
     self.live = len(requests)
+    self.elastic: _Elastic | None = None
 
   def max_batch_for(self, bucket: int) -> int:
     sizes = [b for b, s in self.profile.prefill_s if s == bucket and b <= self.profile.prefill_batch]
@@ -318,6 +326,8 @@ class _Disagg:
                   + profile.contention.get("prefill_per_seq", 0.0) * decoding)
     end = now + self.jitter(seconds)
     self.prefill_free[worker] = end
+    if self.elastic is not None:
+      self.elastic.busy.append((now, end))
     self.prefill_busy_until = max(self.prefill_busy_until, end)
     for request in chosen:
       request.prefill_start = now if request.prefill_start is None else request.prefill_start
@@ -325,7 +335,8 @@ class _Disagg:
         self.release_staging(request)
         self.live -= 1
       else:
-        target = max(self.workers, key=lambda w: w.free_pages())
+        target = max([w for w in self.workers if w.serving] or self.workers,
+                     key=lambda w: w.free_pages())
         target.promised += pages_for(request.num_to_compute + 1, profile.page_size)
         # The KV leaves once the worker has read the first token; streamed by layer group,
         # each group as soon as it is computed.
@@ -440,9 +451,12 @@ class _Disagg:
     while self.live:
       head = (self.waiting[0].arrival if self.waiting else
               (pending[0].arrival if pending else inf))
-      p = min(range(len(self.prefill_free)), key=lambda i: self.prefill_free[i])
+      p = min((i for i in range(len(self.prefill_free)) if self.prefill_serving[i]),
+              key=lambda i: self.prefill_free[i])
       t_prefill = inf if blocked else max(self.prefill_free[p], head)
       best = (t_prefill, 3, p)
+      if self.elastic is not None:
+        best = min(best, (self.elastic.next_event(), 4, -1))
       if arrivals:
         best = min(best, (arrivals[0][0], 0, -1))
       for j, w in enumerate(self.workers):
@@ -468,6 +482,8 @@ class _Disagg:
         if blocked and self.staging.free > free_before:
           blocked = False
           self.prefill_free = [max(t, now) for t in self.prefill_free]
+      elif action == 4:
+        self.elastic.act(now, self)
       elif self.prefill(now, index) is None:
         blocked = True
         self.prefill_free[index] = now
@@ -505,25 +521,155 @@ class _Disagg:
                                if r.preemptions > counts[r.request_id])
 
 
+class _Elastic:
+  """Moves workers between the prefill and the decode side as `controller` decides, every
+  `config.window_s` of simulated time: a prefill worker finishes its batch, a decode worker
+  finishes every sequence it holds (it takes no new ones meanwhile), then either is out of
+  service for `switch_s` before serving its new side. Each worker is `devices` chips."""
+
+  def __init__(self, controller, devices: int, profile: StepProfile):
+    self.controller, self.devices, self.profile = controller, devices, profile
+    self.config = controller.config
+    self.next_check = self.config.window_s
+    self.pending: list[tuple[float, str, int]] = []  # (ready time, new side, old index)
+    self.draining: list[int] = []  # decode workers on their way to the prefill side
+    self.timeline: list[list[float]] = []
+    self.changes = 0
+    self.busy: collections.deque = collections.deque()  # (start, end) of prefill steps
+
+  def split(self, sim: "_Disagg") -> tuple[int, int]:
+    return (sum(sim.prefill_serving) * self.devices,
+            sum(w.serving for w in sim.workers) * self.devices)
+
+  def next_event(self) -> float:
+    return min([self.next_check] + [t for t, _, _ in self.pending])
+
+  def act(self, now: float, sim: "_Disagg") -> None:
+    for item in [p for p in self.pending if p[0] <= now]:
+      self.pending.remove(item)
+      if item[1] == "decode":
+        sim.workers.append(_DecodeWorker(_pool(self.profile), len(sim.workers)))
+      else:
+        sim.prefill_free.append(now)
+        sim.prefill_serving.append(True)
+      self.changes += 1
+      self.timeline.append([now, *self.split(sim)])
+    for j in list(self.draining):
+      w = sim.workers[j]
+      if (not w.pool.occupied() and not w.transfers and not w.arrived and w.in_flight is None
+          and w.promised == 0):
+        self.draining.remove(j)
+        self.pending.append((now + self.config.switch_s, "prefill", j))
+    if now < self.next_check:
+      return
+    self.next_check = now + self.config.window_s
+    if self.pending or self.draining:  # one decision's moves at a time
+      return
+    action = self.controller.decide(self.signals(now, sim))
+    for _ in range(self.controller.log[-1].count if action else 0):
+      if action == "to_decode":
+        p = max(i for i, serving in enumerate(sim.prefill_serving) if serving)
+        sim.prefill_serving[p] = False
+        self.pending.append((max(now, sim.prefill_free[p]) + self.config.switch_s, "decode",
+                             p))
+        sim.prefill_free[p] = float("inf")
+      else:
+        w = min((w for w in sim.workers if w.serving), key=lambda w: len(w.pool.occupied()))
+        w.serving = False
+        self.draining.append(w.index)
+
+  def signals(self, now: float, sim: "_Disagg"):
+    from disagg_jax.sched.elastic import Signals  # pylint: disable=g-import-not-at-top
+    c, window = self.config, self.config.window_s
+    ttft_ok = ttft_n = tpot_ok = tpot_n = 0
+    for r in sim.requests:
+      if r.times and now - window < r.times[0] <= now:
+        ttft_n += 1
+        ttft_ok += r.times[0] - r.arrival <= c.ttft_slo_s
+      elif not r.times and r.arrival <= now and now - r.arrival > c.ttft_slo_s:
+        ttft_n += 1  # waiting past its SLO already: a miss to come
+      recent = [t for t in r.times[1:] if now - window < t <= now]
+      if recent:
+        k = len(r.times) - len([t for t in r.times if t > now - window])
+        start = r.times[max(k - 1, 0)]
+        tpot_n += 1
+        tpot_ok += (recent[-1] - start) / len(recent) <= c.tpot_slo_s
+    serving = [w for w in sim.workers if w.serving]
+    slots = sum(w.pool.num_slots for w in serving) or 1
+    pages = sum(w.pool.capacity for w in serving) or 1
+    queued = sum(r.num_to_compute for r in sim.waiting)
+    arrived = [r for r in sim.requests if now - window < r.arrival <= now]
+    typical = arrived or list(sim.waiting)
+    # A prefill worker's rate in prompt tokens/s: each typical prompt costs its share of a full
+    # batch of its length bucket.
+    lengths = [r.prompt_len for r in typical] or [max(sim.profile.length_buckets)]
+    cost = np.mean([sim.profile.prefill(sim.max_batch_for(b), b) / sim.max_batch_for(b)
+                    for b in map(sim.bucket_of, lengths)])
+    per_worker = float(np.mean(lengths)) / max(float(cost), 1e-9)
+    decode_per_worker = 0.0
+    if arrived:
+      context = float(np.mean([r.prompt_len + r.output_len / 2 for r in arrived]))
+      decode_per_worker = self._decode_capacity(context)
+    while self.busy and self.busy[0][1] <= now - window:
+      self.busy.popleft()
+    busy = sum(max(0.0, min(b, now) - max(a, now - window)) for a, b in self.busy)
+    return Signals(
+        time=now, prefill_workers=sum(sim.prefill_serving), decode_workers=len(serving),
+        queued_prefill_tokens=int(queued),
+        prefill_tokens_per_s=per_worker * max(sum(sim.prefill_serving), 1),
+        prefill_busy=busy / (window * max(sum(sim.prefill_serving), 1)),
+        decode_slot_use=sum(len(w.pool.occupied()) for w in serving) / slots,
+        decode_page_use=sum(w.pool.capacity - w.pool.num_free for w in serving) / pages,
+        ttft_attainment=ttft_ok / ttft_n if ttft_n else None,
+        tpot_attainment=tpot_ok / tpot_n if tpot_n else None,
+        arriving_prompt_tokens_per_s=sum(r.prompt_len for r in arrived) / window,
+        arriving_output_tokens_per_s=sum(r.output_len for r in arrived) / window,
+        decode_tokens_per_s_per_worker=decode_per_worker)
+
+  def _decode_capacity(self, context: float) -> float:
+    """Tokens/s one decode worker serves at sequences of `context` tokens: the largest batch
+    whose step meets the TPOT SLO (at least one sequence)."""
+    profile, best = self.profile, 0.0
+    for b in range(1, profile.decode_batch + 1):
+      seconds = profile.decode_time(b, int(b * context), None)
+      if seconds > self.config.tpot_slo_s and b > 1:
+        break
+      best = max(best, b / seconds)
+    return best
+
+
 def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
                     output_lens: Sequence[int], arrivals: Sequence[float], *,
                     num_prefill_workers: int = 1, num_decode_workers: int = 1,
                     replay: Sequence[tuple] | None = None,
-                    trace: Trace | None = None, prompts=None) -> SimResult:
+                    trace: Trace | None = None, prompts=None, elastic=None,
+                    devices_per_worker: int = 1) -> SimResult:
   """xPyD: prefill workers share one FIFO queue (the cluster router sends each request to the
   prefill worker with the fewest queued tokens, which this approximates); a prefilled request
   goes to the decode worker with the most free pages net of those promised to requests on their
   way, as the router does; each decode worker's transfers run one at a time. `replay`: a
-  recorded engine run's trace entries (one prefill and one decode worker)."""
+  recorded engine run's trace entries (one prefill and one decode worker). `elastic`: a
+  `sched.elastic.ElasticController` moving workers of `devices_per_worker` chips between the
+  sides as the traffic changes (the result then carries the split's timeline and the log)."""
   requests = _requests(prompt_lens, output_lens, arrivals, prompts)
   sim = _Disagg(profile, requests, num_prefill_workers=num_prefill_workers,
                 num_decode_workers=num_decode_workers, replaying=replay is not None,
                 trace=trace)
+  if elastic is not None:
+    sim.elastic = _Elastic(elastic, devices_per_worker, profile)
+    sim.elastic.timeline.append([0.0, *sim.elastic.split(sim)])
   if replay is None:
     sim.run_timed()
   else:
     sim.run_replay(replay)
-  return _result(requests) if replay is None else SimResult([], 0.0)
+  if replay is not None:
+    return SimResult([], 0.0)
+  result = _result(requests)
+  if sim.elastic is not None:
+    result.split_timeline = sim.elastic.timeline
+    result.split_changes = sim.elastic.changes
+    result.decisions = [d.to_json() for d in elastic.log]
+  return result
 
 
 def simulate(profile: StepProfile, prompt_lens, output_lens, arrivals, *,

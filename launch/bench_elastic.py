@@ -1,0 +1,219 @@
+r"""Elastic prefill:decode against every static split, simulated on a shifting workload.
+
+    python launch/bench_elastic.py --model_config=llama3_8b --hardware=h100 --num_devices=8 \
+        --dataset_name=shifting --output_json=elastic.json --plot=elastic.png
+
+Every static disaggregated split of --num_devices chips (X prefill workers of prefill TP, Y decode
+workers of decode TP, all chips used) is simulated on the workload with the analytic model of the
+chips (as launch/simulate.py --hardware does), and so is the elastic engine: workers of one TP on
+both sides (so a move turns one worker's chips over), starting from the best static split of that
+TP, moved between the sides by `sched.elastic.ElasticController` as the traffic shifts; each TP
+is tried and the best reported. Goodput is the rate
+of requests that meet both SLOs (--goodput), over the whole run at the workload's own rate.
+
+The default workload and SLOs are chosen for Llama-3-8B-class models on 8 chips: phases of long
+prompts with short answers, then short prompts with long answers, then long prompts again
+(--shifting_phases); TTFT 2 s, TPOT 50 ms. The JSON has elastic_goodput, best_static_goodput,
+best_static_split ([prefill devices, decode devices, prefill tp, decode tp]), request_rate,
+goodput (the SLOs as --goodput takes them), every static split's goodput, the elastic run's
+split_timeline ([time, prefill devices, decode devices]), split_changes and the controller's log,
+and the launch/simulate.py command that re-simulates the best static split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+
+from disagg_jax import cli
+
+cli.define_engine_flags()
+cli.define_workload_flags()
+flags.DEFINE_string("model_config", "llama3_8b", "A model of configs/models.")
+flags.DEFINE_string("hardware", "h100", "The chips: v5e, v5p, v6e, h100, h200, a100.")
+flags.DEFINE_integer("num_devices", 8, "Chips to split between prefill and decode.")
+flags.DEFINE_float("switch_s", 5.0, "Seconds a worker is out of service when it changes side "
+                   "(weights re-placed, steps compiled), after draining.")
+flags.DEFINE_float("window_s", 5.0, "How often the controller reads its signals (seconds).")
+flags.DEFINE_integer("patience", 2, "Windows in a row asking for a move before it is made.")
+flags.DEFINE_string("output_json", None, "Results (JSON).")
+flags.DEFINE_string("plot", None, "A plot of the split, the arrival rate and SLO attainment over "
+                    "time (PNG).")
+DEFAULT_PHASES = "4k_256:120:28,1k_1k:120:44,4k_256:120:28"
+DEFAULT_GOODPUT = "ttft:2000,tpot:30"
+FLAGS = flags.FLAGS
+FLAGS.set_default("dataset_name", "shifting")
+FLAGS.set_default("shifting_phases", DEFAULT_PHASES)
+FLAGS.set_default("goodput", DEFAULT_GOODPUT)
+FLAGS.set_default("mode", "disagg")
+
+
+def static_splits(cfg, hw, num_devices: int, max_seq_len: int, decode_batch: int):
+  """(prefill tp, decode tp, X, Y) of every split using all chips."""
+  from disagg_jax.sim import analytic, planner  # pylint: disable=g-import-not-at-top
+  tps = [t for t in planner.TP_CHOICES if t <= num_devices and planner._tp_ok(cfg, t)  # pylint: disable=protected-access
+         and analytic.fits(cfg, hw, t, decode_batch, max_seq_len)[0]]
+  out = []
+  for ptp in tps:
+    for dtp in tps:
+      for x in range(1, num_devices // ptp):
+        rest = num_devices - x * ptp
+        if rest >= dtp and rest % dtp == 0:
+          out.append((ptp, dtp, x, rest // dtp))
+  return out
+
+
+def main(argv):
+  del argv
+  from disagg_jax.bench import metrics  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sched.elastic import ElasticConfig, ElasticController  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sim import analytic, simulator  # pylint: disable=g-import-not-at-top
+  from disagg_jax.transfer.pieces import parse_transfer  # pylint: disable=g-import-not-at-top
+  if FLAGS.dataset_name != "shifting":
+    raise app.UsageError(f"--dataset_name={FLAGS.dataset_name}: bench_elastic runs "
+                     "--dataset_name=shifting")
+  cfg = analytic.model_preset(FLAGS.model_config)
+  prefill_hw, hw = analytic.parse_hardware(FLAGS.hardware)
+  if prefill_hw.name != hw.name:
+    raise app.UsageError(f"--hardware={FLAGS.hardware}: one kind of chip (workers change sides)")
+  e = FLAGS.config.engine
+  max_seq_len = e.max_seq_len or cfg.max_position_embeddings
+  requests, arrivals, slos = cli.workload_from_flags(FLAGS.config, model_cfg=cfg)
+  if not slos or "ttft" not in slos or "tpot" not in slos:
+    raise app.UsageError(f"--goodput={FLAGS.goodput} must set both ttft and tpot")
+  prompt_lens = [len(r.prompt_token_ids) for r in requests]
+  output_lens = [r.output_len for r in requests]
+  rate = len(requests) / float(arrivals[-1])
+  profiles = {}
+
+  def profile(ptp, dtp):
+    if (ptp, dtp) not in profiles:
+      profiles[ptp, dtp] = analytic.profile_for(
+          cfg, hw, mode="disagg", tp=dtp, prefill_tp=ptp, decode_batch=e.decode_batch,
+          max_seq_len=max_seq_len, prefill_batch=e.prefill_batch, prefill_hw=prefill_hw,
+          layers_per_group=parse_transfer(e.transfer, cfg.num_layers))
+    return profiles[ptp, dtp]
+
+  def score(result):
+    return metrics.compute(result.records, result.duration, slos)
+
+  static = []
+  for ptp, dtp, x, y in static_splits(cfg, hw, FLAGS.num_devices, max_seq_len, e.decode_batch):
+    out = score(simulator.simulate(profile(ptp, dtp), prompt_lens, output_lens, arrivals,
+                                   num_prefill_workers=x, num_decode_workers=y))
+    static.append({"split": [x * ptp, y * dtp, ptp, dtp], "num_prefill_workers": x,
+                   "num_decode_workers": y, "goodput": out["request_goodput"],
+                   "slo_attainment": out["slo_attainment"]})
+    print(f"static {x}P(TP{ptp}) {y}D(TP{dtp}): goodput {out['request_goodput']:.3f} req/s, "
+          f"attainment {out['slo_attainment']:.1%}", flush=True)
+  if not static:
+    raise app.UsageError(f"no split of {FLAGS.num_devices} {hw.name} chips fits "
+                         f"{FLAGS.model_config}")
+  best = max(static, key=lambda s: s["goodput"])
+  # Elastic: workers of one TP on both sides (a move turns one worker's chips over), from the
+  # best static split of that TP; every TP with room to move is tried, the best reported.
+  runs = []
+  for tp in sorted({s["split"][2] for s in static if s["split"][2] == s["split"][3]}):
+    start = max((s for s in static if s["split"][2:] == [tp, tp]), key=lambda s: s["goodput"])
+    controller = ElasticController(ElasticConfig(
+        ttft_slo_s=slos["ttft"], tpot_slo_s=slos["tpot"], window_s=FLAGS.window_s,
+        patience=FLAGS.patience, switch_s=FLAGS.switch_s))
+    result = simulator.simulate_disagg(
+        profile(tp, tp), prompt_lens, output_lens, arrivals,
+        num_prefill_workers=start["num_prefill_workers"],
+        num_decode_workers=start["num_decode_workers"], elastic=controller,
+        devices_per_worker=tp)
+    runs.append((score(result), result, start, tp))
+    print(f"elastic TP{tp} workers from {start['split'][0]}P:{start['split'][1]}D: goodput "
+          f"{runs[-1][0]['request_goodput']:.3f} req/s, {result.split_changes} moves", flush=True)
+  elastic, result, start, tp = max(runs, key=lambda r: r[0]["request_goodput"])
+  ptp, dtp = best["split"][2:]
+  command = (f"python launch/simulate.py --hardware={FLAGS.hardware} "
+             f"--model_config={FLAGS.model_config} --mode=disagg --prefill_tp={ptp} "
+             f"--decode_tp={dtp} --num_prefill_workers={best['num_prefill_workers']} "
+             f"--num_decode_workers={best['num_decode_workers']} --dataset_name=shifting "
+             f"--shifting_phases={FLAGS.shifting_phases} --request_rate={FLAGS.request_rate} "
+             f"--burstiness={FLAGS.burstiness} --seed={FLAGS.seed} --goodput={FLAGS.goodput}"
+             + "".join(f" --config.engine.{k}={getattr(e, k)}" for k in
+                       ("max_seq_len", "decode_batch", "prefill_batch", "transfer")))
+  report = {
+      "date": time.strftime("%Y-%m-%d %H:%M"), "model_config": FLAGS.model_config,
+      "hardware": FLAGS.hardware, "num_devices": FLAGS.num_devices,
+      "dataset_name": "shifting", "shifting_phases": FLAGS.shifting_phases,
+      "num_prompts": len(requests), "request_rate": rate, "goodput": FLAGS.goodput,
+      "elastic_goodput": elastic["request_goodput"],
+      "elastic_slo_attainment": elastic["slo_attainment"],
+      "best_static_goodput": best["goodput"], "best_static_split": best["split"],
+      "elastic_vs_best_static": elastic["request_goodput"] / max(best["goodput"], 1e-12),
+      "elastic_start_split": start["split"], "split_changes": result.split_changes,
+      "split_timeline": result.split_timeline, "switch_s": FLAGS.switch_s,
+      "window_s": FLAGS.window_s, "elastic_tp": tp, "static": static,
+      "elastic_runs": [{"tp": t, "goodput": r[0]["request_goodput"],
+                        "split_changes": r[1].split_changes} for r, t in
+                       ((run, run[3]) for run in runs)],
+      "resimulate_best_static": command,
+      "decisions": [d for d in result.decisions if d["action"]]}
+  print(f"elastic (TP{tp} workers, from {start['split'][0]}P:{start['split'][1]}D): goodput "
+        f"{elastic['request_goodput']:.3f} req/s, attainment {elastic['slo_attainment']:.1%}, "
+        f"{result.split_changes} moves")
+  print(f"best static {best['split']}: goodput {best['goodput']:.3f} req/s; elastic / best "
+        f"static = {report['elastic_vs_best_static']:.2f}")
+  print(f"re-simulate the best static split: {command}")
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
+      json.dump(report, f, indent=1)
+  if FLAGS.plot:
+    plot(FLAGS.plot, report, arrivals, result, slos)
+  return 0
+
+
+def plot(path: str, report: dict, arrivals, result, slos) -> None:
+  """Split, arrival rate and SLO attainment over time, one panel each."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  window = 10.0
+  end = float(arrivals[-1])
+  edges = np.arange(0.0, end + window, window)
+  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+  timeline = report["split_timeline"] + [[end] + report["split_timeline"][-1][1:]]
+  t = [p[0] for p in timeline]
+  axes[0].step(t, [p[1] for p in timeline], where="post", label="prefill chips")
+  axes[0].step(t, [p[2] for p in timeline], where="post", label="decode chips")
+  best = report["best_static_split"]
+  axes[0].axhline(best[0], ls=":", c="C0", label="best static prefill")
+  axes[0].axhline(best[1], ls=":", c="C1", label="best static decode")
+  axes[0].set_ylabel("chips")
+  axes[0].legend(fontsize=7, loc="upper right")
+  counts, _ = np.histogram(arrivals, edges)
+  axes[1].plot(edges[:-1], counts / window)
+  axes[1].set_ylabel("arrivals / s")
+  ok = [(a, r.ttft <= slos["ttft"] and (r.tpot or 0.0) <= slos["tpot"])
+        for a, r in zip(arrivals, result.records)]
+  which = np.digitize([a for a, _ in ok], edges) - 1
+  share = [np.mean([g for (_, g), w in zip(ok, which) if w == k]) if (which == k).any()
+           else np.nan for k in range(len(edges) - 1)]
+  axes[2].plot(edges[:-1], share, label="elastic")
+  axes[2].set_ylabel("SLO attainment")
+  axes[2].set_xlabel("seconds")
+  for phase in _phases():
+    for ax in axes:
+      ax.axvline(phase[1], c="grey", lw=0.5)
+    axes[1].text(phase[1], axes[1].get_ylim()[1] * 0.9, phase[0], fontsize=7)
+  fig.suptitle(f"{report['model_config']} on {report['num_devices']} x {report['hardware']}: "
+               f"elastic {report['elastic_goodput']:.2f} vs best static "
+               f"{report['best_static_goodput']:.2f} req/s goodput")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _phases():
+  from disagg_jax.bench import timed  # pylint: disable=g-import-not-at-top
+  return timed.phase_bounds(timed.parse_phases(FLAGS.shifting_phases))
+
+
+if __name__ == "__main__":
+  cli.run(main)
