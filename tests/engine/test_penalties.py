@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disagg_jax.engine.engine import Engine, EngineConfig
+from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.sampling import (PROMPT_FLAG, InvalidRequestError, SamplingArrays,
                                         SamplingParams, apply_penalties, history_row)
 from disagg_jax.models import loading
 from disagg_jax.testing import helpers, tiny_hf
+
+from tests.engine.test_logprobs import CONFIG, engine  # the same small engines
 
 
 def penalize(logits, prompt, output, params: SamplingParams):
@@ -68,11 +70,6 @@ def test_penalties_follow_the_rule_row_by_row():
           == logits).all()
 
 
-CONFIG = EngineConfig(max_seq_len=64, decode_batch=4, prefill_batch=2, chunk_size=32,
-                      chunk_batch=2, prefix_caching=False, prefill_cache_tokens=0,
-                      precompile_len=0)
-
-
 @pytest.mark.parametrize("mode, changes", [
     ("single", {}),
     ("colocated", {}),
@@ -92,16 +89,9 @@ def test_penalized_greedy_matches_transformers(mode, changes, hf_checkpoint):
   if mode == "single":
     outputs = helpers.static_generator(loading.load_model(model_dir, helpers.mesh(2, 2))
                                        ).generate(prompts, sampling)
-  elif mode == "colocated":
-    with Engine.create("colocated", loading.load_model(model_dir, helpers.mesh(2, 2)),
-                       config=CONFIG, progress=False) as engine:
-      outputs = engine.generate(prompts, sampling)
   else:
-    config = EngineConfig(**{**CONFIG.__dict__, **changes})
-    with Engine.create("disagg", loading.load_model(model_dir, helpers.mesh(1, 1)),
-                       loading.load_model(model_dir, helpers.mesh(2, 2, start=4)),
-                       config=config, progress=False) as engine:
-      outputs = engine.generate(prompts, sampling)
+    with engine(model_dir, mode, EngineConfig(**{**CONFIG.__dict__, **changes})) as e:
+      outputs = e.generate(prompts, sampling)
   changed = 0
   for prompt, params, out in zip(prompts, sampling, outputs):
     assert out.output_token_ids == hf_penalized_greedy(hf_model, prompt, params), params
