@@ -53,11 +53,14 @@ def test_defaults_compile_a_few_short_shapes_up_front(mode, recorded):
     # inserts: blocks of 1..8 pages (prompts up to 128 tokens), all 30 layers in one group.
     assert len(recorded["decode"]) == 2 * 2 and len(recorded["insert_block"]) == 4
     assert len(recorded["set_token"]) == 1
-    assert shapes == 19
+    # a slot's penalty history, on each mesh's decode core (the prefill cache has one too)
+    assert len(recorded["set_history"]) == 2
+    assert shapes == 21
   else:
     # decode as above; mixed: width 64 tokens x chunk rows 1, 4 x chunk lengths 32, 64, 128.
     assert len(recorded["decode"]) == 4 and len(recorded["mixed"]) == 2 * 3
-    assert shapes == 10
+    assert len(recorded["set_history"]) == 1
+    assert shapes == 11
   assert all(k[3][1] <= 8 for k in recorded["decode"])  # page tables of at most 128 tokens
 
 
