@@ -82,20 +82,27 @@ CONFIG = EngineConfig(max_seq_len=64, decode_batch=4, prefill_batch=2, chunk_siz
 @pytest.mark.parametrize("mode, changes", [
     ("single", {}),
     ("colocated", {}),
-    # dense prefill, the first token from the prefill step (its logprobs: the prefill step
-    # as in "single")
-    pytest.param("disagg", {}, marks=pytest.mark.slow),
-    ("disagg", {"prefix_caching": True, "prefill_cache_tokens": 512}),  # from the mixed step
+    # the prefill-side cache: first tokens (and their logprobs, penalties) from the mixed step
+    ("disagg", {"prefix_caching": True, "prefill_cache_tokens": 512}),
+    # dense prefill in layer groups: the first token from the last group, its penalty history
+    # built in-step from the prompt
+    ("disagg", {"transfer": "layers:1"}),
 ])
-def test_logprobs_match_transformers(mode, changes, hf_checkpoint):
+def test_logprobs_and_penalties_match_transformers(mode, changes, hf_checkpoint):
+  """One engine per mode serves greedy and sampled rows with and without logprobs, and
+  penalized rows (tests/engine/test_penalties.py has their rule), in one batch."""
+  from tests.engine.test_penalties import hf_penalized_greedy  # pylint: disable=g-import-not-at-top
   model_dir, hf_model = hf_checkpoint("qwen3")
-  prompts = helpers.random_prompts((1, 17, 40, 5, 33), tiny_hf.VOCAB, seed=3)
-  # Greedy and sampled rows, with and without logprobs, in one batch.
+  prompts = helpers.random_prompts((1, 17, 40, 5, 33, 3, 30, 12), tiny_hf.VOCAB, seed=3)
   sampling = [SamplingParams(max_new_tokens=10, logprobs=TOP),
               SamplingParams(max_new_tokens=10, temperature=1.0, seed=7, logprobs=TOP),
               SamplingParams(max_new_tokens=10),
               SamplingParams(max_new_tokens=10, temperature=0.8, top_k=10, seed=1, logprobs=0),
-              SamplingParams(max_new_tokens=10, logprobs=MAX_LOGPROBS)]
+              SamplingParams(max_new_tokens=10, logprobs=MAX_LOGPROBS),
+              # penalized (greedy): the logprobs stay the model's, before the penalties
+              SamplingParams(max_new_tokens=10, repetition_penalty=1.8, logprobs=2),
+              SamplingParams(max_new_tokens=10, frequency_penalty=1.5),
+              SamplingParams(max_new_tokens=10, presence_penalty=2.0, repetition_penalty=0.9)]
   if mode == "single":
     model = loading.load_model(model_dir, helpers.mesh(2, 2))
     outputs = helpers.static_generator(model).generate(prompts, sampling)
@@ -107,10 +114,16 @@ def test_logprobs_match_transformers(mode, changes, hf_checkpoint):
       # A streaming client sees entry i of `stream.logprobs` with token i.
       for stream, out in zip(streams, outputs):
         assert stream.logprobs == (out.logprobs or [None] * len(out.output_token_ids))
+  changed = 0
   for prompt, params, out in zip(prompts, sampling, outputs):
     assert out.finish_reason in ("stop", "length"), out.error
+    if params.penalized:
+      assert out.output_token_ids == hf_penalized_greedy(hf_model, prompt, params), params
+      plain = helpers.hf_greedy(hf_model, prompt, 10, eos_ids=(tiny_hf.EOS,))
+      changed += out.output_token_ids != plain
     if params.logprobs is None:
       assert out.logprobs is None and "logprobs" not in out.to_json()
       continue
     assert_match_transformers(hf_model, prompt, out, params.logprobs)
     assert len(out.to_json()["logprobs"]) == len(out.output_token_ids)
+  assert changed >= 2  # the penalties did change what greedy decoding picks

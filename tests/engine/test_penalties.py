@@ -1,19 +1,16 @@
-"""Presence, frequency and repetition penalties (vLLM's rule), kept per slot on device: the
-engine's penalized greedy tokens equal transformers' logits penalized step by step, in every
-mode; after a preemption: tests/engine/test_engine.py (test_many_requests_...)."""
+"""Presence, frequency and repetition penalties (vLLM's rule), kept per slot on device: the rule
+here; the engine's penalized greedy tokens against transformers' logits penalized step by step,
+in every mode: tests/engine/test_logprobs.py (one engine per mode serves both); after a
+preemption: tests/engine/test_engine.py (test_many_requests_...)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.sampling import (PROMPT_FLAG, InvalidRequestError, SamplingArrays,
                                         SamplingParams, apply_penalties, history_row)
-from disagg_jax.models import loading
-from disagg_jax.testing import helpers, tiny_hf
-
-from tests.engine.test_logprobs import CONFIG, engine  # the same small engines
+from disagg_jax.testing import tiny_hf
 
 
 def penalize(logits, prompt, output, params: SamplingParams):
@@ -68,33 +65,3 @@ def test_penalties_follow_the_rule_row_by_row():
   plain = SamplingArrays.from_params([SamplingParams()] * 4, 4)
   assert (np.asarray(apply_penalties(jnp.asarray(logits), jnp.asarray(history), plain))
           == logits).all()
-
-
-@pytest.mark.parametrize("mode, changes", [
-    ("single", {}),
-    ("colocated", {}),
-    # the prefill-side cache: first tokens from the mixed step
-    ("disagg", {"prefix_caching": True, "prefill_cache_tokens": 512}),
-    # dense prefill in layer groups: the first token's history built from the prompt in-step
-    ("disagg", {"transfer": "layers:1"}),
-])
-def test_penalized_greedy_matches_transformers(mode, changes, hf_checkpoint):
-  model_dir, hf_model = hf_checkpoint("qwen3")
-  prompts = helpers.random_prompts((3, 17, 30, 9, 12), tiny_hf.VOCAB, seed=5)
-  sampling = [SamplingParams(max_new_tokens=12, repetition_penalty=1.8),
-              SamplingParams(max_new_tokens=12, frequency_penalty=1.5),
-              SamplingParams(max_new_tokens=12),
-              SamplingParams(max_new_tokens=12, presence_penalty=2.0, repetition_penalty=0.9),
-              SamplingParams(max_new_tokens=12, presence_penalty=-1.0)]
-  if mode == "single":
-    outputs = helpers.static_generator(loading.load_model(model_dir, helpers.mesh(2, 2))
-                                       ).generate(prompts, sampling)
-  else:
-    with engine(model_dir, mode, EngineConfig(**{**CONFIG.__dict__, **changes})) as e:
-      outputs = e.generate(prompts, sampling)
-  changed = 0
-  for prompt, params, out in zip(prompts, sampling, outputs):
-    assert out.output_token_ids == hf_penalized_greedy(hf_model, prompt, params), params
-    plain = helpers.hf_greedy(hf_model, prompt, 12, eos_ids=(tiny_hf.EOS,))
-    changed += out.output_token_ids != plain
-  assert changed >= 3  # the penalties did change what greedy decoding picks

@@ -22,7 +22,8 @@ def run_benchmark(repo_root, *flags):
 
 
 @pytest.mark.parametrize("mode_flags", [
-    ["--mode=colocated", "--devices=2"],
+    # colocated: the same runner and JSON (tests/serve/test_bench_openai.py serves it in-process)
+    pytest.param(["--mode=colocated", "--devices=2"], marks=pytest.mark.slow),
     ["--mode=disagg", "--prefill_devices=2", "--decode_devices=2"],
 ])
 def test_benchmark_json(mode_flags, hf_checkpoint, tmp_path, repo_root):
