@@ -31,10 +31,10 @@ still match its document (`test_tables_match_the_docs`), so the tables cannot go
   stopped with SIGINT after the last test; the blocks that talk to `127.0.0.1:8000` run against
   it with the same port substitution.
 
-The default tests take about two minutes on a 2-core machine (121 s measured) once JAX's
-persistent compilation cache holds the documents' five engine configurations (the cache the
-scripts use, under ~/.cache/disagg_jax); from an empty cache they compile them too (300 s). The
-slow ones take about 15 minutes more (`-m slow`).
+The default tests take about 40 s on a 2-core machine (five blocks of ~9 s each, measured in a
+full run of the suite) once JAX's persistent compilation cache holds the documents' engine
+configurations (the cache the scripts use, under ~/.cache/disagg_jax); from an empty cache they
+compile them too. The slow ones take about 15 minutes more (`-m slow`).
 """
 
 from __future__ import annotations
