@@ -53,7 +53,7 @@ FLAGS.set_default("mode", "disagg")
 def static_splits(cfg, hw, num_devices: int, max_seq_len: int, decode_batch: int):
   """(prefill tp, decode tp, X, Y) of every split using all chips."""
   from disagg_jax.sim import analytic, planner  # pylint: disable=g-import-not-at-top
-  tps = [t for t in planner.TP_CHOICES if t <= num_devices and planner._tp_ok(cfg, t)  # pylint: disable=protected-access
+  tps = [t for t in planner.TP_CHOICES if t <= num_devices and planner.tp_ok(cfg, t)
          and analytic.fits(cfg, hw, t, decode_batch, max_seq_len)[0]]
   out = []
   for ptp in tps:

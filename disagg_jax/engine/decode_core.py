@@ -198,7 +198,8 @@ class DecodeCore:
     def emit(slot: int, request: RequestState) -> bool:
       if request.metrics.first_token is None:
         request.metrics.first_token = now
-      return request.emit(int(tokens[slot]), now, logprobs and logprobs.row(slot, request.sampling))
+      logprob = logprobs and logprobs.row(slot, request.sampling)
+      return request.emit(int(tokens[slot]), now, logprob)
     for request in policy.collect(self.slots, step.rows, emit):
       finish(request)
 

@@ -153,15 +153,12 @@ class PrefillWorker(Worker):
     is."""
     params, inputs, lengths_d, sampling_d = self._inputs(tokens, lengths, sampling, prompt_lens)
     last = len(self.group_steps) - 1
-    logprobs = None
     for g, step in enumerate(self.group_steps):
       out = step(params, inputs, lengths_d, sampling_d)
       inputs, kv = (out.tokens, out.kv) if g == last else out
-      if g == last:
-        logprobs = out.logprobs
       if on_group is not None:
         on_group(g, kv)
-    return np.asarray(inputs), kv, logprobs
+    return np.asarray(inputs), kv, out.logprobs  # `out`: the last group's PrefillResult
 
   def pieces(self, kv, row: int, num_pages: int, group: int) -> list[pieces_lib.Piece]:
     """Row `row`'s first `num_pages` pages of a layer group's KV, as page blocks."""

@@ -131,9 +131,8 @@ class ElasticController:
     prefill, decode, why = self.pressure(s)
     want, count = None, 1
     ideal = self.ideal_prefill_workers(s)
-    if ideal is not None:
-      why += f"; arrivals match {ideal}P:{s.prefill_workers + s.decode_workers - ideal}D"
     if ideal is not None:  # follow the arriving mix (hold when the split matches it)
+      why += f"; arrivals match {ideal}P:{s.prefill_workers + s.decode_workers - ideal}D"
       count = max(1, min(abs(ideal - s.prefill_workers), c.max_step))
       if ideal > s.prefill_workers:
         want = TO_PREFILL

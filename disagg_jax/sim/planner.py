@@ -169,7 +169,8 @@ def tpot_estimate(profile, workload: Workload) -> float:
   return step if math.isinf(slo) else min(slo, max(slo / 2, step))
 
 
-def _tp_ok(cfg: ModelConfig, tp: int) -> bool:
+def tp_ok(cfg: ModelConfig, tp: int) -> bool:
+  """Whether `tp` divides the KV heads (or is a multiple of them, which replicates them)."""
   return cfg.num_kv_heads % tp == 0 or tp % cfg.num_kv_heads == 0
 
 
@@ -179,7 +180,7 @@ def enumerate_candidates(cfg: ModelConfig, hw: analytic.Hardware, num_devices: i
   """Every configuration on `num_devices` chips of `hw`; with a different `prefill_hw`, the
   disaggregated ones with prefill on that kind of chip (colocated needs one kind)."""
   out = []
-  tps = [t for t in TP_CHOICES if t <= num_devices and _tp_ok(cfg, t)]
+  tps = [t for t in TP_CHOICES if t <= num_devices and tp_ok(cfg, t)]
   fits = {t: analytic.fits(cfg, hw, t, 1, max_seq_len)[0] for t in tps}
   prefill_hw = prefill_hw or hw
   prefill_fits = {t: analytic.fits(cfg, prefill_hw, t, 1, max_seq_len)[0] for t in tps}
