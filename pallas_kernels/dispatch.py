@@ -1,6 +1,9 @@
 """The one attention dispatch point: `impl` picks the Pallas kernel or the pure-JAX reference.
 
 `auto` means Pallas on TPU and GPU and the XLA reference on CPU (where Pallas only interprets).
+Per platform, Pallas means: prefill `tpu_prefill` / the GPU flash kernel; paged decode the ragged
+work-list kernel `tpu_ragged` on TPU (`kernels.paged_decode_attention`'s TPU default) / the GPU
+paged kernel; chunked prefill `tpu_paged` / the GPU chunked kernel.
 Every function here works on one device's arrays: callers on a multi-device mesh run them inside
 `shard_map` (see `disagg_jax.engine.attention`), because XLA cannot partition a Pallas kernel.
 

@@ -1,15 +1,21 @@
 """The public Pallas kernels (signatures fixed by DESIGN.md), choosing the backend and block sizes.
 
-`backend` is "tpu" (Mosaic TPU: BlockSpecs, scalar-prefetched page tables) or "gpu" (Triton);
-by default "gpu" on NVIDIA GPUs and "tpu" everywhere else. `interpret=True` runs the kernel on CPU:
-TPU kernels in TPU interpret mode, GPU kernels in Pallas's generic interpreter.
+`backend` is "tpu" (Mosaic TPU) or "gpu" (Triton); by default "gpu" on NVIDIA GPUs and "tpu"
+everywhere else. `interpret=True` runs the kernel on CPU: TPU kernels in TPU interpret mode, GPU
+kernels in Pallas's generic interpreter.
+
+Paged decode on TPU is the ragged kernel (`tpu_ragged`: a grid over the batch's real pages, all KV
+heads per step, the page table read from HBM); `tpu_kernel="grid"` selects the earlier one
+(`tpu_paged`: a grid step per sequence, KV head and page block, the table in SMEM).
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels import gpu_kernels, tpu_paged, tpu_prefill, tuning
+from pallas_kernels import gpu_kernels, tpu_paged, tpu_prefill, tpu_ragged, tuning
+
+TPU_DECODE_KERNELS = ("ragged", "grid")
 
 
 def default_backend() -> str:
@@ -32,13 +38,42 @@ def prefill_attention(q, k, v, lengths, *, causal=True, sm_scale=None, interpret
                                        interpret=interpret)
 
 
+def ragged_paged_attention(q, k_pages, v_pages, lengths, page_table, *, sm_scale=None,
+                           interpret=False, pages_per_step: int | None = None):
+  """Paged decode on TPU over a work list of the batch's real pages (`tpu_ragged`).
+
+  q: [B, Hq, D]; k/v pages: [Hkv, num_pages, page_size, D]; lengths int32[B] (0: an idle row,
+  whose output is zeros); page_table int32[B, max_pages_per_seq] -> [B, Hq, D]. A grid step
+  covers `pages_per_step` pages of one sequence, all KV heads (default
+  `tuning.ragged_pages_per_step`: about 1 MiB of K and V a step); a sequence of n pages costs
+  ceil(n / pages_per_step) steps. TPU (Mosaic) only.
+  """
+  hkv, _, page_size, d = k_pages.shape
+  if pages_per_step is None:
+    pages_per_step = tuning.ragged_pages_per_step(page_size, page_table.shape[1], hkv, d,
+                                                  k_pages.dtype.itemsize)
+  return tpu_ragged.ragged_paged_attention(q, k_pages, v_pages, lengths, page_table,
+                                           sm_scale=sm_scale, pages_per_step=pages_per_step,
+                                           interpret=interpret)
+
+
 def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, *, sm_scale=None,
                            interpret=False, backend=None,
-                           blocks: tuning.PagedBlocks | None = None):
+                           blocks: tuning.PagedBlocks | None = None, tpu_kernel: str = "ragged"):
   """q: [B, Hq, D]; k/v pages: [Hkv, num_pages, page_size, D]; lengths int32[B];
-  page_table int32[B, max_pages_per_seq] -> [B, Hq, D]."""
+  page_table int32[B, max_pages_per_seq] -> [B, Hq, D].
+
+  On TPU, `tpu_kernel` "ragged" (default; `blocks.pages_per_block`, if given, is its pages per
+  step) or "grid" (the earlier per-head grid, `blocks` its block sizes)."""
   backend = backend or default_backend()
   hkv, _, page_size, _ = k_pages.shape
+  if backend != "gpu":
+    if tpu_kernel not in TPU_DECODE_KERNELS:
+      raise ValueError(f"tpu_kernel={tpu_kernel!r} is not one of {', '.join(TPU_DECODE_KERNELS)}")
+    if tpu_kernel == "ragged":
+      return ragged_paged_attention(q, k_pages, v_pages, lengths, page_table, sm_scale=sm_scale,
+                                    interpret=interpret,
+                                    pages_per_step=blocks.pages_per_block if blocks else None)
   blocks = blocks or tuning.paged_blocks(page_size, page_table.shape[1], q.shape[0] * hkv,
                                          backend)
   if backend == "gpu":

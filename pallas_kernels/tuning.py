@@ -4,7 +4,9 @@ GPU choices come from searches on an H200 (2026-11-27, `launch/bench_kernels.py 
 in docs/BENCHMARKS.md): prefill 128-query x 64-key tiles, 4 warps, 2 stages (best of 15
 configurations); decode 64-token page blocks, 4 warps, 3 stages, context splits until about 1024
 programs are in flight (within 5% of the best of 72). TPU blocks follow the MXU: multiples of 128
-rows where the sequence allows (not measured on a TPU here).
+rows where the sequence allows (not measured on a TPU here). The ragged TPU decode kernel moves
+about `RAGGED_STEP_BYTES` per grid step (a size chosen against the modelled per-step overhead of
+`tpu_plan`, not measured).
 """
 
 from __future__ import annotations
@@ -82,3 +84,16 @@ def paged_blocks(page_size: int, max_pages: int, batch_heads: int, backend: str)
     return PagedBlocks(pages_per_block=pages, num_splits=splits, num_warps=GPU_DECODE_WARPS,
                        num_stages=GPU_DECODE_STAGES)
   return PagedBlocks(pages_per_block=pages, num_splits=splits)
+
+
+RAGGED_STEP_BYTES = 1 << 20  # K and V of every KV head: 16 pages of 16 tokens at Llama-3-8B
+RAGGED_MAX_PAGES_PER_STEP = 32  # each page is two DMAs, unrolled in the kernel
+
+
+def ragged_pages_per_step(page_size: int, max_pages: int, num_kv_heads: int, head_dim: int,
+                          itemsize: int) -> int:
+  """Pages per work item of the ragged TPU decode kernel: about RAGGED_STEP_BYTES of K and V
+  (all KV heads) per grid step, at most RAGGED_MAX_PAGES_PER_STEP and the page table's width."""
+  token_bytes = 2 * num_kv_heads * head_dim * itemsize
+  pages = max(1, RAGGED_STEP_BYTES // (token_bytes * page_size))
+  return max(1, min(pages, RAGGED_MAX_PAGES_PER_STEP, max_pages))

@@ -4,6 +4,10 @@ Cases cover length 1, lengths at page boundaries and one either side, lengths th
 multiples of the block sizes, empty rows, GQA ratios 1/4/8, head dims 64/128, page sizes 16/32/64
 and shuffled (non-contiguous) page tables. Tolerance: max error relative to the output's scale,
 1e-5 in float32 and 2e-2 in bfloat16.
+
+Paged decode on TPU is the ragged kernel (`tpu_ragged`), checked on every decode case and on a
+ragged batch; the earlier grid kernel (`tpu_kernel="grid"`) keeps two default cases, the rest run
+under -m slow (the default suite's time budget).
 """
 
 import jax.numpy as jnp
@@ -71,20 +75,65 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case", DECODE_CASES)
-def test_paged_decode_attention(case, dtype, backend):
+def _decode_params():
+  """(case, dtype, kernel) for every case and dtype: "tpu" (the ragged kernel; a case's
+  pages_per_block is its pages per step), "gpu", and "tpu_grid" (two default cases, others slow)."""
+  params = []
+  grid_default = {(1, "float32"), (3, "bfloat16")}
+  for kernel in ("tpu", "gpu", "tpu_grid"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for i, case in enumerate(DECODE_CASES):
+        name = jnp.dtype(dtype).name
+        marks = ([pytest.mark.slow] if kernel == "tpu_grid" and (i, name) not in grid_default
+                 else [])
+        params.append(pytest.param(case, dtype, kernel, marks=marks,
+                                   id=f"case{i}-{name}-{kernel}"))
+  return params
+
+
+@pytest.mark.parametrize("case,dtype,kernel", _decode_params())
+def test_paged_decode_attention(case, dtype, kernel):
   hq, hkv, d, page_size, max_pages, lengths, blocks = case
   rng = np.random.default_rng(page_size + max_pages)
   b = len(lengths)
   k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, dtype)
   q = randn(rng, (b, hq, d), dtype)
   lengths = jnp.asarray(lengths, jnp.int32)
+  backend, tpu_kernel = {"tpu": ("tpu", "ragged"), "gpu": ("gpu", "ragged"),
+                         "tpu_grid": ("tpu", "grid")}[kernel]
   out = kernels.paged_decode_attention(q, k_pages, v_pages, lengths, table, interpret=True,
-                                       backend=backend, blocks=blocks)
+                                       backend=backend, blocks=blocks, tpu_kernel=tpu_kernel)
   check(out, reference.paged_decode_attention(*upcast(q, k_pages, v_pages), lengths, table),
         dtype)
+
+
+# Ragged batches for the ragged TPU kernel: (Hq, Hkv, D, page_size, lengths, pages_per_step).
+RAGGED_CASES = [
+    # Lengths 1 to a few hundred and one long sequence, an empty row mid-batch, several work
+    # items per sequence (4 pages a step).
+    pytest.param((8, 2, 128, 16, (1, 2, 15, 16, 17, 100, 0, 255, 300, 1000), 4), id="to1k"),
+    # Llama-3-8B's heads and the default pages per step (16 pages: 1 MiB of K and V), lengths
+    # 1 ... 8k in one batch.
+    pytest.param((32, 8, 128, 16, (1, 7, 16, 300, 2049, 8192, 0, 5000), None), id="to8k",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("case", RAGGED_CASES)
+def test_ragged_paged_attention(case):
+  hq, hkv, d, page_size, lengths, pages_per_step = case
+  dtype = jnp.float32 if pages_per_step else jnp.bfloat16
+  rng = np.random.default_rng(len(lengths))
+  b = len(lengths)
+  max_pages = -(-max(lengths) // page_size)
+  k_pages, v_pages, table = paged_inputs(rng, b, hkv, d, page_size, max_pages, dtype)
+  q = randn(rng, (b, hq, d), dtype)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  out = kernels.ragged_paged_attention(q, k_pages, v_pages, lengths, table, interpret=True,
+                                       pages_per_step=pages_per_step)
+  check(out, reference.paged_decode_attention(*upcast(q, k_pages, v_pages), lengths, table),
+        dtype)
+  assert not np.asarray(out[lengths == 0], np.float32).any()  # an empty row is zeros
 
 
 CHUNK_CASES = [
