@@ -3,6 +3,7 @@
     python launch/bench_kernels.py --output_json=kernels.json            # on a GPU (or TPU)
     python launch/bench_kernels.py --tune --sweep --time_budget_s=420    # block-size search too
     python launch/bench_kernels.py --smoke                                # tiny shapes, CPU
+    python launch/bench_kernels.py --tpu_plan --plan_batch=256 --plan_context=32768  # no device
 
 Prefill reports TFLOP/s of causal attention (4·B·Hq·S²·D / 2 FLOPs); decode reports KV bytes read
 per second (2·B·ctx·Hkv·D·bytes). Baselines: `jax.nn.dot_product_attention` with
@@ -15,6 +16,12 @@ reported as a fraction of it. Each figure is the median of --iters timed calls a
 shapes and reports the best beside the defaults of `pallas_kernels/tuning.py` (where the winners
 are kept). --time_budget_s stops starting new measurements once spent, so a leased machine's time
 is never overrun; what was measured is still written.
+
+--tpu_plan measures nothing: it prints, for the --plan_* shape, the grid steps, bytes per step,
+SMEM and VMEM of the TPU paged decode kernels (the grid kernel `tpu_paged` and the ragged
+`tpu_ragged`) and their modelled time per layer on v5e / v6e (`pallas_kernels/tpu_plan.py`:
+0.35 us per grid step plus K/V bytes at 819 / 1640 GB/s). On a TPU, decode is timed for both
+kernels (`pallas_paged` is the default, ragged; `pallas_grid` the grid kernel).
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ flags.DEFINE_integer("iters", 20, "Timed calls per measurement.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls before timing.")
 flags.DEFINE_integer("rounds", 3, "Headline shapes: interleaved rounds over all implementations.")
 flags.DEFINE_float("time_budget_s", 0.0, "Start no new measurement after this many seconds; 0: none.")
+flags.DEFINE_bool("tpu_plan", False, "Print the TPU decode kernels' plan (grid steps, bytes per "
+                  "step, SMEM/VMEM, modelled v5e/v6e time per layer) for the --plan_* shape; no "
+                  "device needed, nothing is run.")
+flags.DEFINE_integer("plan_batch", 64, "--tpu_plan: sequences in the batch.")
+flags.DEFINE_integer("plan_context", 8192, "--tpu_plan: tokens of context per sequence.")
+flags.DEFINE_integer("plan_hq", 32, "--tpu_plan: query heads (Llama-3-8B: 32).")
+flags.DEFINE_integer("plan_hkv", 8, "--tpu_plan: KV heads (Llama-3-8B: 8).")
+flags.DEFINE_integer("plan_head_dim", 128, "--tpu_plan: head dimension.")
+flags.DEFINE_integer("plan_page_size", 16, "--tpu_plan: tokens per KV page.")
+flags.DEFINE_enum("plan_dtype", "bfloat16", ["bfloat16", "float32"], "--tpu_plan: K/V dtype.")
 FLAGS = flags.FLAGS
 
 # (block_q, block_k, num_warps, num_stages) for prefill; (pages_per_block, num_splits, num_warps,
@@ -200,6 +217,10 @@ def bench_decode(b, ctx, hq, hkv, d, page_size, dtype, interpret, tune=False, ro
     if best is not None and best != default:
       candidates.append(("pallas_paged_best", ours(blocks_of(best)), paged_args,
                          {"blocks": best}))
+  if not interpret and jax.default_backend() == "tpu":  # the earlier grid kernel, to compare
+    grid = jax.jit(lambda *a: kernels.paged_decode_attention(*a, interpret=interpret,
+                                                             tpu_kernel="grid"))
+    candidates.append(("pallas_grid", grid, paged_args, {}))
   candidates.append(("xla_paged", jax.jit(reference.paged_decode_attention), paged_args, {}))
   if not interpret and jax.default_backend() == "gpu":
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # pylint: disable=g-import-not-at-top
@@ -251,8 +272,20 @@ def _summary(report):
   return "\n".join(lines)
 
 
+def tpu_plan_table() -> str:
+  from pallas_kernels import tpu_plan  # pylint: disable=g-import-not-at-top
+  shape = tpu_plan.DecodeShape(batch=FLAGS.plan_batch, context=FLAGS.plan_context,
+                               hq=FLAGS.plan_hq, hkv=FLAGS.plan_hkv,
+                               head_dim=FLAGS.plan_head_dim, page_size=FLAGS.plan_page_size,
+                               itemsize=2 if FLAGS.plan_dtype == "bfloat16" else 4)
+  return tpu_plan.format_table(shape, FLAGS.plan_dtype)
+
+
 def main(argv):
   del argv
+  if FLAGS.tpu_plan:
+    print(tpu_plan_table())
+    return 0
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   interpret = jax.default_backend() == "cpu"
