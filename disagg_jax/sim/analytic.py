@@ -10,7 +10,10 @@ bandwidth.
 MFU, MBU and the overhead are calibration factors. `fit_anchor` fits them for the H200
 from the measured Llama-3-8B-shaped steps in ../shared/anchors (the only accelerator measurements
 here); the H100 and A100 take the same fractions of their own peaks (an assumption for the A100,
-an older chip), the TPU factors are assumptions; all are printed with every plan.
+an older chip), the TPU factors are assumptions; all are printed with every plan. On TPU,
+decode's attention (the KV reads, per token of context) is not costed with the MBU factor but with
+the ragged decode kernel's plan (`pallas_kernels.tpu_plan`: its grid steps at 0.35 us each plus
+its K/V bytes at the chip's bandwidth; `decode_attention_per_token_s`).
 `calibrate(profile, model_cfg)` reports the same factors for the CPU this machine has, from a
 launch/profile.py table.
 
@@ -32,6 +35,7 @@ from disagg_jax.engine import buckets
 from disagg_jax.models import presets
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.sim.profile import StepProfile
+from pallas_kernels import tpu_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,7 @@ HARDWARE = {
 for _name in ("v5e", "v5p", "v6e"):
   HARDWARE[_name] = dataclasses.replace(HARDWARE[_name], network_bw=12.5e9)
 ANCHOR_FITTED = ("h100", "h200", "a100")
+TPU_KINDS = ("v5e", "v5p", "v6e")  # decode attention from the TPU kernel's plan
 DTYPE_BYTES = 2  # bf16 weights and KV
 
 model_preset = presets.model_preset  # configs/models/NAME.py
@@ -182,6 +187,22 @@ def step_time(cost: StepCost, cfg: ModelConfig, hw: Hardware, tp: int) -> float:
   return max(compute, memory) + comm + hw.step_overhead_s
 
 
+def decode_attention_per_token_s(cfg: ModelConfig, hw: Hardware, tp: int, batch: int,
+                                 context: int) -> float:
+  """Decode attention's seconds per token of context (all layers; the tp chips in parallel) at
+  `batch` sequences of `context` tokens. TPU: the ragged Pallas kernel's plan for one chip's heads
+  (`tpu_plan.ragged_plan`: grid steps x 0.35 us + K/V bytes / HBM bandwidth, no efficiency
+  factor). Other chips: the KV bytes at MBU of the bandwidth."""
+  if hw.name not in TPU_KINDS:
+    return cfg.kv_bytes_per_token(DTYPE_BYTES) / (tp * hw.hbm_bw * hw.mbu)
+  batch, context = max(batch, 1), max(context, 1)
+  # Each chip holds Hkv / tp KV heads (a replica of one where tp > Hkv) and their query heads.
+  shape = tpu_plan.DecodeShape(batch=batch, context=context,
+                               hq=max(cfg.num_heads // tp, 1), hkv=max(cfg.num_kv_heads // tp, 1),
+                               head_dim=cfg.head_dim, page_size=16, itemsize=DTYPE_BYTES)
+  return cfg.num_layers * tpu_plan.ragged_plan(shape).time_s(hw.hbm_bw) / (batch * context)
+
+
 def transfer_time(cfg: ModelConfig, hw: Hardware, tokens: int,
                   decode_hw: Hardware | None = None, across_hosts: bool = False) -> float:
   """One request's KV from the prefill chips to the decode chips: over NVLink / ICI when they are
@@ -234,7 +255,8 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
   full_batch = max(min(decode_batch, pages * 16 // max(max_seq_len // 2, 1)), 1)
   full = step_time(decode_cost(cfg, full_batch, 0), cfg, hw, tp)
   per_seq = (full - base) / full_batch
-  per_token = cfg.kv_bytes_per_token(DTYPE_BYTES) / (tp * hw.hbm_bw * hw.mbu)
+  # Per token of context: at the full step's batch, its sequences half way to max_seq_len.
+  per_token = decode_attention_per_token_s(cfg, hw, tp, full_batch, max(max_seq_len // 2, 1))
   profile = StepProfile(mode=mode, page_size=16, decode_batch=decode_batch, num_pages=pages,
                         max_seq_len=max_seq_len, decode_s=base,
                         decode_per_seq_s=max(per_seq, 0.0), decode_per_token_s=per_token,
@@ -268,7 +290,10 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
 
 def describe(hw: Hardware) -> str:
   how = "fitted" if "fitted" in hw.source else "assumed"
-  return (f"{hw.source}; {how} MFU {hw.mfu:.2f} (prefill), MBU {hw.mbu:.2f} (decode), "
+  mbu = (f"MBU {hw.mbu:.2f} (decode weights; its attention from the ragged TPU kernel's plan, "
+         f"{tpu_plan.STEP_OVERHEAD_S * 1e6:.2f} us per grid step)" if hw.name in TPU_KINDS
+         else f"MBU {hw.mbu:.2f} (decode)")
+  return (f"{hw.source}; {how} MFU {hw.mfu:.2f} (prefill), {mbu}, "
           f"{hw.step_overhead_s * 1e6:.0f} us per step, interconnect at "
           f"{hw.link_efficiency:.0%} of {hw.link_bw / 1e9:.0f} GB/s, "
           f"{hw.collective_latency_s * 1e6:.0f} us per collective")

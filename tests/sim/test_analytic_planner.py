@@ -107,6 +107,31 @@ def test_decode_table_is_never_faster_than_the_roofline(llama8b):
   assert table.decode_time(256, 0) == pytest.approx(full)
 
 
+def test_tpu_decode_attention_comes_from_the_kernel_plan(llama8b):
+  """On TPU the table's per-token decode cost is the ragged kernel's plan (grid steps x 0.35 us
+  + K/V bytes / bandwidth) for one chip's heads, with no MBU; other chips keep KV bytes / MBU."""
+  from pallas_kernels import tpu_plan  # pylint: disable=g-import-not-at-top
+  v5e, h100 = analytic.get_hardware("v5e"), analytic.get_hardware("h100")
+  table = analytic.profile_for(llama8b, v5e, mode="disagg", tp=4, decode_batch=64,
+                               max_seq_len=4096)
+  full_batch = 64  # the pool holds 64 sequences at 2048 tokens on 4 v5e
+  shape = tpu_plan.DecodeShape(batch=full_batch, context=2048, hq=8, hkv=2, head_dim=128,
+                               page_size=16, itemsize=2)
+  plan = tpu_plan.ragged_plan(shape)
+  per_token = llama8b.num_layers * plan.time_s(819e9) / (full_batch * 2048)
+  assert table.decode_per_token_s == pytest.approx(per_token)
+  # The plan's own terms: bytes at full bandwidth, plus 0.35 us per step of 32 pages (512 tokens:
+  # the 1 MiB target is over the 32-page cap with 2 KV heads a chip).
+  bytes_part = llama8b.kv_bytes_per_token(2) / 4 / 819e9
+  assert per_token == pytest.approx(bytes_part + 32 * 0.35e-6 / 512)
+  assert per_token != pytest.approx(llama8b.kv_bytes_per_token(2) / (4 * 819e9 * v5e.mbu))
+  h100_table = analytic.profile_for(llama8b, h100, mode="disagg", tp=1, decode_batch=64,
+                                    max_seq_len=4096)
+  assert h100_table.decode_per_token_s == pytest.approx(
+      llama8b.kv_bytes_per_token(2) / (h100.hbm_bw * h100.mbu))
+  assert "ragged TPU kernel's plan" in analytic.describe(v5e)
+
+
 def test_decode_is_memory_bound_and_prefill_compute_bound(llama8b):
   hw = analytic.get_hardware("v5e")
   # Decode at batch 1: ~16 GB of weights over 8 chips at 819 GB/s x MBU.
