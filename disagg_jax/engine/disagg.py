@@ -213,6 +213,7 @@ class PrefillWorker(Worker):
       first, _, logprobs = self.prefill_batch(tokens, lengths, [r.sampling for r in requests],
                                               on_group, [len(r.prompt_ids) for r in requests])
       logprobs = HostLogprobs.read(logprobs, [r.sampling for r in requests])
+      self.record_work(int(lengths.sum()), time.perf_counter() - now)
       now = time.perf_counter()
       for i, request in enumerate(requests):
         if request.metrics.first_token is None:
@@ -468,9 +469,12 @@ class DisaggDecodeLoop(Worker):
         if self.stopped:
           return
       self._drop_aborted()
+      start = time.perf_counter()
       dispatched = self.step()
       if in_flight is not None:
         core.collect(in_flight, self.finish)
+        # Steps run back to back: an iteration that collects one takes one step's time.
+        self.record_work(len(in_flight.rows), time.perf_counter() - start)
       elif dispatched is None and (self.queue or self.local):
         time.sleep(0.001)  # cannot insert with every page free; never spin on it regardless
       in_flight = dispatched

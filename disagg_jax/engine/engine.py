@@ -257,6 +257,52 @@ class Engine(EngineAPI):
                  awaiting_slot=len(self.decode_loop.queue))
     return out
 
+  def load(self) -> dict:
+    """Disagg: the work done so far and what waits, for the elastic controller's signals
+    (`engine.elastic`): prompt tokens computed and seconds busy on the prefill mesh, tokens
+    decoded and seconds of decode steps, prompt tokens queued for prefill, decode slots."""
+    return {"prefill_tokens": self.prefill.tokens_done, "prefill_busy_s": self.prefill.busy_s,
+            "decode_tokens": self.decode_loop.tokens_done,
+            "decode_busy_s": self.decode_loop.busy_s,
+            "decode_steps": self.decode_loop.steps_done,
+            "queued_prefill_tokens": sum(r.num_to_compute for r in self.prefill.pending()),
+            "decode_slots": self.core.slots.num_slots}
+
+  def detach(self) -> tuple[list[RequestState], int]:
+    """Stops this engine's threads without ending its requests and hands them over (oldest
+    first) for another engine to `adopt`: (requests, tokens whose KV is lost and must be
+    computed again). A request holding KV (prefilled, partly chunked, or decoding) restarts from
+    its prompt and the tokens it generated (`RequestState.restart`, counted as a preemption); one
+    still waiting keeps its place. The engine is unusable afterwards."""
+    for worker in self._workers:
+      worker.stop()
+    for thread in self._threads:
+      thread.join()
+    with self._lock:
+      states = sorted(self._requests.values(), key=lambda r: r.arrival)
+      self._requests.clear()
+      self._error = "detached (its requests moved to another engine)"
+    lost = 0
+    for state in states:
+      state.staged = 0  # the staging reservations went with this engine
+      if state.num_computed == 0 and state.tokens_to_compute == state.all_tokens():
+        continue  # waiting for prefill, nothing computed yet
+      # Its KV (all but the last token once it generated some) stays behind.
+      lost += state.total_len - 1 if state.output_ids else state.num_computed
+      if state.output_ids:
+        state.restart()
+      state.num_computed = 0
+    return states, lost
+
+  def adopt(self, states: Sequence[RequestState]) -> None:
+    """Takes over requests another engine `detach`ed, in order, as if they had just arrived
+    (their streams, outputs and timestamps carry on)."""
+    with self._lock:
+      for state in states:
+        self._requests[state.request_id] = state
+    for state in states:
+      self._submit(state)
+
   def steps(self) -> list:
     """Every compiled step function (`engine.compiled.Step`) of this engine."""
     out = self.decode_steps.all_steps()

@@ -120,6 +120,7 @@ class CachedPrefillWorker(Worker):
         elif not step.runs and (self.admitting or core.slots.occupied()):
           time.sleep(0.001)  # nothing fits yet; never spin on it
         continue
+      start = time.perf_counter()
       self.chunks.dispatch(step.chunks)
       rows = self.policy.commit(core.slots, step)
       if rows:
@@ -129,6 +130,8 @@ class CachedPrefillWorker(Worker):
         for slot, request in rows:
           self._hand_on(slot, request, int(tokens[slot]), now,
                         logprobs and logprobs.row(slot, request.sampling))
+      # Steps that hand nothing on are not waited for: the next one that does absorbs their time.
+      self.record_work(sum(n for _, _, n in step.chunks), time.perf_counter() - start)
 
   def _bucket(self, num_tokens: int) -> int:
     return buckets.pick(num_tokens, self.length_buckets)

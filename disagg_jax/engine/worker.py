@@ -14,6 +14,17 @@ class Worker:
     self.queue: collections.deque = collections.deque()
     self.cv = threading.Condition()
     self.stopped = False
+    # Work done so far, for the elastic controller's signals (read from other threads; each
+    # value is written by this worker's thread only): tokens computed and seconds spent busy.
+    self.tokens_done = 0
+    self.busy_s = 0.0
+    self.steps_done = 0
+
+  def record_work(self, tokens: int, seconds: float) -> None:
+    """One step's work: `tokens` computed in `seconds`."""
+    self.tokens_done += tokens
+    self.busy_s += seconds
+    self.steps_done += 1
 
   name = "worker"  # the worker's name in traces
   trace = None  # a sched.trace.Trace: enqueues (and the subclass's decisions) are recorded

@@ -1,0 +1,340 @@
+"""Elastic prefill:decode in one process: the devices of both meshes are one pool whose split
+follows the traffic (`--elastic`).
+
+    engine = ElasticEngine(prefill_model, decode_model, EngineConfig(...),
+                           ElasticConfig(ttft_slo_s=2.0, tpot_slo_s=0.2))
+    stream = engine.add_request(prompt_ids, SamplingParams(...))   # as with Engine
+    engine.split_timeline                                           # [[t_s, P, D], ...]
+
+The devices are ordered once (the prefill mesh's, then the decode mesh's); a split of P prefill
+devices gives the first P to prefill and the rest to decode, so a move hands the devices at the
+boundary from one side to the other, one tensor-parallel group (`--prefill_tp` =
+`--decode_tp`) per worker moved.
+
+Every `ElasticConfig.window_s` a control thread reads the window's signals (`signals`: arrivals,
+prefill queue and busy time, decode slot and page use, TTFT / TPOT attainment against the SLOs,
+and the capacities measured on each side) and asks `sched.elastic.ElasticController` — the very
+policy the simulator runs — whether to move. A move (`switch_to`) happens in two parts:
+
+1. prepare, while the current engine keeps serving: meshes for the new split, the parameters
+   re-placed device to device (`models.loading.place_on`; equal TP on every mesh, so no
+   parameter passes through the host), and a new `Engine` whose step shapes compile ahead
+   (JAX's persistent cache makes a split seen before cheap). Its page pool is allocated beside the
+   current one, so on TPU/GPU each engine takes half the usual share of free memory.
+2. hand over, with new requests held for that moment: the current engine's threads stop
+   (`Engine.detach`) and the new one adopts every unfinished request, oldest first, with its
+   stream, outputs and timestamps. KV does not move: a request that held KV (prefilled, or
+   decoding) restarts from its prompt and the tokens it generated — a preemption, counted with the
+   tokens to recompute in the switch's record — so nothing is lost and greedy outputs are those of
+   a static engine.
+
+The decisions (with their signals) are in `controller.log`, the moves in `switches`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+import threading
+import time
+import traceback
+from typing import Sequence
+
+from absl import logging
+
+from disagg_jax import parallel
+from disagg_jax.engine import memory
+from disagg_jax.engine.api import EngineAPI
+from disagg_jax.engine.engine import Engine, EngineConfig
+from disagg_jax.engine.sampling import SamplingParams
+from disagg_jax.engine.state import TokenStream
+from disagg_jax.models.loading import Model, place_on
+from disagg_jax.sched.elastic import TO_PREFILL, ElasticConfig, ElasticController, Signals
+
+
+# `Engine.load` counters that accumulate (the others are the current state).
+ADDITIVE = ("prefill_tokens", "prefill_busy_s", "decode_tokens", "decode_busy_s", "decode_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Switch:
+  """One move of the split: when (seconds since start), the new split, what it cost."""
+  time: float
+  prefill_devices: int
+  decode_devices: int
+  reason: str
+  prepare_s: float  # new meshes, parameters placed, steps compiled (while serving)
+  pause_s: float  # the hand-over, with new requests held
+  moved_requests: int  # unfinished requests the new engine adopted
+  recomputed_tokens: int  # tokens of KV they lost and compute again
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """An engine built for a split, not yet serving (`ElasticEngine.prepare`)."""
+  prefill_devices: int
+  engine: Engine
+  models: tuple[Model, Model]
+  prepare_s: float
+
+
+class _Window:
+  """What happened since the controller last looked: arrivals, first tokens and finishes."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.arrivals: list[tuple[int, int]] = []  # (prompt tokens, requested output tokens)
+    self.ttfts: list[float] = []
+    self.tpots: list[float] = []
+
+  def add(self, name: str, value) -> None:
+    with self._lock:
+      getattr(self, name).append(value)
+
+  def take(self) -> tuple[list, list, list]:
+    with self._lock:
+      out = (self.arrivals, self.ttfts, self.tpots)
+      self.arrivals, self.ttfts, self.tpots = [], [], []
+    return out
+
+
+class ElasticEngine(EngineAPI):
+  """A disaggregated engine whose prefill:decode device split moves (module docstring)."""
+
+  mode = "disagg"
+
+  def __init__(self, prefill_model: Model, decode_model: Model, config: EngineConfig,
+               elastic: ElasticConfig, *, progress: bool = True, control: bool = True):
+    tp, decode_tp = parallel.tp_size(prefill_model.mesh), parallel.tp_size(decode_model.mesh)
+    if tp != decode_tp:
+      raise ValueError(f"--elastic moves devices one tensor-parallel group at a time: "
+                       f"--prefill_tp={tp} and --decode_tp={decode_tp} must be equal")
+    if config.memory_fraction == 0 and not memory.is_cpu(decode_model.mesh):
+      # A new engine's pool is allocated before the old one's is freed.
+      config = dataclasses.replace(config,
+                                   memory_fraction=memory.DEFAULT_FRACTION_ACCELERATOR / 2)
+    self.tp = tp
+    self.devices = list(prefill_model.mesh.devices.flat) + list(decode_model.mesh.devices.flat)
+    self.num_devices = len(self.devices)
+    self.config = config
+    self.progress = progress
+    self._engine = Engine.create("disagg", prefill_model, decode_model, config, progress)
+    self._models = (prefill_model, decode_model)
+    self.limits = self._engine.limits
+    self.tokenizer = self._engine.tokenizer
+    self.model_cfg = self._engine.model_cfg
+    self.controller = ElasticController(elastic)
+    self.switches: list[Switch] = []
+    p = prefill_model.mesh.size
+    self.split_timeline: list[list] = [[0.0, p, self.num_devices - p]]
+    self._start = time.perf_counter()
+    self._lock = threading.RLock()  # a hand-over holds it: requests wait for the new engine
+    self._switching = threading.Lock()  # one move at a time
+    self._ids = itertools.count()
+    self._window = _Window()
+    self._window_start = self._start
+    # Work counters of the engines already replaced, and their sum with the current one's when
+    # the controller last read them.
+    self._done = {k: 0 for k in ADDITIVE}
+    self._load = self._cumulative_load()
+    # Capacity per worker measured so far (tokens/s): kept across moves and quiet windows.
+    self._prefill_per_worker = 0.0
+    self._decode_per_worker = 0.0
+    self._stop = threading.Event()
+    self._thread = None
+    if control:
+      self._thread = threading.Thread(target=self._control_loop, daemon=True,
+                                      name="disagg_jax-ElasticControl")
+      self._thread.start()
+
+  # ------------------------------------------------------------------ EngineAPI
+
+  @property
+  def error(self) -> str | None:
+    return self._engine.error
+
+  @property
+  def prefill_devices(self) -> int:
+    return self.split_timeline[-1][1]
+
+  @property
+  def split_changes(self) -> int:
+    return len(self.switches)
+
+  def add_request(self, prompt_token_ids: Sequence[int], sampling: SamplingParams | None = None,
+                  request_id: str | None = None, on_token=None) -> TokenStream:
+    sampling = sampling or SamplingParams()
+    arrival = time.perf_counter()
+    first = []
+
+    def on_first(token: int) -> None:
+      if not first:
+        first.append(True)
+        self._window.add("ttfts", time.perf_counter() - arrival)
+      if on_token is not None:
+        on_token(token)
+
+    def on_done(output) -> None:
+      times = output.metrics.token_times if output.metrics else []
+      if output.finish_reason in ("stop", "length") and len(times) > 1:
+        self._window.add("tpots", (times[-1] - times[0]) / (len(times) - 1))
+
+    with self._lock:  # ids are this engine's, unique over every engine it ran
+      stream = self._engine.add_request(prompt_token_ids, sampling,
+                                        request_id or f"req-{next(self._ids)}", on_first)
+    self._window.add("arrivals", (len(prompt_token_ids), sampling.max_new_tokens))
+    stream.add_done_callback(on_done)
+    return stream
+
+  def abort(self, request_id: str) -> bool:
+    with self._lock:
+      return self._engine.abort(request_id)
+
+  def stats(self) -> dict:
+    p = self.prefill_devices
+    return {**self._engine.stats(), "prefill_devices": p, "decode_devices": self.num_devices - p,
+            "split_changes": self.split_changes}
+
+  def shutdown(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    with self._switching:
+      self._engine.shutdown()
+
+  # ------------------------------------------------------------------ control
+
+  def report(self) -> dict:
+    """The run's elastic record, for the benchmark JSON: the split over time, every move and
+    every decision with its signals."""
+    return {"split_changes": self.split_changes, "split_timeline": self.split_timeline,
+            "elastic_switches": [s.to_json() for s in self.switches],
+            "elastic_decisions": [d.to_json() for d in self.controller.log]}
+
+  def signals(self) -> Signals:
+    """The window since the last call, as the controller reads it."""
+    now = time.perf_counter()
+    window = max(now - self._window_start, 1e-6)
+    self._window_start = now
+    arrivals, ttfts, tpots = self._window.take()
+    engine, config = self._engine, self.controller.config
+    load, last = self._cumulative_load(), self._load
+    self._load = load
+    p = self.prefill_devices
+    workers_p, workers_d = p // self.tp, (self.num_devices - p) // self.tp
+    busy = load["prefill_busy_s"] - last["prefill_busy_s"]
+    if busy > 0:  # prefill ran in the window: its speed
+      side = (load["prefill_tokens"] - last["prefill_tokens"]) / busy
+      self._prefill_per_worker = side / workers_p
+    steps = load["decode_steps"] - last["decode_steps"]
+    if steps:  # a full batch's tokens per step time: what the side serves, per worker
+      step_s = (load["decode_busy_s"] - last["decode_busy_s"]) / steps
+      self._decode_per_worker = load["decode_slots"] / max(step_s, 1e-6) / workers_d
+    stats = engine.stats()
+    total = max(stats["total_pages"], 1)
+    return Signals(
+        time=now - self._start, prefill_workers=workers_p, decode_workers=workers_d,
+        queued_prefill_tokens=load["queued_prefill_tokens"],
+        prefill_tokens_per_s=self._prefill_per_worker * workers_p,
+        prefill_busy=min(busy / window, 1.0),
+        decode_slot_use=stats["running"] / max(load["decode_slots"], 1),
+        decode_page_use=1 - stats["free_pages"] / total,
+        ttft_attainment=(sum(t <= config.ttft_slo_s for t in ttfts) / len(ttfts)
+                         if ttfts else None),
+        tpot_attainment=(sum(t <= config.tpot_slo_s for t in tpots) / len(tpots)
+                         if tpots else None),
+        arriving_prompt_tokens_per_s=sum(a[0] for a in arrivals) / window,
+        arriving_output_tokens_per_s=sum(a[1] for a in arrivals) / window,
+        decode_tokens_per_s_per_worker=self._decode_per_worker)
+
+  def splits(self) -> list[int]:
+    """The prefill device counts a move may go to: whole tp groups on each side, and decode
+    slots that split evenly over the decode side's dp rows."""
+    n, tp = self.num_devices, self.tp
+    return [p for p in range(tp, n, tp) if self.config.decode_batch % ((n - p) // tp) == 0]
+
+  def _cumulative_load(self) -> dict:
+    """`Engine.load` with the work counters summed over every engine this one ran."""
+    load = self._engine.load()
+    return {**load, **{k: self._done[k] + load[k] for k in ADDITIVE}}
+
+  def control_step(self) -> Switch | None:
+    """One window: reads the signals, asks the controller, and makes the move it decides."""
+    action = self.controller.decide(self.signals())
+    if action is None or self.error:
+      return None
+    decision = self.controller.log[-1]
+    step = decision.count * self.tp * (1 if action == TO_PREFILL else -1)
+    low = self.controller.config.min_workers * self.tp
+    want = min(max(self.prefill_devices + step, low), self.num_devices - low)
+    # The allowed split nearest the one asked for, on the side the decision moves to.
+    towards = [p for p in self.splits() if (p > self.prefill_devices) == (step > 0)
+               and p != self.prefill_devices]
+    if not towards:
+      return None
+    target = min(towards, key=lambda p: (abs(p - want), p))
+    return self.switch_to(target, reason=decision.reason)
+
+  def switch_to(self, prefill_devices: int, reason: str = "requested") -> Switch | None:
+    """Moves to `prefill_devices` prefill devices (the rest decode): `prepare`, then
+    `hand_over`. None if already there."""
+    with self._switching:
+      prepared = self.prepare(prefill_devices)
+      return prepared and self.hand_over(prepared, reason)
+
+  def prepare(self, prefill_devices: int) -> "Prepared | None":
+    """The engine of a split, built while the current one serves: meshes, parameters placed
+    device to device, steps compiled. None if the split is the current one."""
+    p, n = prefill_devices, self.num_devices
+    if p == self.prefill_devices:
+      return None
+    if p not in self.splits():
+      raise ValueError(f"a split of {p} prefill devices out of {n} is not one of "
+                       f"{self.splits()}: each side takes whole groups of tp={self.tp} and "
+                       f"the decode side's dp must divide --config.engine.decode_batch="
+                       f"{self.config.decode_batch}")
+    start = time.perf_counter()
+    models = (place_on(self._models[0], parallel.make_mesh(self.devices[:p], self.tp)),
+              place_on(self._models[1], parallel.make_mesh(self.devices[p:], self.tp)))
+    engine = Engine.create("disagg", *models, self.config, progress=False)
+    return Prepared(p, engine, models, time.perf_counter() - start)
+
+  def hand_over(self, prepared: "Prepared", reason: str = "requested") -> Switch | None:
+    """Makes `prepared` the serving engine: the current one stops and the new one adopts its
+    unfinished requests (new requests wait meanwhile). None (and `prepared` shut down) if this
+    engine is shutting down."""
+    if self._stop.is_set():
+      prepared.engine.shutdown()
+      return None
+    start = time.perf_counter()
+    with self._lock:
+      states, lost = self._engine.detach()
+      prepared.engine.adopt(states)
+      old = self._engine.load()
+      self._done = {k: self._done[k] + old[k] for k in ADDITIVE}
+      self._engine, self._models = prepared.engine, prepared.models
+      done = time.perf_counter()
+    p, n = prepared.prefill_devices, self.num_devices
+    switch = Switch(done - self._start, p, n - p, reason, prepared.prepare_s, done - start,
+                    len(states), lost)
+    self.switches.append(switch)
+    self.split_timeline.append([round(switch.time, 3), p, n - p])
+    line = (f"elastic: {p}P:{n - p}D at {switch.time:.1f} s ({reason}); prepared in "
+            f"{switch.prepare_s:.1f} s while serving, hand-over {switch.pause_s * 1e3:.0f} ms, "
+            f"{len(states)} requests moved, {lost} tokens to recompute")
+    if self.progress:
+      print(line, file=sys.stderr, flush=True)
+    logging.info(line)
+    return switch
+
+  def _control_loop(self) -> None:
+    while not self._stop.wait(self.controller.config.window_s):
+      try:
+        self.control_step()
+      except Exception:  # pylint: disable=broad-except
+        # A failed move leaves the current engine serving; the next window may try again.
+        logging.error("elastic move failed:\n%s", traceback.format_exc())
