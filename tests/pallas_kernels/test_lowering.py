@@ -56,9 +56,9 @@ def test_lowers_for_tpu(name, device_kind):
   assert "tpu_custom_call" in exported.mlir_module()
 
 
-@pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
-@pytest.mark.parametrize("dp,tp", [(4, 1), (2, 2), (1, 4)])
-def test_ragged_decode_lowers_per_shard_for_tpu(dp, tp, device_kind):
+@pytest.mark.parametrize("device_kind,dp,tp", [("TPU v5 lite", 4, 1), ("TPU v5 lite", 2, 2),
+                                                ("TPU v5 lite", 1, 4), ("TPU v6 lite", 2, 2)])
+def test_ragged_decode_lowers_per_shard_for_tpu(device_kind, dp, tp):
   """Llama-3-8B's heads, batch 64 at up to 8k context (512 pages of 16 per row), per shard."""
   mesh = AbstractMesh((dp, tp), ("dp", "tp"), abstract_device=AbstractDevice(device_kind, 1, "tpu"))
   b, pages, ps, max_pages = 64, 8192, 16, 512
