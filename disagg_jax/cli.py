@@ -96,6 +96,19 @@ def define_engine_flags() -> None:
   flags.DEFINE_string("decode_cpus", "", "--cluster=ray: the same for decode workers.")
   flags.DEFINE_string("driver_cpus", "", "--cluster=ray: pin this process and Ray's own "
                       "processes to these cores, e.g. '0'.")
+  flags.DEFINE_bool("elastic", False,
+                    "--mode=disagg: the prefill:decode device split follows the traffic; devices "
+                    "move between the meshes one TP group at a time (--prefill_tp = --decode_tp, "
+                    "1 unless set).")
+  flags.DEFINE_string("elastic_slo", "ttft:2000,tpot:200",
+                      "--elastic: the TTFT and TPOT SLOs (ms) the controller holds the sides to; "
+                      "benchmark.py's --goodput replaces it when given.")
+  flags.DEFINE_float("elastic_window_s", 5.0, "--elastic: seconds between the controller's reads "
+                     "of the signals.")
+  flags.DEFINE_integer("elastic_patience", 2, "--elastic: windows in a row that must ask for a "
+                       "move before it is made.")
+  flags.DEFINE_float("elastic_switch_s", 10.0, "--elastic: the cost of a move (seconds); no move "
+                     "within 2 x this + a window of the last.")
   flags.DEFINE_string("compilation_cache_dir", "",
                       "JAX's persistent compilation cache, so later start-ups load compiled steps "
                       "instead of compiling them. Empty: $XDG_CACHE_HOME/disagg_jax/"
@@ -234,6 +247,9 @@ def meshes_from_flags():
   shared = sorted(d.id for d in set(prefill) & set(decode))
   if shared:
     raise ValueError(f"--prefill_devices and --decode_devices share devices {shared}")
+  if f.elastic:  # a worker that moves is one TP group: one device unless the flags say more
+    return (parallel.make_mesh(prefill, f.prefill_tp or 1),
+            parallel.make_mesh(decode, f.decode_tp or 1))
   return (parallel.make_mesh(prefill, f.prefill_tp or len(prefill)),
           parallel.make_mesh(decode, f.decode_tp or len(decode)))
 
@@ -279,6 +295,9 @@ def build_generator(config) -> Generator:
   from disagg_jax.models.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   engine = config.engine
+  if f.elastic and (f.mode != "disagg" or f.cluster != "local"):
+    raise app.UsageError(f"--elastic moves devices between the meshes of --mode=disagg in this "
+                         f"process (--cluster=local), not --mode={f.mode} --cluster={f.cluster}")
   if f.cluster == "ray":
     return _build_cluster(config)
   try:
@@ -290,9 +309,32 @@ def build_generator(config) -> Generator:
                              max_batch=engine.max_batch, attention_impl=f.attention_impl)
     decode_model = loading.load_model(f.model_path, decode_mesh, f.dtype) if decode_mesh else None
     engine_config = EngineConfig.from_config(engine, attention_impl=f.attention_impl)
+    if f.elastic:
+      from disagg_jax.engine.elastic import ElasticEngine  # pylint: disable=g-import-not-at-top
+      return ElasticEngine(model, decode_model, engine_config, elastic_config())
     return Engine.create(f.mode, model, decode_model, engine_config)
   except (ValueError, CheckpointError) as e:  # ConfigError is a ValueError
     raise app.UsageError(str(e)) from None
+
+
+def elastic_config():
+  """The elastic controller's settings from the --elastic_* flags; the SLOs of --elastic_slo,
+  each replaced by --goodput's where the script has that flag and it names one. ValueError names
+  a bad value."""
+  from disagg_jax.bench.metrics import parse_goodput  # pylint: disable=g-import-not-at-top
+  from disagg_jax.sched.elastic import ElasticConfig  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    slos = parse_goodput(f.elastic_slo)
+  except ValueError as e:
+    raise ValueError(f"--elastic_slo={f.elastic_slo!r}: {e}") from None
+  slos.update(parse_goodput(f["goodput"].value if "goodput" in f else None))
+  if set(slos) < {"ttft", "tpot"}:
+    raise ValueError(f"--elastic needs a TTFT and a TPOT SLO, e.g. "
+                     f"--elastic_slo=ttft:2000,tpot:200; got --elastic_slo={f.elastic_slo!r}")
+  return ElasticConfig(ttft_slo_s=slos["ttft"], tpot_slo_s=slos["tpot"],
+                       window_s=f.elastic_window_s, patience=f.elastic_patience,
+                       switch_s=f.elastic_switch_s)
 
 
 def build_engine(config) -> EngineAPI:

@@ -47,6 +47,9 @@ def main(argv):
   if FLAGS.backend == "inprocess" and FLAGS.mode == "single":
     raise app.UsageError("--mode=single is the offline reference path; benchmark "
                          "--mode=colocated or --mode=disagg")
+  if FLAGS.backend == "openai" and FLAGS.elastic:
+    raise app.UsageError("--elastic runs the in-process engine; start the server with "
+                         "serve.py --elastic and benchmark it with --backend=openai")
   if FLAGS.backend == "openai" and not FLAGS.base_url:
     raise app.UsageError("--backend=openai needs --base_url=http://HOST:PORT")
   from disagg_jax.bench import metrics, report, runner, workloads  # pylint: disable=g-import-not-at-top
@@ -78,6 +81,7 @@ def main(argv):
     finally:
       engine.shutdown()
     label, num_devices = FLAGS.mode, engine.num_devices
+    elastic = engine.report() if FLAGS.elastic else None
   result = metrics.compute(records, duration, slos)
   result.update(backend=FLAGS.backend, mode=FLAGS.mode if FLAGS.backend == "inprocess" else None,
                 dataset_name=FLAGS.dataset_name, num_prompts=FLAGS.num_prompts,
@@ -85,6 +89,9 @@ def main(argv):
                 max_concurrency=FLAGS.max_concurrency, goodput=FLAGS.goodput,
                 date=time.strftime("%Y-%m-%d %H:%M"), num_devices=num_devices)
   result.update(cli.workload_fields(requests))
+  if FLAGS.backend == "inprocess" and elastic is not None:
+    label += f" --elastic ({elastic['split_changes']} moves)"
+    result.update(elastic=True, **elastic)
   print(report.format_table(result, f"{label} on {FLAGS.dataset_name}"))
   if FLAGS.output_json:
     report.write_json(FLAGS.output_json, result)

@@ -102,6 +102,9 @@ def _print_timings(generator, outputs) -> None:
     print(f"mode={FLAGS.mode}: mean per request  queue {mean['queue']:.0f} ms | prefill "
           f"{mean['prefill']:.0f} ms | KV transfer {mean['transfer']:.0f} ms | decode "
           f"{mean['decode']:.0f} ms")
+    if FLAGS.elastic:
+      split = " -> ".join(f"{p}P:{d}D" for _, p, d in generator.split_timeline)
+      print(f"--elastic: split {split} ({generator.split_changes} moves)")
     return
   times = getattr(generator, "times", None)
   if times is not None:

@@ -39,6 +39,7 @@ class RequestRecord:
   # phase is only its part after the first token, the exposed transfer).
   transfer_total: float | None = None
   cached_tokens: int = 0  # prompt tokens whose KV was found in the prefix cache
+  arrival: float | None = None  # when it was sent, seconds from the run's start
 
   @property
   def tpot(self) -> float | None:

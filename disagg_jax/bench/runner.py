@@ -65,4 +65,6 @@ def run(engine: EngineAPI, requests: Sequence[BenchRequest], arrivals, *,
   duration = max(finished_at[0] - start, 1e-9)
   records = [RequestRecord.from_output(out, len(req.prompt_token_ids))
              for out, req in zip(outputs, requests)]
+  for record, arrival in zip(records, arrivals):
+    record.arrival = float(arrival)
   return records, duration

@@ -54,7 +54,8 @@ from disagg_jax.sched.elastic import TO_PREFILL, ElasticConfig, ElasticControlle
 
 
 # `Engine.load` counters that accumulate (the others are the current state).
-ADDITIVE = ("prefill_tokens", "prefill_busy_s", "decode_tokens", "decode_busy_s", "decode_steps")
+ADDITIVE = ("prefill_tokens", "prefill_busy_s", "decode_tokens", "decode_busy_s", "decode_steps",
+            "decode_rows_sq", "decode_rows_busy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,26 @@ class _Window:
       out = (self.arrivals, self.ttfts, self.tpots)
       self.arrivals, self.ttfts, self.tpots = [], [], []
     return out
+
+
+def _smooth(old: float, new: float) -> float:
+  """A capacity measured over one window, averaged with the earlier ones (weight 1/2): one noisy
+  window does not swing the rate-matched split."""
+  return new if old <= 0 else (old + new) / 2
+
+
+def decode_capacity(work: dict, slots: int, tpot_slo_s: float) -> float:
+  """Tokens/s the decode side serves at the largest batch (up to `slots`) whose step meets the
+  TPOT SLO (at least one row), from a least-squares fit step_s = a + b x rows over the steps of
+  `work` (`Engine.load` counters); the mean step's rate when the fit is degenerate."""
+  n, x, y = work["decode_steps"], work["decode_tokens"], work["decode_busy_s"]
+  spread = n * work["decode_rows_sq"] - x * x
+  b = (n * work["decode_rows_busy"] - x * y) / spread if spread > 0 else 0.0
+  a = (y - b * x) / n
+  if b <= 0 or a <= 0:  # too little spread in batch sizes to see the slope
+    return slots * n / y if y > 0 else 0.0
+  rows = max(1, min(slots, int((tpot_slo_s - a) / b + 1e-6)))
+  return rows / (a + b * rows)
 
 
 class ElasticEngine(EngineAPI):
@@ -229,11 +250,11 @@ class ElasticEngine(EngineAPI):
     busy = load["prefill_busy_s"] - last["prefill_busy_s"]
     if busy > 0:  # prefill ran in the window: its speed
       side = (load["prefill_tokens"] - last["prefill_tokens"]) / busy
-      self._prefill_per_worker = side / workers_p
-    steps = load["decode_steps"] - last["decode_steps"]
-    if steps:  # a full batch's tokens per step time: what the side serves, per worker
-      step_s = (load["decode_busy_s"] - last["decode_busy_s"]) / steps
-      self._decode_per_worker = load["decode_slots"] / max(step_s, 1e-6) / workers_d
+      self._prefill_per_worker = _smooth(self._prefill_per_worker, side / workers_p)
+    if load["decode_steps"] - last["decode_steps"] >= 8:  # enough steps to fit their time
+      delta = {k: load[k] - last[k] for k in ADDITIVE}
+      self._decode_per_worker = _smooth(self._decode_per_worker, decode_capacity(
+          delta, load["decode_slots"], config.tpot_slo_s) / workers_d)
     stats = engine.stats()
     total = max(stats["total_pages"], 1)
     return Signals(

@@ -259,12 +259,15 @@ class Engine(EngineAPI):
 
   def load(self) -> dict:
     """Disagg: the work done so far and what waits, for the elastic controller's signals
-    (`engine.elastic`): prompt tokens computed and seconds busy on the prefill mesh, tokens
-    decoded and seconds of decode steps, prompt tokens queued for prefill, decode slots."""
+    (`engine.elastic`): prompt tokens computed and seconds busy on the prefill mesh; decode
+    steps, their rows and seconds (with the sums a least-squares fit of step time against rows
+    needs); prompt tokens queued for prefill; decode slots."""
     return {"prefill_tokens": self.prefill.tokens_done, "prefill_busy_s": self.prefill.busy_s,
             "decode_tokens": self.decode_loop.tokens_done,
             "decode_busy_s": self.decode_loop.busy_s,
             "decode_steps": self.decode_loop.steps_done,
+            "decode_rows_sq": self.decode_loop.tokens_sq,
+            "decode_rows_busy": self.decode_loop.tokens_busy,
             "queued_prefill_tokens": sum(r.num_to_compute for r in self.prefill.pending()),
             "decode_slots": self.core.slots.num_slots}
 

@@ -19,12 +19,16 @@ class Worker:
     self.tokens_done = 0
     self.busy_s = 0.0
     self.steps_done = 0
+    self.tokens_sq = 0  # sums of tokens^2 and tokens x seconds over the steps: a step-time fit
+    self.tokens_busy = 0.0
 
   def record_work(self, tokens: int, seconds: float) -> None:
     """One step's work: `tokens` computed in `seconds`."""
     self.tokens_done += tokens
     self.busy_s += seconds
     self.steps_done += 1
+    self.tokens_sq += tokens * tokens
+    self.tokens_busy += tokens * seconds
 
   name = "worker"  # the worker's name in traces
   trace = None  # a sched.trace.Trace: enqueues (and the subclass's decisions) are recorded

@@ -84,7 +84,10 @@ class ServerMetrics:
               "awaiting_slot": "Requests whose KV arrived, waiting for a decode slot.",
               "free_pages": "Free KV pages in the decode page pool (incl. unreferenced cached).",
               "cached_pages": "KV pages in the prefix cache (referenced or not).",
-              "total_pages": "KV pages in the decode page pool."}
+              "total_pages": "KV pages in the decode page pool.",
+              "prefill_devices": "Devices on the prefill mesh (--elastic moves them).",
+              "decode_devices": "Devices on the decode mesh (--elastic moves them).",
+              "split_changes": "Moves of the prefill:decode split so far (--elastic)."}
     for key, help_text in gauges.items():
       if key in engine_stats:
         lines += [f"# HELP {p}_{key} {help_text}", f"# TYPE {p}_{key} gauge",

@@ -1,4 +1,4 @@
-"""The in-process Engine and the Ray ClusterEngine implement one API, `engine.api.EngineAPI`,
+"""The in-process Engine (and its --elastic form) and the Ray ClusterEngine implement one API, `engine.api.EngineAPI`,
 and the static generator the smaller `Generator`: every member, with the protocol's signature.
 Checked on the classes (nothing is built), so it runs in a moment."""
 
@@ -12,6 +12,7 @@ import pytest
 
 from disagg_jax.cluster.driver import ClusterEngine
 from disagg_jax.engine import api
+from disagg_jax.engine.elastic import ElasticEngine
 from disagg_jax.engine.engine import Engine
 from disagg_jax.engine.single import StaticGenerator
 
@@ -59,6 +60,7 @@ def _shape(signature: inspect.Signature):
 
 
 @pytest.mark.parametrize("cls,protocol", [(Engine, api.EngineAPI),
+                                          (ElasticEngine, api.EngineAPI),
                                           (ClusterEngine, api.EngineAPI),
                                           (StaticGenerator, api.Generator)])
 def test_implements_every_member_with_the_protocols_signature(cls, protocol):
@@ -79,10 +81,11 @@ def test_implements_every_member_with_the_protocols_signature(cls, protocol):
 def test_the_serving_engines_subclass_the_protocol():
   # (issubclass() refuses protocols with data members; the MRO says the same.)
   assert api.EngineAPI in Engine.__mro__ and api.EngineAPI in ClusterEngine.__mro__
+  assert api.EngineAPI in ElasticEngine.__mro__
   assert api.EngineAPI not in StaticGenerator.__mro__  # structural: it is a Generator only
   assert not isinstance(object(), Engine) and not isinstance(object(), api.EngineAPI)
   # Both inherit the one `generate` and the context manager instead of copies of their own.
-  for cls in (Engine, ClusterEngine):
+  for cls in (Engine, ElasticEngine, ClusterEngine):
     for name in ("generate", "__enter__", "__exit__"):
       assert getattr(cls, name) is getattr(api.EngineAPI, name), (cls, name)
 

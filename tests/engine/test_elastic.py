@@ -12,11 +12,12 @@ import threading
 import jax._src.array as jax_array
 import pytest
 
-from disagg_jax.engine.elastic import ElasticEngine
+from disagg_jax.engine.elastic import ElasticEngine, decode_capacity
 from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.sampling import SamplingParams
 from disagg_jax.models import loading
 from disagg_jax.sched.elastic import TO_PREFILL, ElasticConfig
+from disagg_jax.serve.metrics import ServerMetrics
 from disagg_jax.testing import helpers, tiny_hf
 
 # Shapes compile on first use (precompile_len=0): each split's engine compiles only what it runs.
@@ -107,6 +108,10 @@ def test_moves_under_load_lose_nothing(hf_checkpoint, monkeypatch):
   assert (second.prefill_devices, second.decode_devices) == (2, 2)
   stats = engine.stats()
   assert (stats["prefill_devices"], stats["decode_devices"], stats["split_changes"]) == (2, 2, 2)
+  text = ServerMetrics().render(stats, 0)  # the server's /metrics
+  for line in ("disagg_jax_prefill_devices 2", "disagg_jax_decode_devices 2",
+               "disagg_jax_split_changes 2"):
+    assert line in text.splitlines()
 
 
 class OneMove:
@@ -130,3 +135,19 @@ def test_unequal_tp_is_refused(hf_checkpoint):
   decode = loading.load_model(model_dir, helpers.mesh(2, 1, start=2))
   with pytest.raises(ValueError, match="--prefill_tp=2 and --decode_tp=1 must be equal"):
     ElasticEngine(prefill, decode, CONFIG, SLOS, progress=False, control=False)
+
+
+def test_decode_capacity_fits_step_time_against_rows():
+  # Steps of 2, 4 and 8 rows taking 10 + 5 x rows ms: the largest batch meeting a 50 ms TPOT is
+  # 8 rows (50 ms), 160 tokens/s; with 64 slots and a 1 s TPOT, all 64 rows (330 ms).
+  rows = [2, 4, 8] * 4
+  secs = [0.010 + 0.005 * r for r in rows]
+  work = {"decode_steps": len(rows), "decode_tokens": sum(rows), "decode_busy_s": sum(secs),
+          "decode_rows_sq": sum(r * r for r in rows),
+          "decode_rows_busy": sum(r * t for r, t in zip(rows, secs))}
+  assert decode_capacity(work, 64, 0.050) == pytest.approx(8 / 0.050)
+  assert decode_capacity(work, 64, 1.0) == pytest.approx(64 / 0.330)
+  # One batch size only: the mean step's rate at a full batch.
+  flat = {"decode_steps": 4, "decode_tokens": 16, "decode_busy_s": 0.08, "decode_rows_sq": 64,
+          "decode_rows_busy": 0.32}
+  assert decode_capacity(flat, 32, 0.05) == pytest.approx(32 / 0.02)
