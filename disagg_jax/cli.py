@@ -97,9 +97,9 @@ def define_engine_flags() -> None:
   flags.DEFINE_string("driver_cpus", "", "--cluster=ray: pin this process and Ray's own "
                       "processes to these cores, e.g. '0'.")
   flags.DEFINE_bool("elastic", False,
-                    "--mode=disagg: the prefill:decode device split follows the traffic; devices "
+                    "--mode=disagg: the prefill:decode split follows the traffic; devices "
                     "move between the meshes one TP group at a time (--prefill_tp = --decode_tp, "
-                    "1 unless set).")
+                    "1 unless set); with --cluster=ray, workers drain and change role.")
   flags.DEFINE_string("elastic_slo", "ttft:2000,tpot:200",
                       "--elastic: the TTFT and TPOT SLOs (ms) the controller holds the sides to; "
                       "benchmark.py's --goodput replaces it when given.")
@@ -295,9 +295,9 @@ def build_generator(config) -> Generator:
   from disagg_jax.models.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   engine = config.engine
-  if f.elastic and (f.mode != "disagg" or f.cluster != "local"):
-    raise app.UsageError(f"--elastic moves devices between the meshes of --mode=disagg in this "
-                         f"process (--cluster=local), not --mode={f.mode} --cluster={f.cluster}")
+  if f.elastic and f.mode != "disagg":
+    raise app.UsageError(f"--elastic moves devices between prefill and decode: it needs "
+                         f"--mode=disagg, not --mode={f.mode}")
   if f.cluster == "ray":
     return _build_cluster(config)
   try:
@@ -373,7 +373,8 @@ def _build_cluster(config) -> EngineAPI:
         prefill_cpus=_cores(f.prefill_cpus), decode_cpus=_cores(f.decode_cpus),
         on_decode_failure=f.on_decode_failure, kv_lease_s=f.kv_lease_s,
         driver_cpus=[c for group in _cores(f.driver_cpus) for c in group],
-        compilation_cache_dir=f.compilation_cache_dir)
+        compilation_cache_dir=f.compilation_cache_dir,
+        elastic=elastic_config() if f.elastic else None)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
 

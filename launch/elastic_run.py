@@ -1,7 +1,7 @@
 r"""Elastic against every static split, for real, side by side: one workload, one machine.
 
     python launch/elastic_run.py --num_devices=4 --dataset_name=shifting \
-        --shifting_phases=prefill_heavy:40:1,decode_heavy:40:1.5 --goodput=ttft:3000,tpot:150 \
+        --shifting_phases=prefill_heavy:40:1.8,decode_heavy:40:2.5,prefill_heavy:40:1.8 --goodput=ttft:3000,tpot:150 \
         --output_dir=docs/results/elastic_real
 
 Runs `launch/benchmark.py --mode=disagg` once per static split (P prefill devices, the rest
@@ -29,7 +29,7 @@ from disagg_jax import cli
 flags.DEFINE_integer("num_devices", 4, "Devices (simulated CPU devices here) shared by the sides.")
 flags.DEFINE_string("model_path", None, "Model; default: the built-in demo model.")
 flags.DEFINE_string("dataset_name", "shifting", "benchmark.py's --dataset_name.")
-flags.DEFINE_string("shifting_phases", "prefill_heavy:40:1,decode_heavy:40:1.5",
+flags.DEFINE_string("shifting_phases", "prefill_heavy:40:1.8,decode_heavy:40:2.5,prefill_heavy:40:1.8",
                     "benchmark.py's --shifting_phases.")
 flags.DEFINE_string("dataset_path", None, "benchmark.py's --dataset_path (trace replay).")
 flags.DEFINE_float("request_rate", 2.0, "benchmark.py's --request_rate (phases may set theirs).")

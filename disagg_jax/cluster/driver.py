@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import sys
 import threading
 import time
+import traceback
 from typing import Sequence
 
 from absl import logging
@@ -29,6 +31,7 @@ from absl import logging
 from disagg_jax import parallel
 from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
 from disagg_jax.engine.api import EngineAPI
+from disagg_jax.engine.elastic import ADDITIVE, ElasticMonitor
 from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.request import Limits, TokenLogprob, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
@@ -37,6 +40,7 @@ from disagg_jax.kv.pages import pages_for
 from disagg_jax.models.config import ModelConfig
 from disagg_jax.models.loading import DEMO_MODEL_DIR
 from disagg_jax.models.tokenizer import load_tokenizer
+from disagg_jax.sched.elastic import TO_PREFILL, ElasticController
 from disagg_jax.sched.routing import Candidate, Router
 from disagg_jax.transfer.pieces import parse_transfer
 
@@ -62,6 +66,12 @@ class _Worker:
   offers: int = 0  # prefill: KV offers not yet pulled (or expired)
   expired: int = 0  # prefill: offers dropped after their lease
   pending_poll: object = None
+  bundle: int = 0  # its placement-group bundle (a worker started in its place takes it)
+  retiring: bool = False  # --elastic: draining before it retires; nothing new is routed to it
+  retired: bool = False  # --elastic: stopped on purpose (not counted as dead)
+  work: dict = dataclasses.field(default_factory=dict)  # its counters, as last reported
+  slots: int = 0  # decode: its decode batch
+  running: int = 0  # decode: sequences it holds, as last reported
 
   @property
   def name(self) -> str:
@@ -74,6 +84,15 @@ class _Request:
   attempts: int = 0
   prefill: _Worker | None = None
   decode: _Worker | None = None
+
+
+def _set_info(worker: _Worker, info: dict) -> None:
+  """A worker's `ready()` answer: where it listens, its pool and its cache."""
+  worker.address, worker.pid = info["address"], info["pid"]
+  worker.free_pages = worker.total_pages = info.get("total_pages", 0)
+  worker.seq_pages = info.get("seq_pages", 0)
+  worker.cache_pages = info.get("cache_pages", 0)
+  worker.max_tail = info.get("decode_prefill_tokens", 0)
 
 
 def _perf(wall: float | None) -> float | None:
@@ -95,7 +114,8 @@ class ClusterEngine(EngineAPI):
                kv_lease_s: float = 30.0, pull_timeout_s: float = 30.0,
                request_timeout_s: float = 600.0, ray_address: str | None = None,
                worker_gpus: bool = False, driver_cpus: Sequence[int] = (),
-               compilation_cache_dir: str | None = None, progress: bool = True):
+               compilation_cache_dir: str | None = None, progress: bool = True,
+               elastic=None):
     import ray  # pylint: disable=g-import-not-at-top
     from ray.util.placement_group import placement_group  # pylint: disable=g-import-not-at-top
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # pylint: disable=g-import-not-at-top
@@ -147,21 +167,25 @@ class ClusterEngine(EngineAPI):
     # One bundle per worker, spread over the cluster's nodes (one node here).
     self._placement = placement_group([{"CPU": 0.01}] * len(kinds), strategy="SPREAD")
     ray.get(self._placement.ready())
-    workers = []
-    for bundle, (kind, i, devices, tp, cores, cls) in enumerate(kinds):
+    roles = {"prefill": (prefill_devices, prefill_tp, prefill_cpus, PrefillServer),
+             "decode": (decode_devices, decode_tp, decode_cpus, DecodeServer)}
+
+    def start_worker(kind: str, i: int, bundle: int) -> _Worker:
+      devices, tp, cores, cls = roles[kind]
       options = {"num_cpus": 0.01, "max_restarts": 0, "scheduling_strategy":
                  PlacementGroupSchedulingStrategy(self._placement, bundle)}
       if worker_gpus:
         options["num_gpus"] = devices
       actor = ray.remote(cls).options(**options).remote(spec(kind, i, devices, tp, cores))
-      workers.append(_Worker(kind, i, actor))
+      return _Worker(kind, i, actor, bundle=bundle)
+
+    self._start_worker = start_worker  # --elastic starts workers in retired ones' places
+    self._devices = {"prefill": prefill_devices, "decode": decode_devices}
+    workers = [start_worker(kind, i, bundle)
+               for bundle, (kind, i, *_) in enumerate(kinds)]
     start = time.perf_counter()
     for worker, info in zip(workers, ray.get([w.actor.ready.remote() for w in workers])):
-      worker.address, worker.pid = info["address"], info["pid"]
-      worker.free_pages = worker.total_pages = info.get("total_pages", 0)
-      worker.seq_pages = info.get("seq_pages", 0)
-      worker.cache_pages = info.get("cache_pages", 0)
-      worker.max_tail = info.get("decode_prefill_tokens", 0)
+      _set_info(worker, info)
     if progress:
       print(f"{len(workers)} workers ready in {time.perf_counter() - start:.0f} s", flush=True)
     self.prefill_workers = [w for w in workers if w.kind == "prefill"]
@@ -178,6 +202,20 @@ class ClusterEngine(EngineAPI):
     self._poller = threading.Thread(target=self._poll_loop, daemon=True,
                                     name="disagg_jax-ClusterPoller")
     self._poller.start()
+    # --elastic: workers change role (one retires after draining, one of the other kind starts
+    # in its place) as `sched.elastic.ElasticController` decides from the workers' signals.
+    self.progress = progress
+    self.switches: list[dict] = []
+    self._moving = threading.Lock()
+    self._stop_control = threading.Event()
+    self.controller = self.monitor = None
+    self._control = None
+    if elastic is not None:
+      self.monitor, self.controller = ElasticMonitor(elastic), ElasticController(elastic)
+      self._control = threading.Thread(target=self._control_loop, daemon=True,
+                                       name="disagg_jax-ClusterElastic")
+      self._control.start()
+    self.split_timeline = [[0.0, *self._split()]]
 
   # ------------------------------------------------------------------ the EngineAPI
 
@@ -195,8 +233,13 @@ class ClusterEngine(EngineAPI):
           f"decode worker's pool holds {self.page_capacity} per dp shard "
           "(--config.engine.memory_fraction, --config.engine.num_pages)")
     request_id = request_id or f"req-{next(self._ids)}"
+    on_done = None
+    if self.monitor is not None:
+      on_token, on_done = self.monitor.watch(len(prompt), sampling, on_token)
     state = RequestState(request_id, prompt, sampling, stop_ids(sampling, self.model_cfg),
                          TokenStream(request_id, on_token))
+    if on_done is not None:
+      state.stream.add_done_callback(on_done)
     with self._lock:
       if request_id in self._requests:
         raise InvalidRequestError(f"request_id {request_id!r} is already in use")
@@ -218,11 +261,14 @@ class ClusterEngine(EngineAPI):
 
   def stats(self) -> dict:
     with self._lock:
+      prefill_devices, decode_devices = self._split()
       return {"mode": "disagg", "cluster": "ray", "in_flight": len(self._requests),
               "prefill_workers_alive": sum(w.alive for w in self.prefill_workers),
               "decode_workers_alive": sum(w.alive for w in self.decode_workers),
-              "prefill_workers": len(self.prefill_workers),
-              "decode_workers": len(self.decode_workers),
+              "prefill_workers": sum(not w.retired for w in self.prefill_workers),
+              "decode_workers": sum(not w.retired for w in self.decode_workers),
+              "prefill_devices": prefill_devices, "decode_devices": decode_devices,
+              "split_changes": len(self.switches),
               "waiting": sum(w.queued_tokens > 0 for w in self.prefill_workers),
               "free_pages": sum(w.free_pages for w in self.decode_workers if w.alive),
               "total_pages": sum(w.total_pages for w in self.decode_workers if w.alive),
@@ -234,7 +280,7 @@ class ClusterEngine(EngineAPI):
     if self.error:
       return "unavailable", self.error
     with self._lock:
-      phases = [(kind, sum(w.alive for w in workers), len(workers))
+      phases = [(kind, sum(w.alive for w in workers), sum(not w.retired for w in workers))
                 for kind, workers in (("prefill", self.prefill_workers),
                                       ("decode", self.decode_workers))]
     for kind, alive, total in phases:
@@ -247,6 +293,9 @@ class ClusterEngine(EngineAPI):
   def shutdown(self) -> None:
     self._stopped = True
     self._poller.join(timeout=30)
+    self._stop_control.set()
+    if self._control is not None:
+      self._control.join(timeout=30)
     with self._lock:
       pending = list(self._requests.values())
     for request in pending:
@@ -259,6 +308,121 @@ class ClusterEngine(EngineAPI):
         pass
     self._ray.util.remove_placement_group(self._placement)
 
+  # ------------------------------------------------------------------ --elastic
+
+  @property
+  def split_changes(self) -> int:
+    return len(self.switches)
+
+  def _split(self) -> tuple[int, int]:
+    """(prefill devices, decode devices) of the workers serving or draining, not retired."""
+    return tuple(self._devices[kind] * sum(not w.retired for w in workers)
+                 for kind, workers in (("prefill", self.prefill_workers),
+                                       ("decode", self.decode_workers)))
+
+  def move_worker(self, to: str, reason: str = "requested", timeout_s: float = 600.0) -> dict:
+    """Moves one worker to the `to` side ("prefill" | "decode"): the least loaded worker of the
+    other side takes nothing new, drains (a prefill worker until its queue is prefilled and its
+    KV pulled, a decode worker until its sequences end; nothing is lost or recomputed) and
+    retires, and a worker of the `to` kind starts in its place (its bundle, the new kind's
+    devices and TP). Each side keeps at least one worker. Returns the move's record."""
+    if to not in ("prefill", "decode"):
+      raise ValueError(f"move_worker to={to!r} is not 'prefill' or 'decode'")
+    with self._moving:
+      start = time.perf_counter()
+      with self._lock:
+        source = self.decode_workers if to == "prefill" else self.prefill_workers
+        serving = self._serving(source)
+        if len(serving) < 2:
+          raise ValueError(f"cannot move a worker to {to}: the other side has "
+                           f"{len(serving)} serving (each side keeps one)")
+        worker = min(serving, key=lambda w: (len(w.requests), w.queued_tokens, w.running))
+        worker.retiring = True
+      while worker.alive and (worker.requests or worker.offers):
+        if time.perf_counter() - start > timeout_s:
+          raise TimeoutError(f"{worker.name} did not drain within {timeout_s} s")
+        time.sleep(0.05)
+      drained = time.perf_counter()
+      with self._lock:
+        worker.alive, worker.retired = False, True
+      try:
+        self._ray.kill(worker.actor)
+      except Exception:  # pylint: disable=broad-except
+        pass
+      workers = self.prefill_workers if to == "prefill" else self.decode_workers
+      new = self._start_worker(to, len(workers), worker.bundle)
+      _set_info(new, self._ray.get(new.actor.ready.remote()))
+      with self._lock:
+        workers.append(new)
+      done = time.perf_counter()
+      prefill, decode = self._split()
+      switch = {"time": done - (self.monitor.start if self.monitor else start),
+                "prefill_devices": prefill, "decode_devices": decode, "reason": reason,
+                "retired": worker.name, "started": new.name, "drain_s": drained - start,
+                "start_s": done - drained, "recomputed_tokens": 0}
+      self.switches.append(switch)
+      self.split_timeline.append([round(switch["time"], 3), prefill, decode])
+      line = (f"elastic: {prefill}P:{decode}D devices at {switch['time']:.1f} s ({reason}); "
+              f"{worker.name} drained in {switch['drain_s']:.1f} s and retired, {new.name} "
+              f"ready in {switch['start_s']:.1f} s")
+      if self.progress:
+        print(line, file=sys.stderr, flush=True)
+      logging.info(line)
+      return switch
+
+  def report(self) -> dict:
+    """The run's elastic record (as `ElasticEngine.report`)."""
+    return {"split_changes": self.split_changes, "split_timeline": self.split_timeline,
+            "elastic_switches": self.switches,
+            "elastic_decisions": [d.to_json() for d in self.controller.log]
+                                 if self.controller else []}
+
+  def signals(self):
+    """The window's signals from the serving workers' reports (`engine.elastic.ElasticMonitor`;
+    each worker's counters are its own, so its rates are a worker's)."""
+    with self._lock:
+      everyone = self.prefill_workers + self.decode_workers
+      load = {k: 0 for k in ADDITIVE}
+      for w in everyone:  # retired ones keep their last counters: the sums only grow
+        side = "prefill" if w.kind == "prefill" else "decode"
+        for key, theirs in (("tokens", "tokens"), ("busy_s", "busy_s"), ("steps", "steps"),
+                            ("rows_sq", "tokens_sq"), ("rows_busy", "tokens_busy")):
+          name = f"{side}_{key}"
+          if name in load and theirs in w.work:
+            load[name] += w.work[theirs]
+      decoders = self._serving(self.decode_workers)
+      load["queued_prefill_tokens"] = sum(w.queued_tokens for w in self._serving(
+          self.prefill_workers))
+      load["decode_slots"] = max((w.slots for w in decoders), default=1)
+      slots = sum(w.slots for w in decoders) or 1
+      pages = sum(w.total_pages for w in decoders) or 1
+      return self.monitor.signals(
+          load, prefill_workers=len(self._serving(self.prefill_workers)),
+          decode_workers=len(decoders), slot_use=sum(w.running for w in decoders) / slots,
+          page_use=1 - sum(w.free_pages for w in decoders) / pages, per_side=False)
+
+  def control_step(self) -> list[dict]:
+    """One window: signals to the controller, and the moves it decides, one worker at a time."""
+    action = self.controller.decide(self.signals())
+    if action is None:
+      return []
+    decision = self.controller.log[-1]
+    to = "prefill" if action == TO_PREFILL else "decode"
+    moves = []
+    for _ in range(decision.count):
+      try:
+        moves.append(self.move_worker(to, reason=decision.reason))
+      except ValueError:  # the other side is down to one worker
+        break
+    return moves
+
+  def _control_loop(self) -> None:
+    while not self._stop_control.wait(self.controller.config.window_s):
+      try:
+        self.control_step()
+      except Exception:  # pylint: disable=broad-except
+        logging.error("elastic move failed:\n%s", traceback.format_exc())
+
   # ------------------------------------------------------------------ routing (lock held)
 
   def _item(self, request: _Request) -> dict:
@@ -268,7 +432,7 @@ class ClusterEngine(EngineAPI):
             "output_ids": list(s.output_ids), "arrival": time.time()}
 
   def _send_to_prefill(self, request: _Request, front: bool = False) -> None:
-    alive = [w for w in self.prefill_workers if w.alive]
+    alive = self._serving(self.prefill_workers)
     if not alive:
       request.state.error = "no prefill worker is alive"
       self._finish(request, "error")
@@ -293,7 +457,7 @@ class ClusterEngine(EngineAPI):
     """Prefix routing with decode-side prefill: sends the request straight to the decode worker
     that probably holds its prefix (the rest at most its `decode_prefill_tokens`) and has the
     pages for it; False: it goes to prefill."""
-    alive = [w for w in self.decode_workers if w.alive]
+    alive = self._serving(self.decode_workers)
     tokens = request.state.all_tokens()
     key = self.router.choose_local([self._candidate(w) for w in alive], tokens)
     worker = next((w for w in alive if ("decode", w.index) == key), None)
@@ -307,6 +471,11 @@ class ClusterEngine(EngineAPI):
     return True
 
   @staticmethod
+  def _serving(workers: list[_Worker]) -> list[_Worker]:
+    """The workers new requests may go to: alive and not retiring."""
+    return [w for w in workers if w.alive and not w.retiring]
+
+  @staticmethod
   def _candidate(worker: _Worker) -> Candidate:
     """The router's view of a worker (decode workers: load in pages taken)."""
     load = (worker.queued_tokens if worker.kind == "prefill"
@@ -314,7 +483,7 @@ class ClusterEngine(EngineAPI):
     return Candidate((worker.kind, worker.index), load, worker.cache_pages, worker.max_tail)
 
   def _send_to_decode(self, request: _Request, event: dict, prefill: _Worker) -> None:
-    alive = [w for w in self.decode_workers if w.alive]
+    alive = self._serving(self.decode_workers)
     if not alive:
       request.state.error = "no decode worker is alive"
       self._finish(request, "error")
@@ -399,8 +568,10 @@ class ClusterEngine(EngineAPI):
     with self._lock:
       if worker.kind == "decode":
         worker.free_pages, worker.total_pages = report["free_pages"], report["total_pages"]
+        worker.running, worker.slots = report["running"], report["slots"]
       else:
         worker.queued_tokens, worker.offers = report["queued_tokens"], report["offers"]
+      worker.work = report["work"]
       for event in events:
         if event["kind"] == "expired":
           worker.expired += 1

@@ -178,7 +178,8 @@ class PrefillServer:
       offered = len(self.offers)
     return {"events": self.outbox.take(), "offers": offered,
             "queued_tokens": sum(s.num_to_compute - s.num_computed
-                                 for s in self.worker.pending())}
+                                 for s in self.worker.pending()),
+            "work": _work(self.worker)}
 
   # ------------------------------------------------------------------ worker callbacks
 
@@ -320,7 +321,8 @@ class DecodeServer:
     slots = self.core.slots
     return {"events": self.outbox.take(), "free_pages": slots.num_free,
             "total_pages": slots.capacity, "running": len(slots.occupied()),
-            "waiting": len(self.loop.queue) + self._pulls.qsize()}
+            "waiting": len(self.loop.queue) + self._pulls.qsize(), "work": _work(self.loop),
+            "slots": slots.num_slots}
 
   # ------------------------------------------------------------------ internals
 
@@ -378,6 +380,13 @@ class DecodeServer:
     """No prefill here: hand the request back to the driver to recompute elsewhere."""
     self.outbox.add({"kind": "preempted", "request_id": request.request_id,
                      "output_ids": list(request.output_ids), "time": time.time()})
+
+
+def _work(worker) -> dict:
+  """A worker thread's work counters (`engine.worker.Worker.record_work`), for the driver's
+  elastic signals."""
+  return {"tokens": worker.tokens_done, "busy_s": worker.busy_s, "steps": worker.steps_done,
+          "tokens_sq": worker.tokens_sq, "tokens_busy": worker.tokens_busy}
 
 
 def _logprobs(request) -> list:

@@ -123,6 +123,80 @@ def decode_capacity(work: dict, slots: int, tpot_slo_s: float) -> float:
   return rows / (a + b * rows)
 
 
+class ElasticMonitor:
+  """The controller's view of a running disaggregated engine, one window at a time: the requests
+  it sees (`watch`: arrivals, first tokens, finishes) and the work counters of its workers
+  (`Engine.load` keys, cumulative), turned into `Signals`. Shared by `ElasticEngine` and the
+  `--cluster=ray` driver."""
+
+  def __init__(self, config: ElasticConfig):
+    self.config = config
+    self.start = time.perf_counter()
+    self._window = _Window()
+    self._window_start = self.start
+    self._last: dict | None = None
+    # Capacity per worker measured so far (tokens/s): kept across moves and quiet windows.
+    self._prefill_per_worker = 0.0
+    self._decode_per_worker = 0.0
+
+  def watch(self, prompt_len: int, sampling: SamplingParams, on_token=None):
+    """Call before submitting a request: (its on_token, recording the first token, and a
+    done-callback recording its TPOT) for the engine."""
+    arrival = time.perf_counter()
+    self._window.add("arrivals", (prompt_len, sampling.max_new_tokens))
+    first = []
+
+    def on_first(token: int) -> None:
+      if not first:
+        first.append(True)
+        self._window.add("ttfts", time.perf_counter() - arrival)
+      if on_token is not None:
+        on_token(token)
+
+    def on_done(output) -> None:
+      times = output.metrics.token_times if output.metrics else []
+      if output.finish_reason in ("stop", "length") and len(times) > 1:
+        self._window.add("tpots", (times[-1] - times[0]) / (len(times) - 1))
+    return on_first, on_done
+
+  def signals(self, load: dict, *, prefill_workers: int, decode_workers: int,
+              slot_use: float, page_use: float, per_side: bool) -> Signals:
+    """The window since the last call. `load`: cumulative work counters (`ADDITIVE`), the
+    prompt tokens queued for prefill and `decode_slots`; `per_side`: the counters are one mesh
+    per side (in-process: a side's rate is divided among its workers), else one worker's steps
+    each (a cluster: the rates are a worker's already)."""
+    now = time.perf_counter()
+    window = max(now - self._window_start, 1e-6)
+    self._window_start = now
+    arrivals, ttfts, tpots = self._window.take()
+    last = self._last or {k: 0 for k in ADDITIVE}
+    self._last = load
+    busy = load["prefill_busy_s"] - last["prefill_busy_s"]
+    if busy > 0:  # prefill ran in the window: its speed
+      rate = (load["prefill_tokens"] - last["prefill_tokens"]) / busy
+      self._prefill_per_worker = _smooth(self._prefill_per_worker,
+                                         rate / prefill_workers if per_side else rate)
+    if load["decode_steps"] - last["decode_steps"] >= 8:  # enough steps to fit their time
+      delta = {k: load[k] - last[k] for k in ADDITIVE}
+      rate = decode_capacity(delta, load["decode_slots"], self.config.tpot_slo_s)
+      self._decode_per_worker = _smooth(self._decode_per_worker,
+                                        rate / decode_workers if per_side else rate)
+    c = self.config
+    return Signals(
+        time=now - self.start, prefill_workers=prefill_workers, decode_workers=decode_workers,
+        queued_prefill_tokens=load["queued_prefill_tokens"],
+        prefill_tokens_per_s=self._prefill_per_worker * prefill_workers,
+        prefill_busy=min(busy / window / (1 if per_side else max(prefill_workers, 1)), 1.0),
+        decode_slot_use=slot_use, decode_page_use=page_use,
+        ttft_attainment=(sum(t <= c.ttft_slo_s for t in ttfts) / len(ttfts)
+                         if ttfts else None),
+        tpot_attainment=(sum(t <= c.tpot_slo_s for t in tpots) / len(tpots)
+                         if tpots else None),
+        arriving_prompt_tokens_per_s=sum(a[0] for a in arrivals) / window,
+        arriving_output_tokens_per_s=sum(a[1] for a in arrivals) / window,
+        decode_tokens_per_s_per_worker=self._decode_per_worker)
+
+
 class ElasticEngine(EngineAPI):
   """A disaggregated engine whose prefill:decode device split moves (module docstring)."""
 
@@ -152,19 +226,12 @@ class ElasticEngine(EngineAPI):
     self.switches: list[Switch] = []
     p = prefill_model.mesh.size
     self.split_timeline: list[list] = [[0.0, p, self.num_devices - p]]
-    self._start = time.perf_counter()
+    self.monitor = ElasticMonitor(elastic)
+    self._start = self.monitor.start
     self._lock = threading.RLock()  # a hand-over holds it: requests wait for the new engine
     self._switching = threading.Lock()  # one move at a time
     self._ids = itertools.count()
-    self._window = _Window()
-    self._window_start = self._start
-    # Work counters of the engines already replaced, and their sum with the current one's when
-    # the controller last read them.
-    self._done = {k: 0 for k in ADDITIVE}
-    self._load = self._cumulative_load()
-    # Capacity per worker measured so far (tokens/s): kept across moves and quiet windows.
-    self._prefill_per_worker = 0.0
-    self._decode_per_worker = 0.0
+    self._done = {k: 0 for k in ADDITIVE}  # work counters of the engines already replaced
     self._stop = threading.Event()
     self._thread = None
     if control:
@@ -189,25 +256,10 @@ class ElasticEngine(EngineAPI):
   def add_request(self, prompt_token_ids: Sequence[int], sampling: SamplingParams | None = None,
                   request_id: str | None = None, on_token=None) -> TokenStream:
     sampling = sampling or SamplingParams()
-    arrival = time.perf_counter()
-    first = []
-
-    def on_first(token: int) -> None:
-      if not first:
-        first.append(True)
-        self._window.add("ttfts", time.perf_counter() - arrival)
-      if on_token is not None:
-        on_token(token)
-
-    def on_done(output) -> None:
-      times = output.metrics.token_times if output.metrics else []
-      if output.finish_reason in ("stop", "length") and len(times) > 1:
-        self._window.add("tpots", (times[-1] - times[0]) / (len(times) - 1))
-
+    on_first, on_done = self.monitor.watch(len(prompt_token_ids), sampling, on_token)
     with self._lock:  # ids are this engine's, unique over every engine it ran
       stream = self._engine.add_request(prompt_token_ids, sampling,
                                         request_id or f"req-{next(self._ids)}", on_first)
-    self._window.add("arrivals", (len(prompt_token_ids), sampling.max_new_tokens))
     stream.add_done_callback(on_done)
     return stream
 
@@ -238,39 +290,12 @@ class ElasticEngine(EngineAPI):
 
   def signals(self) -> Signals:
     """The window since the last call, as the controller reads it."""
-    now = time.perf_counter()
-    window = max(now - self._window_start, 1e-6)
-    self._window_start = now
-    arrivals, ttfts, tpots = self._window.take()
-    engine, config = self._engine, self.controller.config
-    load, last = self._cumulative_load(), self._load
-    self._load = load
     p = self.prefill_devices
-    workers_p, workers_d = p // self.tp, (self.num_devices - p) // self.tp
-    busy = load["prefill_busy_s"] - last["prefill_busy_s"]
-    if busy > 0:  # prefill ran in the window: its speed
-      side = (load["prefill_tokens"] - last["prefill_tokens"]) / busy
-      self._prefill_per_worker = _smooth(self._prefill_per_worker, side / workers_p)
-    if load["decode_steps"] - last["decode_steps"] >= 8:  # enough steps to fit their time
-      delta = {k: load[k] - last[k] for k in ADDITIVE}
-      self._decode_per_worker = _smooth(self._decode_per_worker, decode_capacity(
-          delta, load["decode_slots"], config.tpot_slo_s) / workers_d)
-    stats = engine.stats()
-    total = max(stats["total_pages"], 1)
-    return Signals(
-        time=now - self._start, prefill_workers=workers_p, decode_workers=workers_d,
-        queued_prefill_tokens=load["queued_prefill_tokens"],
-        prefill_tokens_per_s=self._prefill_per_worker * workers_p,
-        prefill_busy=min(busy / window, 1.0),
-        decode_slot_use=stats["running"] / max(load["decode_slots"], 1),
-        decode_page_use=1 - stats["free_pages"] / total,
-        ttft_attainment=(sum(t <= config.ttft_slo_s for t in ttfts) / len(ttfts)
-                         if ttfts else None),
-        tpot_attainment=(sum(t <= config.tpot_slo_s for t in tpots) / len(tpots)
-                         if tpots else None),
-        arriving_prompt_tokens_per_s=sum(a[0] for a in arrivals) / window,
-        arriving_output_tokens_per_s=sum(a[1] for a in arrivals) / window,
-        decode_tokens_per_s_per_worker=self._decode_per_worker)
+    load, stats = self._cumulative_load(), self._engine.stats()
+    return self.monitor.signals(
+        load, prefill_workers=p // self.tp, decode_workers=(self.num_devices - p) // self.tp,
+        slot_use=stats["running"] / max(load["decode_slots"], 1),
+        page_use=1 - stats["free_pages"] / max(stats["total_pages"], 1), per_side=True)
 
   def splits(self) -> list[int]:
     """The prefill device counts a move may go to: whole tp groups on each side, and decode

@@ -14,6 +14,7 @@ from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.sampling import SamplingParams
 from disagg_jax.kv.pages import pages_for
 from disagg_jax.models import loading
+from disagg_jax.sched.elastic import TO_PREFILL, Decision, ElasticConfig
 from disagg_jax.testing import helpers, tiny_hf
 from disagg_jax.transfer.pieces import page_blocks
 
@@ -195,3 +196,51 @@ def test_a_follow_up_turn_is_prefilled_by_the_decode_worker_that_holds_it(model_
     assert [o.metrics.cached_tokens for o in outputs] == [
         min(len(p) + len(a), len(s) - 1) // 16 * 16 for p, a, s in zip(first, answers, second)]
     assert all(o.metrics.first_token is not None for o in outputs)
+
+
+class _AskPrefill:
+  """A controller stub asking for one worker more on prefill, once (the policy itself:
+  tests/sched/test_elastic.py)."""
+
+  def __init__(self):
+    self.log = []
+
+  def decide(self, signals):
+    action = TO_PREFILL if not self.log else None
+    self.log.append(Decision(signals.time, action, "test", signals, 1 if action else 0))
+    return action
+
+
+@pytest.mark.slow  # ~1 min (workers start and retire); in-process moves: tests/engine/test_elastic.py
+def test_workers_change_role_under_load(model_dir, prompts, expected):
+  elastic = ElasticConfig(ttft_slo_s=5.0, tpot_slo_s=1.0, window_s=600.0)
+  with ClusterEngine(model_dir, CONFIG, num_prefill_workers=2, num_decode_workers=1,
+                     progress=False, elastic=elastic) as engine:
+    streams = [engine.add_request(p, SAMPLING) for p in prompts * 2]
+    wait_for(lambda: any(len(s._queue.queue) >= 2 for s in streams), what="tokens streaming")
+    # A prefill worker drains (its queue prefilled, its KV pulled) and a decode worker starts.
+    first = engine.move_worker("decode")
+    streams += [engine.add_request(p, SAMPLING) for p in prompts]
+    stats = engine.stats()
+    assert (stats["prefill_workers"], stats["decode_workers"]) == (1, 2)
+    assert (stats["prefill_devices"], stats["decode_devices"]) == (1, 2)
+    with pytest.raises(ValueError, match="each side keeps one"):
+      engine.move_worker("decode")
+    # The control step: the workers' signals to the controller, and its move back.
+    engine.controller = _AskPrefill()
+    second = engine.control_step()
+    signals = engine.controller.log[0].signals
+    outputs = [s.result(timeout=120) for s in streams]
+    assert [o.output_token_ids for o in outputs] == expected * 3  # nothing lost, same tokens
+    assert all(o.finish_reason == "length" for o in outputs)
+    assert first["recomputed_tokens"] == 0 and sum(o.metrics.preemptions for o in outputs) == 0
+    assert (signals.prefill_workers, signals.decode_workers) == (1, 2)
+    assert signals.prefill_tokens_per_s > 0 and signals.decode_tokens_per_s_per_worker > 0
+    assert signals.arriving_prompt_tokens_per_s > 0
+    assert [s["prefill_devices"] for s in second] == [2]
+    assert [t[1:] for t in engine.split_timeline] == [[2, 1], [1, 2], [2, 1]]
+    assert engine.health() == ("ok", None)  # retired workers are not dead ones
+    report = engine.report()
+    assert report["split_changes"] == 2 and len(report["elastic_decisions"]) == 1
+    fresh = engine.generate(prompts, SAMPLING)  # the new workers serve
+    assert [o.output_token_ids for o in fresh] == expected
