@@ -107,7 +107,7 @@ def define_engine_flags() -> None:
                      "of the signals.")
   flags.DEFINE_integer("elastic_patience", 2, "--elastic: windows in a row that must ask for a "
                        "move before it is made.")
-  flags.DEFINE_float("elastic_switch_s", 10.0, "--elastic: the cost of a move (seconds); no move "
+  flags.DEFINE_float("elastic_switch_s", 20.0, "--elastic: the cost of a move (seconds); no move "
                      "within 2 x this + a window of the last.")
   flags.DEFINE_string("compilation_cache_dir", "",
                       "JAX's persistent compilation cache, so later start-ups load compiled steps "

@@ -36,7 +36,7 @@ flags.DEFINE_float("request_rate", 2.0, "benchmark.py's --request_rate (phases m
 flags.DEFINE_string("goodput", "ttft:3000,tpot:150", "The SLOs (benchmark.py's --goodput); the "
                     "elastic controller holds the sides to them.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
-flags.DEFINE_string("extra_flags", "--elastic_window_s=5 --elastic_switch_s=10 "
+flags.DEFINE_string("extra_flags", "--elastic_window_s=5 --elastic_switch_s=20 "
                     "--config.engine.decode_batch=24",
                     "More benchmark.py flags for every run (elastic ones only matter to it; the "
                     "decode batch must split evenly over every decode side's devices).")

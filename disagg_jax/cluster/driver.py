@@ -23,7 +23,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from typing import Sequence
 
 from absl import logging
@@ -31,7 +30,7 @@ from absl import logging
 from disagg_jax import parallel
 from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
 from disagg_jax.engine.api import EngineAPI
-from disagg_jax.engine.elastic import ADDITIVE, ElasticMonitor
+from disagg_jax.engine.elastic import ADDITIVE, ElasticMonitor, run_control
 from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.request import Limits, TokenLogprob, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
@@ -417,11 +416,7 @@ class ClusterEngine(EngineAPI):
     return moves
 
   def _control_loop(self) -> None:
-    while not self._stop_control.wait(self.controller.config.window_s):
-      try:
-        self.control_step()
-      except Exception:  # pylint: disable=broad-except
-        logging.error("elastic move failed:\n%s", traceback.format_exc())
+    run_control(self._stop_control, self.controller.config.window_s, self.control_step)
 
   # ------------------------------------------------------------------ routing (lock held)
 

@@ -346,7 +346,10 @@ class ElasticEngine(EngineAPI):
     start = time.perf_counter()
     models = (place_on(self._models[0], parallel.make_mesh(self.devices[:p], self.tp)),
               place_on(self._models[1], parallel.make_mesh(self.devices[p:], self.tp)))
-    engine = Engine.create("disagg", *models, self.config, progress=False)
+    # Every step shape compiles now, off the serving path: a shape compiled on first use would
+    # stall the new engine's threads right after the hand-over.
+    engine = Engine.create("disagg", *models, dataclasses.replace(self.config, precompile_len=-1),
+                           progress=False)
     return Prepared(p, engine, models, time.perf_counter() - start)
 
   def hand_over(self, prepared: "Prepared", reason: str = "requested") -> Switch | None:
@@ -378,9 +381,14 @@ class ElasticEngine(EngineAPI):
     return switch
 
   def _control_loop(self) -> None:
-    while not self._stop.wait(self.controller.config.window_s):
-      try:
-        self.control_step()
-      except Exception:  # pylint: disable=broad-except
-        # A failed move leaves the current engine serving; the next window may try again.
-        logging.error("elastic move failed:\n%s", traceback.format_exc())
+    run_control(self._stop, self.controller.config.window_s, self.control_step)
+
+
+def run_control(stop: threading.Event, window_s: float, step) -> None:
+  """The control thread of an elastic engine: `step()` every `window_s` until `stop` is set. A
+  failed move is logged and leaves the current split serving; the next window may try again."""
+  while not stop.wait(window_s):
+    try:
+      step()
+    except Exception:  # pylint: disable=broad-except
+      logging.error("elastic move failed:\n%s", traceback.format_exc())
