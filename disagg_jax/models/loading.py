@@ -252,7 +252,7 @@ def abstract_on_mesh(cfg: ModelConfig, mesh, dtype="bfloat16") -> Model:
 def place_on(model: Model, mesh: Mesh) -> Model:
   """`model` re-placed on `mesh`, device to device (`jax.device_put` into each parameter's
   sharding there). With the same tensor parallelism on both meshes every shard boundary matches,
-  so no parameter passes through host memory (tests/engine/test_elastic.py checks it)."""
+  so no parameter passes through host memory (tests/engine/test_elastic_engine.py checks it)."""
   parallel.check_tp(model.cfg, parallel.tp_size(mesh))
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.device_put(x, parallel.param_sharding(_keys(p), x.shape, mesh)),
