@@ -211,7 +211,7 @@ class _AskPrefill:
     return action
 
 
-@pytest.mark.slow  # ~1 min (workers start and retire); in-process moves: tests/engine/test_elastic_engine.py
+@pytest.mark.slow  # ~20 s (workers start and retire); in-process moves: test_elastic_engine.py
 def test_workers_change_role_under_load(model_dir, prompts, expected):
   elastic = ElasticConfig(ttft_slo_s=5.0, tpot_slo_s=1.0, window_s=600.0)
   with ClusterEngine(model_dir, CONFIG, num_prefill_workers=2, num_decode_workers=1,

@@ -83,11 +83,15 @@ def test_a_client_leaving_a_stream_is_counted_as_abort(live_server):
 # 2: health and fast failure when a phase has no live worker.
 def test_cluster_health_names_the_dead_phase():
   def cluster(prefill_alive, decode_alive):
-    worker = lambda alive: types.SimpleNamespace(alive=alive)
+    # "retired": stopped on purpose by --elastic (not alive, not dead).
+    worker = lambda alive: types.SimpleNamespace(alive=alive is True, retired=alive == "retired")
     return types.SimpleNamespace(error=None, _lock=threading.RLock(),
                                  prefill_workers=[worker(a) for a in prefill_alive],
                                  decode_workers=[worker(a) for a in decode_alive])
   assert ClusterEngine.health(cluster([True], [True, True])) == ("ok", None)
+  assert ClusterEngine.health(cluster([True, "retired"], [True, True])) == ("ok", None)
+  assert ClusterEngine.health(cluster([True, "retired"], [True, False])) == (
+      "degraded", "1 of 2 decode workers died")
   assert ClusterEngine.health(cluster([True], [True, False])) == (
       "degraded", "1 of 2 decode workers died")
   assert ClusterEngine.health(cluster([True], [False, False])) == (
