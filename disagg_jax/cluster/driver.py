@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import sys
 import threading
 import time
 from typing import Sequence
@@ -30,7 +29,7 @@ from absl import logging
 from disagg_jax import parallel
 from disagg_jax.cluster.workers import DecodeServer, PrefillServer, WorkerSpec
 from disagg_jax.engine.api import EngineAPI
-from disagg_jax.engine.elastic import ADDITIVE, ElasticMonitor, run_control
+from disagg_jax.engine.elastic import ADDITIVE, ElasticMonitor, record_move, run_control
 from disagg_jax.engine.engine import EngineConfig
 from disagg_jax.engine.request import Limits, TokenLogprob, stop_ids, validate
 from disagg_jax.engine.sampling import InvalidRequestError, SamplingParams
@@ -360,13 +359,10 @@ class ClusterEngine(EngineAPI):
                 "retired": worker.name, "started": new.name, "drain_s": drained - start,
                 "start_s": done - drained, "recomputed_tokens": 0}
       self.switches.append(switch)
-      self.split_timeline.append([round(switch["time"], 3), prefill, decode])
-      line = (f"elastic: {prefill}P:{decode}D devices at {switch['time']:.1f} s ({reason}); "
-              f"{worker.name} drained in {switch['drain_s']:.1f} s and retired, {new.name} "
-              f"ready in {switch['start_s']:.1f} s")
-      if self.progress:
-        print(line, file=sys.stderr, flush=True)
-      logging.info(line)
+      record_move(self.split_timeline, switch["time"], prefill, decode, self.progress,
+                  f"elastic: {prefill}P:{decode}D devices at {switch['time']:.1f} s ({reason}); "
+                  f"{worker.name} drained in {switch['drain_s']:.1f} s and retired, {new.name} "
+                  f"ready in {switch['start_s']:.1f} s")
       return switch
 
   def report(self) -> dict:

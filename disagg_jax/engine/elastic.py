@@ -371,17 +371,24 @@ class ElasticEngine(EngineAPI):
     switch = Switch(done - self._start, p, n - p, reason, prepared.prepare_s, done - start,
                     len(states), lost)
     self.switches.append(switch)
-    self.split_timeline.append([round(switch.time, 3), p, n - p])
-    line = (f"elastic: {p}P:{n - p}D at {switch.time:.1f} s ({reason}); prepared in "
-            f"{switch.prepare_s:.1f} s while serving, hand-over {switch.pause_s * 1e3:.0f} ms, "
-            f"{len(states)} requests moved, {lost} tokens to recompute")
-    if self.progress:
-      print(line, file=sys.stderr, flush=True)
-    logging.info(line)
+    record_move(self.split_timeline, switch.time, p, n - p, self.progress,
+                f"elastic: {p}P:{n - p}D at {switch.time:.1f} s ({reason}); prepared in "
+                f"{switch.prepare_s:.1f} s while serving, hand-over {switch.pause_s * 1e3:.0f} "
+                f"ms, {len(states)} requests moved, {lost} tokens to recompute")
     return switch
 
   def _control_loop(self) -> None:
     run_control(self._stop, self.controller.config.window_s, self.control_step)
+
+
+def record_move(timeline: list, time_s: float, prefill: int, decode: int, progress: bool,
+                line: str) -> None:
+  """A move made: `[time, prefill devices, decode devices]` on the timeline, and its line printed
+  (with `progress`) and logged."""
+  timeline.append([round(time_s, 3), prefill, decode])
+  if progress:
+    print(line, file=sys.stderr, flush=True)
+  logging.info(line)
 
 
 def run_control(stop: threading.Event, window_s: float, step) -> None:
