@@ -170,44 +170,15 @@ def main(argv):
 
 
 def plot(path: str, report: dict, arrivals, result, slos) -> None:
-  """Split, arrival rate and SLO attainment over time, one panel each."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  window = 10.0
-  end = float(arrivals[-1])
-  edges = np.arange(0.0, end + window, window)
-  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-  timeline = report["split_timeline"] + [[end] + report["split_timeline"][-1][1:]]
-  t = [p[0] for p in timeline]
-  axes[0].step(t, [p[1] for p in timeline], where="post", label="prefill chips")
-  axes[0].step(t, [p[2] for p in timeline], where="post", label="decode chips")
-  best = report["best_static_split"]
-  axes[0].axhline(best[0], ls=":", c="C0", label="best static prefill")
-  axes[0].axhline(best[1], ls=":", c="C1", label="best static decode")
-  axes[0].set_ylabel("chips")
-  axes[0].legend(fontsize=7, loc="upper right")
-  counts, _ = np.histogram(arrivals, edges)
-  axes[1].plot(edges[:-1], counts / window)
-  axes[1].set_ylabel("arrivals / s")
-  ok = [(a, r.ttft <= slos["ttft"] and (r.tpot or 0.0) <= slos["tpot"])
-        for a, r in zip(arrivals, result.records)]
-  which = np.digitize([a for a, _ in ok], edges) - 1
-  share = [np.mean([g for (_, g), w in zip(ok, which) if w == k]) if (which == k).any()
-           else np.nan for k in range(len(edges) - 1)]
-  axes[2].plot(edges[:-1], share, label="elastic")
-  axes[2].set_ylabel("SLO attainment")
-  axes[2].set_xlabel("seconds")
-  for phase in _phases():
-    for ax in axes:
-      ax.axvline(phase[1], c="grey", lw=0.5)
-    axes[1].text(phase[1], axes[1].get_ylim()[1] * 0.9, phase[0], fontsize=7)
-  fig.suptitle(f"{report['model_config']} on {report['num_devices']} x {report['hardware']}: "
-               f"elastic {report['elastic_goodput']:.2f} vs best static "
-               f"{report['best_static_goodput']:.2f} req/s goodput")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  """Split, arrival rate and SLO attainment over time (`bench.plots.elastic_timeline`)."""
+  from disagg_jax.bench import metrics, plots  # pylint: disable=g-import-not-at-top
+  met = [(a, metrics.meets_slos(r, slos)) for a, r in zip(arrivals, result.records)]
+  plots.elastic_timeline(
+      path, timeline=report["split_timeline"], arrivals=arrivals, runs={"elastic": met},
+      best_split=report["best_static_split"][:2], phases=_phases(), unit="chips",
+      title=f"{report['model_config']} on {report['num_devices']} x {report['hardware']}: "
+            f"elastic {report['elastic_goodput']:.2f} vs best static "
+            f"{report['best_static_goodput']:.2f} req/s goodput")
 
 
 def _phases():

@@ -109,48 +109,21 @@ def main(argv):
 
 
 def plot(path: str, elastic: dict, best: dict, best_p: int, n: int) -> None:
-  """Split, arrival rate and SLO attainment over time (10 s windows by arrival)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from disagg_jax.bench import metrics  # pylint: disable=g-import-not-at-top
+  """Split, arrival rate and SLO attainment over time (`bench.plots.elastic_timeline`)."""
+  from disagg_jax.bench import metrics, plots  # pylint: disable=g-import-not-at-top
   slos = metrics.parse_goodput(FLAGS.goodput)
-  window = 10.0
-  arrivals = np.array([r["arrival"] for r in elastic["records"]])
-  end = max(float(arrivals.max()), elastic["duration"])
-  edges = np.arange(0.0, end + window, window)
-  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-  timeline = elastic["split_timeline"] + [[end] + elastic["split_timeline"][-1][1:]]
-  axes[0].step([t[0] for t in timeline], [t[1] for t in timeline], where="post",
-               label="elastic prefill devices")
-  axes[0].axhline(best_p, ls=":", c="C1", label=f"best static ({best_p}P:{n - best_p}D)")
-  axes[0].set_ylabel("prefill devices")
-  axes[0].set_ylim(0, n)
-  axes[0].legend(fontsize=7, loc="upper right")
-  counts, _ = np.histogram(arrivals, edges)
-  axes[1].plot(edges[:-1], counts / window)
-  axes[1].set_ylabel("arrivals / s")
 
-  def share(run):
-    ok = [(r["arrival"], r["success"] and r["ttft"] <= slos["ttft"]
-           and (r["tpot"] or 0.0) <= slos["tpot"]) for r in run["records"]]
-    which = np.digitize([a for a, _ in ok], edges) - 1
-    return [np.mean([g for (_, g), w in zip(ok, which) if w == k]) if (which == k).any()
-            else np.nan for k in range(len(edges) - 1)]
-  axes[2].plot(edges[:-1], share(elastic), label="elastic")
-  axes[2].plot(edges[:-1], share(best), ls=":", label="best static")
-  axes[2].set_ylabel("SLO attainment")
-  axes[2].set_xlabel("seconds (by arrival)")
-  axes[2].legend(fontsize=7)
-  for name, start, _ in elastic.get("workload_phases") or []:
-    for ax in axes:
-      ax.axvline(start, c="grey", lw=0.5)
-    axes[1].text(start, axes[1].get_ylim()[1] * 0.9, name, fontsize=7)
-  fig.suptitle(f"real run, {n} CPU devices: elastic {elastic['request_goodput']:.2f} vs best "
-               f"static {best['request_goodput']:.2f} req/s goodput")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  def met(run):
+    records = [metrics.RequestRecord(**{k: v for k, v in r.items() if k != "tpot"})
+               for r in run["records"]]
+    return [(r.arrival, metrics.meets_slos(r, slos)) for r in records]
+  plots.elastic_timeline(
+      path, timeline=elastic["split_timeline"],
+      arrivals=[r["arrival"] for r in elastic["records"]],
+      runs={"elastic": met(elastic), f"best static ({best_p}P:{n - best_p}D)": met(best)},
+      best_split=(best_p, n - best_p), phases=elastic.get("workload_phases"),
+      title=f"real run, {n} CPU devices: elastic {elastic['request_goodput']:.2f} vs best "
+            f"static {best['request_goodput']:.2f} req/s goodput")
 
 
 if __name__ == "__main__":

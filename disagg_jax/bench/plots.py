@@ -1,8 +1,9 @@
 """Plots of sweep results (matplotlib, PNG): latency CDFs, goodput against rate, the
-throughput-per-device / tokens-per-user Pareto frontier, and per-phase time bars.
+throughput-per-device / tokens-per-user Pareto frontier, and per-phase time bars; and an elastic
+run's split, arrival rate and attainment over time (`elastic_timeline`).
 
-Every function takes the sweep's rows (dicts as written to results.jsonl, each with its config
-label, workload, rate, metrics and per-request `ttft_s` / `itl_s` lists) and writes one PNG.
+The sweep functions take the sweep's rows (dicts as written to results.jsonl, each with its
+config label, workload, rate, metrics and per-request `ttft_s` / `itl_s` lists) and write one PNG.
 """
 
 from __future__ import annotations
@@ -147,3 +148,42 @@ def all_plots(rows, out_dir: str) -> list[str]:
   throughput_pareto(rows, paths["pareto"])
   phase_bars(rows, paths["phases"])
   return list(paths.values())
+
+
+def elastic_timeline(path: str, *, timeline, arrivals, runs: dict, best_split, phases,
+                     title: str, unit: str = "devices", window: float = 10.0) -> None:
+  """Three panels over time: the elastic run's split (`timeline`: [[t, prefill, decode], ...])
+  beside the best static split (`best_split`: prefill, decode), the arrival rate of `arrivals`
+  (seconds), and the SLO attainment per `window` of each run in `runs` ({label: [(arrival,
+  met), ...]}); `phases`: [[name, start, end], ...] of a shifting workload, marked."""
+  arrivals = np.asarray(arrivals, np.float64)
+  end = max(float(arrivals.max()), timeline[-1][0])
+  edges = np.arange(0.0, end + window, window)
+  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+  steps = list(timeline) + [[end, *timeline[-1][1:]]]
+  for side, column in (("prefill", 1), ("decode", 2)):
+    axes[0].step([t[0] for t in steps], [t[column] for t in steps], where="post",
+                 c=f"C{column - 1}", label=f"elastic {side} {unit}")
+    axes[0].axhline(best_split[column - 1], ls=":", c=f"C{column - 1}",
+                    label=f"best static {side}")
+  axes[0].set_ylabel(unit)
+  axes[0].legend(fontsize=7, loc="upper right")
+  counts, _ = np.histogram(arrivals, edges)
+  axes[1].plot(edges[:-1], counts / window)
+  axes[1].set_ylabel("arrivals / s")
+  for i, (label, met) in enumerate(runs.items()):
+    which = np.digitize([a for a, _ in met], edges) - 1
+    share = [np.mean([ok for (_, ok), w in zip(met, which) if w == k]) if (which == k).any()
+             else np.nan for k in range(len(edges) - 1)]
+    axes[2].plot(edges[:-1], share, ls="-" if i == 0 else ":", label=label)
+  axes[2].set_ylabel("SLO attainment")
+  axes[2].set_xlabel("seconds (by arrival)")
+  axes[2].legend(fontsize=7)
+  for name, start, _ in phases or []:
+    for ax in axes:
+      ax.axvline(start, c="grey", lw=0.5)
+    axes[1].text(start, axes[1].get_ylim()[1] * 0.9, name, fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

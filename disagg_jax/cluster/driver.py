@@ -376,15 +376,11 @@ class ClusterEngine(EngineAPI):
     """The window's signals from the serving workers' reports (`engine.elastic.ElasticMonitor`;
     each worker's counters are its own, so its rates are a worker's)."""
     with self._lock:
-      everyone = self.prefill_workers + self.decode_workers
       load = {k: 0 for k in ADDITIVE}
-      for w in everyone:  # retired ones keep their last counters: the sums only grow
-        side = "prefill" if w.kind == "prefill" else "decode"
-        for key, theirs in (("tokens", "tokens"), ("busy_s", "busy_s"), ("steps", "steps"),
-                            ("rows_sq", "tokens_sq"), ("rows_busy", "tokens_busy")):
-          name = f"{side}_{key}"
-          if name in load and theirs in w.work:
-            load[name] += w.work[theirs]
+      for w in self.prefill_workers + self.decode_workers:  # retired ones keep their last counters: the sums only grow
+        for key, value in w.work.items():
+          if f"{w.kind}_{key}" in load:
+            load[f"{w.kind}_{key}"] += value
       decoders = self._serving(self.decode_workers)
       load["queued_prefill_tokens"] = sum(w.queued_tokens for w in self._serving(
           self.prefill_workers))

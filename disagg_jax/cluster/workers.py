@@ -384,9 +384,9 @@ class DecodeServer:
 
 def _work(worker) -> dict:
   """A worker thread's work counters (`engine.worker.Worker.record_work`), for the driver's
-  elastic signals."""
+  elastic signals: named as `Engine.load`'s after its "prefill_" / "decode_" prefix."""
   return {"tokens": worker.tokens_done, "busy_s": worker.busy_s, "steps": worker.steps_done,
-          "tokens_sq": worker.tokens_sq, "tokens_busy": worker.tokens_busy}
+          "rows_sq": worker.tokens_sq, "rows_busy": worker.tokens_busy}
 
 
 def _logprobs(request) -> list:

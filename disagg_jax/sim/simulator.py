@@ -533,8 +533,7 @@ class _Elastic:
     self.next_check = self.config.window_s
     self.pending: list[tuple[float, str, int]] = []  # (ready time, new side, old index)
     self.draining: list[int] = []  # decode workers on their way to the prefill side
-    self.timeline: list[list[float]] = []
-    self.changes = 0
+    self.timeline: list[list[float]] = []  # the start, then one entry per move made
     self.busy: collections.deque = collections.deque()  # (start, end) of prefill steps
 
   def split(self, sim: "_Disagg") -> tuple[int, int]:
@@ -552,7 +551,6 @@ class _Elastic:
       else:
         sim.prefill_free.append(now)
         sim.prefill_serving.append(True)
-      self.changes += 1
       self.timeline.append([now, *self.split(sim)])
     for j in list(self.draining):
       w = sim.workers[j]
@@ -667,7 +665,7 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
   result = _result(requests)
   if sim.elastic is not None:
     result.split_timeline = sim.elastic.timeline
-    result.split_changes = sim.elastic.changes
+    result.split_changes = len(sim.elastic.timeline) - 1
     result.decisions = [d.to_json() for d in elastic.log]
   return result
 
