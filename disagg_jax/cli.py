@@ -98,8 +98,9 @@ def define_engine_flags() -> None:
                       "processes to these cores, e.g. '0'.")
   flags.DEFINE_bool("elastic", False,
                     "--mode=disagg: the prefill:decode split follows the traffic; devices "
-                    "move between the meshes one TP group at a time (--prefill_tp = --decode_tp, "
-                    "1 unless set); with --cluster=ray, workers drain and change role.")
+                    "move between the meshes and a side's TP may change with them (it starts at "
+                    "--prefill_tp / --decode_tp, 1 unless set); with --cluster=ray, workers "
+                    "drain and change role.")
   flags.DEFINE_string("elastic_slo", "ttft:2000,tpot:200",
                       "--elastic: the TTFT and TPOT SLOs (ms) the controller holds the sides to; "
                       "benchmark.py's --goodput replaces it when given.")
@@ -247,7 +248,7 @@ def meshes_from_flags():
   shared = sorted(d.id for d in set(prefill) & set(decode))
   if shared:
     raise ValueError(f"--prefill_devices and --decode_devices share devices {shared}")
-  if f.elastic:  # a worker that moves is one TP group: one device unless the flags say more
+  if f.elastic:  # it starts from the smallest TP groups unless the flags say more
     return (parallel.make_mesh(prefill, f.prefill_tp or 1),
             parallel.make_mesh(decode, f.decode_tp or 1))
   return (parallel.make_mesh(prefill, f.prefill_tp or len(prefill)),

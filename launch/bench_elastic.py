@@ -5,11 +5,14 @@ r"""Elastic prefill:decode against every static split, simulated on a shifting w
 
 Every static disaggregated split of --num_devices chips (X prefill workers of prefill TP, Y decode
 workers of decode TP, all chips used) is simulated on the workload with the analytic model of the
-chips (as launch/simulate.py --hardware does), and so is the elastic engine: workers of one TP on
-both sides (so a move turns one worker's chips over), starting from the best static split of that
-TP, moved between the sides by `sched.elastic.ElasticController` as the traffic shifts; each TP
-is tried and the best reported. Goodput is the rate
-of requests that meet both SLOs (--goodput), over the whole run at the workload's own rate.
+chips (as launch/simulate.py --hardware does), and so is the elastic engine, starting from the
+best static split and reconfigured by `sched.elastic.ElasticController` as the traffic shifts
+(--elastic_splits): "all" lets it choose among every static split, so a move may also change a
+side's tensor parallelism (two TP2 prefill workers become one TP4 decode worker); "tp" keeps
+workers of one TP on both sides (a move turns one worker's chips over; each TP is tried from its
+own best split and the best reported). A leaving decode worker drains, migrates its sequences'
+KV or has them recomputed (--on_move; docs/SCHEDULING.md). Goodput is the rate of requests that
+meet both SLOs (--goodput), over the whole run at the workload's own rate.
 
 The default workload and SLOs are chosen for Llama-3-8B-class models on 8 chips: phases of long
 prompts with short answers, then short prompts with long answers, then long prompts again
@@ -38,6 +41,14 @@ flags.DEFINE_float("switch_s", 5.0, "Seconds a worker is out of service when it 
                    "(weights re-placed, steps compiled), after draining.")
 flags.DEFINE_float("window_s", 5.0, "How often the controller reads its signals (seconds).")
 flags.DEFINE_integer("patience", 2, "Windows in a row asking for a move before it is made.")
+flags.DEFINE_enum("elastic_splits", "all", ["all", "tp"], "The splits a move may go to: every "
+                  "static split (TP may change), or those with the starting workers' TP.")
+flags.DEFINE_enum("on_move", "recompute", ["drain", "migrate", "recompute"], "What a decode worker "
+                  "that leaves does with its sequences: finishes them (as a --cluster=ray worker "
+                  "does), moves their KV to the other decode workers, or has them recomputed "
+                  "(as the in-process --elastic engine does).")
+flags.DEFINE_float("min_gain", 0.1, "A rate-matched move needs the busier side this much less "
+                   "busy than on the current split.")
 flags.DEFINE_string("output_json", None, "Results (JSON).")
 flags.DEFINE_string("plot", None, "A plot of the split, the arrival rate and SLO attainment over "
                     "time (PNG).")
@@ -112,22 +123,36 @@ def main(argv):
     raise app.UsageError(f"no split of {FLAGS.num_devices} {hw.name} chips fits "
                          f"{FLAGS.model_config}")
   best = max(static, key=lambda s: s["goodput"])
-  # Elastic: workers of one TP on both sides (a move turns one worker's chips over), from the
-  # best static split of that TP; every TP with room to move is tried, the best reported.
-  runs = []
-  for tp in sorted({s["split"][2] for s in static if s["split"][2] == s["split"][3]}):
-    start = max((s for s in static if s["split"][2:] == [tp, tp]), key=lambda s: s["goodput"])
+
+  def run_elastic(start, splits):
     controller = ElasticController(ElasticConfig(
         ttft_slo_s=slos["ttft"], tpot_slo_s=slos["tpot"], window_s=FLAGS.window_s,
-        patience=FLAGS.patience, switch_s=FLAGS.switch_s))
+        patience=FLAGS.patience, switch_s=FLAGS.switch_s, min_gain=FLAGS.min_gain))
+    ptp, dtp = start["split"][2:]
     result = simulator.simulate_disagg(
-        profile(tp, tp), prompt_lens, output_lens, arrivals,
+        profile(ptp, dtp), prompt_lens, output_lens, arrivals,
         num_prefill_workers=start["num_prefill_workers"],
         num_decode_workers=start["num_decode_workers"], elastic=controller,
-        devices_per_worker=tp)
-    runs.append((score(result), result, start, tp))
-    print(f"elastic TP{tp} workers from {start['split'][0]}P:{start['split'][1]}D: goodput "
-          f"{runs[-1][0]['request_goodput']:.3f} req/s, {result.split_changes} moves", flush=True)
+        splits=[simulator.Split(s["split"][2], s["split"][3], s["num_prefill_workers"],
+                                s["num_decode_workers"]) for s in splits],
+        profile_of=profile, on_move=FLAGS.on_move)
+    return score(result), result
+
+  runs = []
+  if FLAGS.elastic_splits == "all":  # any static split, from the best one
+    out, result = run_elastic(best, static)
+    runs.append((out, result, best, "all"))
+  else:  # workers of one TP, from that TP's best split
+    for tp in sorted({s["split"][2] for s in static if s["split"][2] == s["split"][3]}):
+      same = [s for s in static if s["split"][2:] == [tp, tp]]
+      start = max(same, key=lambda s: s["goodput"])
+      out, result = run_elastic(start, same)
+      runs.append((out, result, start, tp))
+  for out, result, start, tp in runs:
+    print(f"elastic ({'any split' if tp == 'all' else f'TP{tp} workers'}) from "
+          f"{start['split']}: goodput {out['request_goodput']:.3f} req/s, "
+          f"{result.split_changes} split changes, {result.migrations} migrated, "
+          f"{result.preemptions} recomputed", flush=True)
   elastic, result, start, tp = max(runs, key=lambda r: r[0]["request_goodput"])
   ptp, dtp = best["split"][2:]
   command = (f"python launch/simulate.py --hardware={FLAGS.hardware} "
@@ -149,15 +174,16 @@ def main(argv):
       "elastic_vs_best_static": elastic["request_goodput"] / max(best["goodput"], 1e-12),
       "elastic_start_split": start["split"], "split_changes": result.split_changes,
       "split_timeline": result.split_timeline, "switch_s": FLAGS.switch_s,
-      "window_s": FLAGS.window_s, "elastic_tp": tp, "static": static,
-      "elastic_runs": [{"tp": t, "goodput": r[0]["request_goodput"],
-                        "split_changes": r[1].split_changes} for r, t in
-                       ((run, run[3]) for run in runs)],
+      "window_s": FLAGS.window_s, "elastic_splits": FLAGS.elastic_splits,
+      "on_move": FLAGS.on_move, "min_gain": FLAGS.min_gain, "elastic_tp": tp,
+      "migrations": result.migrations, "recomputed_requests": result.preemptions,
+      "static": static,
+      "elastic_runs": [{"tp": r[3], "start": r[2]["split"], "goodput": r[0]["request_goodput"],
+                        "split_changes": r[1].split_changes} for r in runs],
       "resimulate_best_static": command,
       "decisions": [d for d in result.decisions if d["action"]]}
-  print(f"elastic (TP{tp} workers, from {start['split'][0]}P:{start['split'][1]}D): goodput "
-        f"{elastic['request_goodput']:.3f} req/s, attainment {elastic['slo_attainment']:.1%}, "
-        f"{result.split_changes} moves")
+  print(f"elastic (from {start['split']}): goodput {elastic['request_goodput']:.3f} req/s, "
+        f"attainment {elastic['slo_attainment']:.1%}, {result.split_changes} split changes")
   print(f"best static {best['split']}: goodput {best['goodput']:.3f} req/s; elastic / best "
         f"static = {report['elastic_vs_best_static']:.2f}")
   print(f"re-simulate the best static split: {command}")

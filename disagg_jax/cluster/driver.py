@@ -390,7 +390,9 @@ class ClusterEngine(EngineAPI):
       return self.monitor.signals(
           load, prefill_workers=len(self._serving(self.prefill_workers)),
           decode_workers=len(decoders), slot_use=sum(w.running for w in decoders) / slots,
-          page_use=1 - sum(w.free_pages for w in decoders) / pages, per_side=False)
+          page_use=1 - sum(w.free_pages for w in decoders) / pages, per_side=False,
+          pages=(sum(w.total_pages - w.free_pages for w in decoders),
+                 sum(w.total_pages for w in decoders)))
 
   def control_step(self) -> list[dict]:
     """One window: signals to the controller, and the moves it decides, one worker at a time."""

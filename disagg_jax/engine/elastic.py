@@ -6,10 +6,10 @@ follows the traffic (`--elastic`).
     stream = engine.add_request(prompt_ids, SamplingParams(...))   # as with Engine
     engine.split_timeline                                           # [[t_s, P, D], ...]
 
-The devices are ordered once (the prefill mesh's, then the decode mesh's); a split of P prefill
-devices gives the first P to prefill and the rest to decode, so a move hands the devices at the
-boundary from one side to the other, one tensor-parallel group (`--prefill_tp` =
-`--decode_tp`) per worker moved.
+The devices are ordered once (the prefill mesh's, then the decode mesh's); a split (P, prefill
+TP, decode TP) gives the first P to prefill and the rest to decode, so a move hands the devices
+at the boundary from one side to the other, and may change either side's tensor parallelism
+(each side's devices a whole number of its TP groups, `splits`).
 
 Every `ElasticConfig.window_s` a control thread reads the window's signals (`signals`: arrivals,
 prefill queue and busy time, decode slot and page use, TTFT / TPOT attainment against the SLOs,
@@ -17,8 +17,8 @@ and the capacities measured on each side) and asks `sched.elastic.ElasticControl
 policy the simulator runs — whether to move. A move (`switch_to`) happens in two parts:
 
 1. prepare, while the current engine keeps serving: meshes for the new split, the parameters
-   re-placed device to device (`models.loading.place_on`; equal TP on every mesh, so no
-   parameter passes through the host), and a new `Engine` whose step shapes compile ahead
+   re-placed device to device (`models.loading.place_on`; with a side's TP unchanged every shard
+   boundary matches, so no parameter passes through the host), and a new `Engine` whose step shapes compile ahead
    (JAX's persistent cache makes a split seen before cheap). Its page pool is allocated beside the
    current one, so on TPU/GPU each engine takes half the usual share of free memory.
 2. hand over, with new requests held for that moment: the current engine's threads stop
@@ -28,7 +28,9 @@ policy the simulator runs — whether to move. A move (`switch_to`) happens in t
    tokens to recompute in the switch's record — so nothing is lost and greedy outputs are those of
    a static engine.
 
-The decisions (with their signals) are in `controller.log`, the moves in `switches`.
+The controller chooses among every split (`options`); the capacities of a split not yet run are
+the rates measured per device on the current one, scaled by its devices (ties keep the current
+TPs). The decisions (with their signals) are in `controller.log`, the moves in `switches`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from disagg_jax.engine.engine import Engine, EngineConfig
 from disagg_jax.engine.sampling import SamplingParams
 from disagg_jax.engine.state import TokenStream
 from disagg_jax.models.loading import Model, place_on
-from disagg_jax.sched.elastic import TO_PREFILL, ElasticConfig, ElasticController, Signals
+from disagg_jax.sched.elastic import ElasticConfig, ElasticController, Signals, SplitOption
 
 
 # `Engine.load` counters that accumulate (the others are the current state).
@@ -69,6 +71,8 @@ class Switch:
   pause_s: float  # the hand-over, with new requests held
   moved_requests: int  # unfinished requests the new engine adopted
   recomputed_tokens: int  # tokens of KV they lost and compute again
+  prefill_tp: int = 1
+  decode_tp: int = 1
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -77,7 +81,7 @@ class Switch:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """An engine built for a split, not yet serving (`ElasticEngine.prepare`)."""
-  prefill_devices: int
+  split: tuple[int, int, int]  # (prefill devices, prefill tp, decode tp)
   engine: Engine
   models: tuple[Model, Model]
   prepare_s: float
@@ -160,7 +164,8 @@ class ElasticMonitor:
     return on_first, on_done
 
   def signals(self, load: dict, *, prefill_workers: int, decode_workers: int,
-              slot_use: float, page_use: float, per_side: bool) -> Signals:
+              slot_use: float, page_use: float, per_side: bool,
+              pages: tuple[int, int] = (0, 0)) -> Signals:
     """The window since the last call. `load`: cumulative work counters (`ADDITIVE`), the
     prompt tokens queued for prefill and `decode_slots`; `per_side`: the counters are one mesh
     per side (in-process: a side's rate is divided among its workers), else one worker's steps
@@ -194,6 +199,8 @@ class ElasticMonitor:
                          if tpots else None),
         arriving_prompt_tokens_per_s=sum(a[0] for a in arrivals) / window,
         arriving_output_tokens_per_s=sum(a[1] for a in arrivals) / window,
+        arriving_requests_per_s=len(arrivals) / window,
+        decode_pages_used=pages[0], decode_pages_total=pages[1],
         decode_tokens_per_s_per_worker=self._decode_per_worker)
 
 
@@ -204,15 +211,10 @@ class ElasticEngine(EngineAPI):
 
   def __init__(self, prefill_model: Model, decode_model: Model, config: EngineConfig,
                elastic: ElasticConfig, *, progress: bool = True, control: bool = True):
-    tp, decode_tp = parallel.tp_size(prefill_model.mesh), parallel.tp_size(decode_model.mesh)
-    if tp != decode_tp:
-      raise ValueError(f"--elastic moves devices one tensor-parallel group at a time: "
-                       f"--prefill_tp={tp} and --decode_tp={decode_tp} must be equal")
     if config.memory_fraction == 0 and not memory.is_cpu(decode_model.mesh):
       # A new engine's pool is allocated before the old one's is freed.
       config = dataclasses.replace(config,
                                    memory_fraction=memory.DEFAULT_FRACTION_ACCELERATOR / 2)
-    self.tp = tp
     self.devices = list(prefill_model.mesh.devices.flat) + list(decode_model.mesh.devices.flat)
     self.num_devices = len(self.devices)
     self.config = config
@@ -225,6 +227,7 @@ class ElasticEngine(EngineAPI):
     self.controller = ElasticController(elastic)
     self.switches: list[Switch] = []
     p = prefill_model.mesh.size
+    self.split = (p, parallel.tp_size(prefill_model.mesh), parallel.tp_size(decode_model.mesh))
     self.split_timeline: list[list] = [[0.0, p, self.num_devices - p]]
     self.monitor = ElasticMonitor(elastic)
     self._start = self.monitor.start
@@ -289,19 +292,36 @@ class ElasticEngine(EngineAPI):
             "elastic_decisions": [d.to_json() for d in self.controller.log]}
 
   def signals(self) -> Signals:
-    """The window since the last call, as the controller reads it."""
-    p = self.prefill_devices
+    """The window since the last call, as the controller reads it (a worker: one TP group)."""
+    p, ptp, dtp = self.split
     load, stats = self._cumulative_load(), self._engine.stats()
     return self.monitor.signals(
-        load, prefill_workers=p // self.tp, decode_workers=(self.num_devices - p) // self.tp,
+        load, prefill_workers=p // ptp, decode_workers=(self.num_devices - p) // dtp,
         slot_use=stats["running"] / max(load["decode_slots"], 1),
-        page_use=1 - stats["free_pages"] / max(stats["total_pages"], 1), per_side=True)
+        page_use=1 - stats["free_pages"] / max(stats["total_pages"], 1), per_side=True,
+        pages=(stats["total_pages"] - stats["free_pages"], stats["total_pages"]))
 
-  def splits(self) -> list[int]:
-    """The prefill device counts a move may go to: whole tp groups on each side, and decode
-    slots that split evenly over the decode side's dp rows."""
-    n, tp = self.num_devices, self.tp
-    return [p for p in range(tp, n, tp) if self.config.decode_batch % ((n - p) // tp) == 0]
+  def splits(self) -> list[tuple[int, int, int]]:
+    """The splits a move may go to, (prefill devices, prefill tp, decode tp): each side whole
+    TP groups of a TP the model's heads allow, and decode slots that split evenly over the
+    decode side's dp rows. The current TPs' splits first."""
+    n, cfg = self.num_devices, self.model_cfg
+    tps = [t for t in range(1, n) if parallel.allows_tp(cfg, t)]
+    out = [(p, ptp, dtp) for p in range(1, n) for ptp in tps for dtp in tps
+           if p % ptp == 0 and (n - p) % dtp == 0
+           and self.config.decode_batch % ((n - p) // dtp) == 0]
+    return sorted(out, key=lambda s: s[1:] != self.split[1:])
+
+  def options(self, s: Signals) -> list[SplitOption]:
+    """Every split with its sides' capacities and decode pages: the current one's per device,
+    scaled."""
+    p, n = self.split[0], self.num_devices
+    per_prefill = s.prefill_tokens_per_s / p
+    per_decode = s.decode_tokens_per_s_per_worker * s.decode_workers / (n - p)
+    pages = s.decode_pages_total / (n - p)
+    return [SplitOption(split, split[0], n - split[0], per_prefill * split[0],
+                        per_decode * (n - split[0]), split[0] // split[1],
+                        int(pages * (n - split[0]))) for split in self.splits()]
 
   def _cumulative_load(self) -> dict:
     """`Engine.load` with the work counters summed over every engine this one ran."""
@@ -310,47 +330,43 @@ class ElasticEngine(EngineAPI):
 
   def control_step(self) -> Switch | None:
     """One window: reads the signals, asks the controller, and makes the move it decides."""
-    action = self.controller.decide(self.signals())
+    signals = self.signals()
+    action = self.controller.decide(signals, self.options(signals), self.split)
     if action is None or self.error:
       return None
     decision = self.controller.log[-1]
-    step = decision.count * self.tp * (1 if action == TO_PREFILL else -1)
-    low = self.controller.config.min_workers * self.tp
-    want = min(max(self.prefill_devices + step, low), self.num_devices - low)
-    # The allowed split nearest the one asked for, on the side the decision moves to.
-    towards = [p for p in self.splits() if (p > self.prefill_devices) == (step > 0)
-               and p != self.prefill_devices]
-    if not towards:
-      return None
-    target = min(towards, key=lambda p: (abs(p - want), p))
-    return self.switch_to(target, reason=decision.reason)
+    return self.switch_to(*decision.target, reason=decision.reason)
 
-  def switch_to(self, prefill_devices: int, reason: str = "requested") -> Switch | None:
-    """Moves to `prefill_devices` prefill devices (the rest decode): `prepare`, then
-    `hand_over`. None if already there."""
+  def switch_to(self, prefill_devices: int, prefill_tp: int | None = None,
+                decode_tp: int | None = None, reason: str = "requested") -> Switch | None:
+    """Moves to the split (`prefill_devices` prefill devices, the rest decode; TPs kept unless
+    given): `prepare`, then `hand_over`. None if already there."""
     with self._switching:
-      prepared = self.prepare(prefill_devices)
+      prepared = self.prepare(prefill_devices, prefill_tp, decode_tp)
       return prepared and self.hand_over(prepared, reason)
 
-  def prepare(self, prefill_devices: int) -> "Prepared | None":
+  def prepare(self, prefill_devices: int, prefill_tp: int | None = None,
+              decode_tp: int | None = None) -> "Prepared | None":
     """The engine of a split, built while the current one serves: meshes, parameters placed
     device to device, steps compiled. None if the split is the current one."""
-    p, n = prefill_devices, self.num_devices
-    if p == self.prefill_devices:
+    split = (prefill_devices, prefill_tp or self.split[1], decode_tp or self.split[2])
+    p, ptp, dtp = split
+    if split == self.split:
       return None
-    if p not in self.splits():
-      raise ValueError(f"a split of {p} prefill devices out of {n} is not one of "
-                       f"{self.splits()}: each side takes whole groups of tp={self.tp} and "
-                       f"the decode side's dp must divide --config.engine.decode_batch="
+    if split not in self.splits():
+      raise ValueError(f"the split ({p} prefill devices of {self.num_devices}, prefill tp "
+                       f"{ptp}, decode tp {dtp}) is not one of {self.splits()}: each side takes "
+                       f"whole groups of its tp, a tp the model's heads allow, and the decode "
+                       f"side's dp must divide --config.engine.decode_batch="
                        f"{self.config.decode_batch}")
     start = time.perf_counter()
-    models = (place_on(self._models[0], parallel.make_mesh(self.devices[:p], self.tp)),
-              place_on(self._models[1], parallel.make_mesh(self.devices[p:], self.tp)))
+    models = (place_on(self._models[0], parallel.make_mesh(self.devices[:p], ptp)),
+              place_on(self._models[1], parallel.make_mesh(self.devices[p:], dtp)))
     # Every step shape compiles now, off the serving path: a shape compiled on first use would
     # stall the new engine's threads right after the hand-over.
     engine = Engine.create("disagg", *models, dataclasses.replace(self.config, precompile_len=-1),
                            progress=False)
-    return Prepared(p, engine, models, time.perf_counter() - start)
+    return Prepared(split, engine, models, time.perf_counter() - start)
 
   def hand_over(self, prepared: "Prepared", reason: str = "requested") -> Switch | None:
     """Makes `prepared` the serving engine: the current one stops and the new one adopts its
@@ -366,13 +382,15 @@ class ElasticEngine(EngineAPI):
       old = self._engine.load()
       self._done = {k: self._done[k] + old[k] for k in ADDITIVE}
       self._engine, self._models = prepared.engine, prepared.models
+      self.split = prepared.split
       done = time.perf_counter()
-    p, n = prepared.prefill_devices, self.num_devices
+    (p, ptp, dtp), n = prepared.split, self.num_devices
     switch = Switch(done - self._start, p, n - p, reason, prepared.prepare_s, done - start,
-                    len(states), lost)
+                    len(states), lost, ptp, dtp)
     self.switches.append(switch)
     record_move(self.split_timeline, switch.time, p, n - p, self.progress,
-                f"elastic: {p}P:{n - p}D at {switch.time:.1f} s ({reason}); prepared in "
+                f"elastic: {p}P(TP{ptp}):{n - p}D(TP{dtp}) at {switch.time:.1f} s ({reason}); "
+                f"prepared in "
                 f"{switch.prepare_s:.1f} s while serving, hand-over {switch.pause_s * 1e3:.0f} "
                 f"ms, {len(states)} requests moved, {lost} tokens to recompute")
     return switch

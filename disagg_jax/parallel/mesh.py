@@ -77,6 +77,15 @@ def check_tp(cfg: ModelShape, tp: int) -> None:
     raise ValueError(f"tp={tp} and the model's {cfg.num_kv_heads} KV heads must divide one another")
 
 
+def allows_tp(cfg: ModelShape, tp: int) -> bool:
+  """Whether the model can run at tensor parallelism `tp` (`check_tp` passes)."""
+  try:
+    check_tp(cfg, tp)
+  except ValueError:
+    return False
+  return True
+
+
 def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
   """The PartitionSpec of the parameter at `path` (names from `disagg_jax.models.llama`).
 

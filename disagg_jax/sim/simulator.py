@@ -65,6 +65,8 @@ class SimRequest:
   finish_reason: str | None = None
   staged: int = 0
   preemptions: int = 0
+  migrations: int = 0  # moves of its KV to another decode worker (elastic, on_move="migrate")
+  migrating: bool = False  # on its way there
   group_ready: tuple = ()  # when each layer group's KV was computed (its prefill)
   # Prefix caching: the prompt's token ids (None: no prefix can match), what the pool found
   # cached at first admission, and the pool's names of the sequence's pages.
@@ -96,6 +98,14 @@ class SimRequest:
     self.num_computed = 0
     self.compute_len = self.prompt_len + len(self.times)
 
+  def migrate(self, now: float) -> None:
+    """Its KV leaves its decode worker for another: all but the last generated token are in
+    it, and that token is the next step's input."""
+    self.migrations += 1
+    self.migrating = True
+    self.compute_len = self.num_computed = self.prompt_len + len(self.times) - 1
+    self.group_ready = (now,)
+
   def emit(self, t: float) -> bool:
     self.times.append(t)
     if len(self.times) >= self.output_len:
@@ -120,6 +130,7 @@ class SimResult:
   records: list[RequestRecord]
   duration: float
   preemptions: int = 0  # requests that lost their slot (and were recomputed), as in the engine
+  migrations: int = 0  # decoding requests whose KV moved to another decode worker (elastic)
   # Elastic runs (`simulate_disagg(elastic=...)`): [[time, prefill devices, decode devices]] at
   # the start and after each move, the moves made, and the controller's log (JSON).
   split_timeline: list | None = None
@@ -174,7 +185,7 @@ def _result(requests: list[SimRequest]) -> SimResult:
   start = min(r.arrival for r in requests)
   end = max(r.times[-1] for r in requests)
   return SimResult([r.record() for r in requests], max(end - start, 1e-9),
-                   sum(r.preemptions for r in requests))
+                   sum(r.preemptions for r in requests), sum(r.migrations for r in requests))
 
 
 def _context(pool: SlotPool, slots) -> int:
@@ -254,11 +265,15 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
 class _DecodeWorker:
   pool: SlotPool
   index: int
+  profile: StepProfile  # its step times (elastic runs mix tensor parallelisms)
+  tp: int = 1
   next_iter: float | None = None  # when its loop iterates next (None: asleep until KV arrives)
   device_free: float = 0.0
   transfer_free: float = 0.0  # its KV transfers run one at a time
   promised: int = 0  # pages of requests routed here but not yet inserted
   serving: bool = True  # routed to (False: draining to change role, or gone)
+  leaving: bool = False  # elastic, migrate / recompute: stops after its step in flight
+  gone_at: float | None = None  # ... and when it stopped (its sequences moved out)
   in_flight: tuple | None = None
   transfers: collections.deque = dataclasses.field(default_factory=collections.deque)
   arrived: collections.deque = dataclasses.field(default_factory=collections.deque)
@@ -279,7 +294,8 @@ class _Disagg:
     self.waiting: collections.deque[SimRequest] = collections.deque()
     self.prefill_free = [0.0] * num_prefill_workers
     self.prefill_serving = [True] * num_prefill_workers
-    self.workers = [_DecodeWorker(_pool(profile), j) for j in range(num_decode_workers)]
+    self.prefill_profiles = [profile] * num_prefill_workers  # each worker's step times
+    self.workers = [_DecodeWorker(_pool(profile), j, profile) for j in range(num_decode_workers)]
     # The staging budget, as the engines set it: the in-process engine lets one longest length
     # bucket of prefilled KV wait on its decode devices (`engine.memory`); a cluster's workers
     # (xPyD, `disagg_jax/cluster`) keep waiting KV on the prefill side until a decode worker
@@ -293,6 +309,7 @@ class _Disagg:
     self.bucket_of = functools.lru_cache(maxsize=None)(
         lambda n: buckets.pick(n, profile.length_buckets))
     self.live = len(requests)
+    self.held: list[tuple] = []  # transfers waiting for a decode worker that serves
     self.elastic: _Elastic | None = None
 
   def max_batch_for(self, bucket: int) -> int:
@@ -317,7 +334,7 @@ class _Disagg:
     profile = self.profile
     if not self.replaying and self.idle(now):
       now += profile.wake(now - self.busy_until())
-    seconds = profile.prefill(len(chosen), bucket)
+    seconds = self.prefill_profiles[worker].prefill(len(chosen), bucket)
     decoding = sum(len(w.pool.decoding()) for w in self.workers)
     if any(w.device_free > now or decoding for w in self.workers):
       # On shared cores a prefill slows with the decode side's load: a base factor plus one per
@@ -335,16 +352,33 @@ class _Disagg:
         self.release_staging(request)
         self.live -= 1
       else:
-        target = max([w for w in self.workers if w.serving] or self.workers,
-                     key=lambda w: w.free_pages())
-        target.promised += pages_for(request.num_to_compute + 1, profile.page_size)
         # The KV leaves once the worker has read the first token; streamed by layer group,
         # each group as soon as it is computed.
         groups = max(profile.transfer_groups, 1)
         request.group_ready = tuple(now + (end - now) * (g + 1) / groups
                                     for g in range(groups - 1)) + (end + profile.read_lag_s,)
-        target.transfers.append((request.group_ready[0], request, bucket))
+        self.route(now, (request.group_ready[0], request, bucket),
+                   pages_for(request.num_to_compute + 1, profile.page_size))
     return end
+
+  def route(self, now: float, entry: tuple, pages: int) -> None:
+    """Queues a KV transfer (`entry`: (ready time, request, bucket)) to the serving decode
+    worker with the most free pages net of those promised, as the router does; held while no
+    decode worker serves (an elastic move replacing them all) and sent when one does."""
+    targets = [w for w in self.workers if w.serving]
+    if not targets:
+      self.held.append((entry, pages))
+      return
+    target = max(targets, key=lambda w: w.free_pages())
+    target.promised += pages
+    target.transfers.append((max(entry[0], now),) + entry[1:])
+
+  def serve(self, now: float, w: _DecodeWorker) -> None:
+    """A new decode worker (elastic) serves from `now`: the held transfers go out."""
+    self.workers.append(w)
+    held, self.held = self.held, []
+    for entry, pages in held:
+      self.route(now, entry, pages)
 
   def idle(self, now: float) -> bool:
     """Whether every worker sleeps at `now` (nothing prefilling, decoding or in transit)."""
@@ -361,9 +395,11 @@ class _Disagg:
 
   def transfer(self, now: float, w: _DecodeWorker) -> tuple[float, tuple]:
     """Starts the head of `w`'s transfers; returns (arrival time, the arriving item)."""
-    profile = self.profile
+    profile = w.profile
     _, request, bucket = w.transfers.popleft()
-    request.transfer_start = start = now
+    start = now
+    if not request.migrating:
+      request.transfer_start = now
     if profile.transfer_waits_for_decode:
       # The copy queues behind the decode step running there and, while the loop keeps going,
       # the one it has already dispatched.
@@ -380,11 +416,15 @@ class _Disagg:
       end, per_group = start, profile.transfer_groups_time(tokens)
       for ready in request.group_ready:
         end = max(end, ready) + per_group
-    request.transfer_end = end
-    w.transfer_free = request.transfer_end
-    return request.transfer_end, (request, bucket)
+    if not request.migrating:
+      request.transfer_end = end
+    w.transfer_free = end
+    return end, (request, bucket)
 
   def arrive(self, now: float, w: _DecodeWorker, item: tuple) -> None:
+    if w.leaving:  # it left while the KV was on its way: on to another worker
+      self.elastic.reroute(now, self, w, item)
+      return
     w.arrived.append(item)
     if w.next_iter is None:
       w.next_iter = now
@@ -393,7 +433,10 @@ class _Disagg:
 
   def decode_iteration(self, now: float, w: _DecodeWorker) -> None:
     """One loop iteration: inserts, the decode step's dispatch, the previous step's tokens."""
-    profile = self.profile
+    if w.leaving:
+      self.elastic.evacuate(now, self, w)
+      return
+    profile = w.profile
     inserted = policy.insert_arrived(w.pool, w.arrived, lambda item: item[0])
     decoding, preempted = policy.decode_step(w.pool)
     if self.trace is not None:
@@ -403,6 +446,7 @@ class _Disagg:
     for (request, bucket), _ in inserted:
       w.promised -= pages_for(request.num_to_compute + 1, profile.page_size)
       device += profile.insert_s[bucket]
+      request.migrating = False
       self.release_staging(request)
     for request in preempted:
       request.restart()
@@ -451,9 +495,10 @@ class _Disagg:
     while self.live:
       head = (self.waiting[0].arrival if self.waiting else
               (pending[0].arrival if pending else inf))
+      # (None serving while an elastic move replaces every prefill worker.)
       p = min((i for i in range(len(self.prefill_free)) if self.prefill_serving[i]),
-              key=lambda i: self.prefill_free[i])
-      t_prefill = inf if blocked else max(self.prefill_free[p], head)
+              key=lambda i: self.prefill_free[i], default=-1)
+      t_prefill = inf if blocked or p < 0 else max(self.prefill_free[p], head)
       best = (t_prefill, 3, p)
       if self.elastic is not None:
         best = min(best, (self.elastic.next_event(), 4, -1))
@@ -521,63 +566,182 @@ class _Disagg:
                                if r.preemptions > counts[r.request_id])
 
 
-class _Elastic:
-  """Moves workers between the prefill and the decode side as `controller` decides, every
-  `config.window_s` of simulated time: a prefill worker finishes its batch, a decode worker
-  finishes every sequence it holds (it takes no new ones meanwhile), then either is out of
-  service for `switch_s` before serving its new side. Each worker is `devices` chips."""
+MOVES = ("drain", "migrate", "recompute")
 
-  def __init__(self, controller, devices: int, profile: StepProfile):
-    self.controller, self.devices, self.profile = controller, devices, profile
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A disaggregated configuration of the chips: `x` prefill workers of `ptp` chips each and `y`
+  decode workers of `dtp` chips each."""
+  ptp: int
+  dtp: int
+  x: int
+  y: int
+
+  @property
+  def key(self) -> tuple:
+    return (self.ptp, self.dtp, self.x, self.y)
+
+  @property
+  def prefill_devices(self) -> int:
+    return self.x * self.ptp
+
+  @property
+  def decode_devices(self) -> int:
+    return self.y * self.dtp
+
+
+class _Elastic:
+  """Reconfigures the workers as `controller` decides, every `config.window_s` of simulated
+  time, among `splits` (`Split`s of the same chips; `profile_of(ptp, dtp)` gives each one's step
+  times). A move to another split keeps the workers the two have in common (same side and TP)
+  and replaces the others: a leaving prefill worker finishes its batch; a leaving decode worker,
+  by `on_move`, finishes every sequence it holds and takes no new one ("drain", as a
+  `--cluster=ray` worker does), or stops after its step in flight and its sequences' KV moves to
+  the other decode workers ("migrate", a KV transfer each; held until a decode worker serves),
+  or they restart from their tokens on the prefill side ("recompute", as the in-process
+  `--elastic` engine does). A new worker takes the chips the leaving ones free, in the order
+  they free them, and serves `switch_s` later (weights placed, steps compiled)."""
+
+  def __init__(self, controller, splits: Sequence[Split], start: Split, profile_of,
+               on_move: str = "drain"):
+    if on_move not in MOVES:
+      raise ValueError(f"on_move={on_move!r} is not one of {', '.join(MOVES)}")
+    if start not in splits:
+      raise ValueError(f"the starting split {start.key} is not one of the splits")
+    self.controller, self.splits, self.current = controller, list(splits), start
+    self.profile_of, self.on_move = profile_of, on_move
     self.config = controller.config
     self.next_check = self.config.window_s
-    self.pending: list[tuple[float, str, int]] = []  # (ready time, new side, old index)
-    self.draining: list[int] = []  # decode workers on their way to the prefill side
-    self.timeline: list[list[float]] = []  # the start, then one entry per move made
+    self.target: Split | None = None  # the split a move in progress goes to
+    self.leaving_prefill: list[int] = []
+    self.leaving_decode: list[int] = []
+    self.freed: list[float] = []  # when each chip the leaving workers held became free
+    self.to_start: collections.deque = collections.deque()  # (side, tp) of workers to start
+    self.pending: list[tuple[float, str, int]] = []  # (ready time, side, tp)
+    self.timeline: list[list[float]] = []  # the start, then one entry per worker started
     self.busy: collections.deque = collections.deque()  # (start, end) of prefill steps
+    self.tps = [start.ptp] * start.x  # each prefill worker's chips
 
   def split(self, sim: "_Disagg") -> tuple[int, int]:
-    return (sum(sim.prefill_serving) * self.devices,
-            sum(w.serving for w in sim.workers) * self.devices)
+    """(prefill chips, decode chips) serving now."""
+    return (sum(tp for tp, serving in zip(self.tps, sim.prefill_serving) if serving),
+            sum(w.tp for w in sim.workers if w.serving))
 
   def next_event(self) -> float:
     return min([self.next_check] + [t for t, _, _ in self.pending])
 
+  # ------------------------------------------------------------------ moves
+
+  def begin(self, now: float, sim: "_Disagg", target: Split) -> None:
+    """Starts the move from the current split to `target`."""
+    cur, self.target = self.current, target
+    keep = min(cur.x, target.x) if cur.ptp == target.ptp else 0
+    for i in [i for i, serving in enumerate(sim.prefill_serving) if serving][keep:]:
+      sim.prefill_serving[i] = False
+      self.freed += [max(now, sim.prefill_free[i])] * self.tps[i]
+      sim.prefill_free[i] = float("inf")
+    keep = min(cur.y, target.y) if cur.dtp == target.dtp else 0
+    serving = sorted((w for w in sim.workers if w.serving), key=lambda w: len(w.pool.occupied()))
+    for w in serving[:len(serving) - keep]:
+      w.serving = False
+      w.leaving = self.on_move != "drain"
+      self.leaving_decode.append(w.index)
+      if w.leaving:
+        if w.next_iter is None:
+          w.next_iter = now  # asleep: it leaves at once
+        for item in list(w.transfers):  # not started: they go elsewhere from the prefill side
+          w.transfers.remove(item)
+          self.reroute(now, sim, w, item, transferred=False)
+    sides = [("prefill", target.ptp)] * (target.x - sum(sim.prefill_serving))
+    sides += [("decode", target.dtp)] * (target.y - sum(w.serving for w in sim.workers))
+    # The side the move grows first (its new workers take the first chips freed).
+    self.to_start.extend(sorted(sides, key=lambda s: s[0] != ("prefill" if target.prefill_devices
+                                                           >= cur.prefill_devices else "decode")))
+
+  def reroute(self, now: float, sim: "_Disagg", w: _DecodeWorker, item: tuple, *,
+              transferred: bool = True) -> None:
+    """A request routed to `w`, which is leaving, goes to another decode worker: its KV moves
+    again if it had reached `w` (`transferred`; `item` is (request, bucket)), else it leaves the
+    prefill side for the other (`item` is a transfer entry, (ready, request, bucket))."""
+    request, bucket = item[-2:]
+    pages = pages_for(request.num_to_compute + 1, w.profile.page_size)
+    w.promised -= pages
+    if transferred:
+      request.group_ready = (now,)
+    sim.route(now, (request.group_ready[0], request, bucket), pages)
+
+  def evacuate(self, now: float, sim: "_Disagg", w: _DecodeWorker) -> None:
+    """A leaving decode worker's last iteration: its step in flight is collected, then its
+    sequences migrate (or restart on the prefill side) and its chips are free."""
+    if w.in_flight is not None:
+      rows, end = w.in_flight
+      now = max(now, end)
+      for _ in policy.collect(w.pool, rows, lambda _, request, t=end: request.emit(t)):
+        sim.live -= 1
+      w.in_flight = None
+    for slot in w.pool.occupied():
+      request = w.pool.release(slot)
+      if self.on_move == "migrate":
+        request.migrate(now)
+        bucket = sim.bucket_of(min(request.num_to_compute, max(w.profile.length_buckets)))
+        sim.route(now, (now, request, bucket),
+                  pages_for(request.num_to_compute + 1, w.profile.page_size))
+      else:
+        request.restart()
+        sim.requeue(now, request)
+    while w.arrived:  # prefilled KV that reached it but was not inserted yet
+      self.reroute(now, sim, w, w.arrived.popleft())
+    w.next_iter = None
+    if w.gone_at is None:
+      w.gone_at = w.device_free = now
+
   def act(self, now: float, sim: "_Disagg") -> None:
-    for item in [p for p in self.pending if p[0] <= now]:
+    for j in list(self.leaving_decode):
+      w = sim.workers[j]
+      if w.leaving:  # stopped once its step in flight ended (KV still on its way to it is
+        gone = w.gone_at is not None  # passed on as it lands)
+      else:  # draining: once it holds nothing and nothing comes
+        gone = (not w.pool.occupied() and not w.transfers and not w.arrived
+                and w.in_flight is None and w.promised <= 0)
+      if gone:
+        self.leaving_decode.remove(j)
+        self.freed += [max(now, w.device_free)] * w.tp
+    while self.to_start and len(self.freed) >= self.to_start[0][1]:
+      side, tp = self.to_start.popleft()
+      self.freed.sort()
+      chips, self.freed = self.freed[:tp], self.freed[tp:]
+      self.pending.append((max(chips) + self.config.switch_s, side, tp))
+    for item in sorted(p for p in self.pending if p[0] <= now):
       self.pending.remove(item)
-      if item[1] == "decode":
-        sim.workers.append(_DecodeWorker(_pool(self.profile), len(sim.workers)))
+      _, side, tp = item
+      if side == "decode":
+        profile = self.profile_of(self.target.ptp, tp)
+        sim.serve(now, _DecodeWorker(_pool(profile), len(sim.workers), profile, tp))
       else:
         sim.prefill_free.append(now)
         sim.prefill_serving.append(True)
+        sim.prefill_profiles.append(self.profile_of(tp, self.target.dtp))
+        self.tps.append(tp)
       self.timeline.append([now, *self.split(sim)])
-    for j in list(self.draining):
-      w = sim.workers[j]
-      if (not w.pool.occupied() and not w.transfers and not w.arrived and w.in_flight is None
-          and w.promised == 0):
-        self.draining.remove(j)
-        self.pending.append((now + self.config.switch_s, "prefill", j))
+    if self.target is not None and not (self.pending or self.to_start or self.leaving_decode):
+      self.current, self.target = self.target, None
     if now < self.next_check:
       return
     self.next_check = now + self.config.window_s
-    if self.pending or self.draining:  # one decision's moves at a time
+    if self.target is not None:  # one move at a time
       return
-    action = self.controller.decide(self.signals(now, sim))
-    for _ in range(self.controller.log[-1].count if action else 0):
-      if action == "to_decode":
-        p = max(i for i, serving in enumerate(sim.prefill_serving) if serving)
-        sim.prefill_serving[p] = False
-        self.pending.append((max(now, sim.prefill_free[p]) + self.config.switch_s, "decode",
-                             p))
-        sim.prefill_free[p] = float("inf")
-      else:
-        w = min((w for w in sim.workers if w.serving), key=lambda w: len(w.pool.occupied()))
-        w.serving = False
-        self.draining.append(w.index)
+    signals, options = self.signals(now, sim)
+    if self.controller.decide(signals, options, self.current.key):
+      key = tuple(self.controller.log[-1].target)
+      self.begin(now, sim, next(s for s in self.splits if s.key == key))
+
+  # ------------------------------------------------------------------ signals
 
   def signals(self, now: float, sim: "_Disagg"):
-    from disagg_jax.sched.elastic import Signals  # pylint: disable=g-import-not-at-top
+    """The window's `Signals`, and every split as a `SplitOption` with its capacities at the
+    window's typical request (from each split's profile)."""
+    from disagg_jax.sched.elastic import Signals, SplitOption  # pylint: disable=g-import-not-at-top
     c, window = self.config, self.config.window_s
     ttft_ok = ttft_n = tpot_ok = tpot_n = 0
     for r in sim.requests:
@@ -597,24 +761,37 @@ class _Elastic:
     pages = sum(w.pool.capacity for w in serving) or 1
     queued = sum(r.num_to_compute for r in sim.waiting)
     arrived = [r for r in sim.requests if now - window < r.arrival <= now]
-    typical = arrived or list(sim.waiting)
-    # A prefill worker's rate in prompt tokens/s: each typical prompt costs its share of a full
-    # batch of its length bucket.
-    lengths = [r.prompt_len for r in typical] or [max(sim.profile.length_buckets)]
-    cost = np.mean([sim.profile.prefill(sim.max_batch_for(b), b) / sim.max_batch_for(b)
-                    for b in map(sim.bucket_of, lengths)])
-    per_worker = float(np.mean(lengths)) / max(float(cost), 1e-9)
-    decode_per_worker = 0.0
-    if arrived:
-      context = float(np.mean([r.prompt_len + r.output_len / 2 for r in arrived]))
-      decode_per_worker = self._decode_capacity(context)
+    lengths = [r.prompt_len for r in arrived or sim.waiting] or [max(sim.profile.length_buckets)]
+    # Sequences decode at their mean context but hold pages up to their last token.
+    context = (float(np.mean([r.prompt_len + r.output_len / 2 for r in arrived]))
+               if arrived else 0.0)
+    peak = float(np.mean([r.prompt_len + r.output_len for r in arrived])) if arrived else 0.0
+    capacity = {}  # (ptp, dtp) -> (prefill tokens/s, decode tokens/s) of one worker each
+
+    def per_worker(ptp: int, dtp: int) -> tuple[float, float]:
+      if (ptp, dtp) not in capacity:
+        profile = self.profile_of(ptp, dtp)
+        # A prefill worker's rate in prompt tokens/s: each typical prompt costs its share of a
+        # full batch of its length bucket.
+        cost = np.mean([profile.prefill(sim.max_batch_for(b), b) / sim.max_batch_for(b)
+                        for b in map(sim.bucket_of, lengths)])
+        capacity[ptp, dtp] = (float(np.mean(lengths)) / max(float(cost), 1e-9),
+                              self._decode_capacity(profile, context, peak) if arrived else 0.0)
+      return capacity[ptp, dtp]
+
+    options = [SplitOption(s.key, s.prefill_devices, s.decode_devices,
+                           s.x * per_worker(s.ptp, s.dtp)[0], s.y * per_worker(s.ptp, s.dtp)[1],
+                           s.x, s.y * self.profile_of(s.ptp, s.dtp).num_pages)
+               for s in self.splits]
+    cur = self.current
     while self.busy and self.busy[0][1] <= now - window:
       self.busy.popleft()
     busy = sum(max(0.0, min(b, now) - max(a, now - window)) for a, b in self.busy)
-    return Signals(
+    prefill_rate, decode_rate = per_worker(cur.ptp, cur.dtp)
+    signals = Signals(
         time=now, prefill_workers=sum(sim.prefill_serving), decode_workers=len(serving),
         queued_prefill_tokens=int(queued),
-        prefill_tokens_per_s=per_worker * max(sum(sim.prefill_serving), 1),
+        prefill_tokens_per_s=prefill_rate * max(sum(sim.prefill_serving), 1),
         prefill_busy=busy / (window * max(sum(sim.prefill_serving), 1)),
         decode_slot_use=sum(len(w.pool.occupied()) for w in serving) / slots,
         decode_page_use=sum(w.pool.capacity - w.pool.num_free for w in serving) / pages,
@@ -622,13 +799,19 @@ class _Elastic:
         tpot_attainment=tpot_ok / tpot_n if tpot_n else None,
         arriving_prompt_tokens_per_s=sum(r.prompt_len for r in arrived) / window,
         arriving_output_tokens_per_s=sum(r.output_len for r in arrived) / window,
-        decode_tokens_per_s_per_worker=decode_per_worker)
+        arriving_requests_per_s=len(arrived) / window,
+        decode_pages_used=sum(w.pool.capacity - w.pool.num_free for w in serving),
+        decode_pages_total=sum(w.pool.capacity for w in serving),
+        decode_tokens_per_s_per_worker=decode_rate)
+    return signals, options
 
-  def _decode_capacity(self, context: float) -> float:
+  def _decode_capacity(self, profile: StepProfile, context: float, peak: float) -> float:
     """Tokens/s one decode worker serves at sequences of `context` tokens: the largest batch
-    whose step meets the TPOT SLO (at least one sequence)."""
-    profile, best = self.profile, 0.0
-    for b in range(1, profile.decode_batch + 1):
+    whose step meets the TPOT SLO (at least one sequence) and whose sequences its pages hold at
+    `peak` tokens each (more would be admitted, then preempted as they grow)."""
+    best = 0.0
+    fits = profile.num_pages // pages_for(int(peak) + 1, profile.page_size)
+    for b in range(1, max(min(profile.decode_batch, fits), 1) + 1):
       seconds = profile.decode_time(b, int(b * context), None)
       if seconds > self.config.tpot_slo_s and b > 1:
         break
@@ -641,20 +824,39 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
                     num_prefill_workers: int = 1, num_decode_workers: int = 1,
                     replay: Sequence[tuple] | None = None,
                     trace: Trace | None = None, prompts=None, elastic=None,
-                    devices_per_worker: int = 1) -> SimResult:
+                    devices_per_worker: int = 1, splits: Sequence[Split] | None = None,
+                    profile_of=None, on_move: str = "drain") -> SimResult:
   """xPyD: prefill workers share one FIFO queue (the cluster router sends each request to the
   prefill worker with the fewest queued tokens, which this approximates); a prefilled request
   goes to the decode worker with the most free pages net of those promised to requests on their
   way, as the router does; each decode worker's transfers run one at a time. `replay`: a
   recorded engine run's trace entries (one prefill and one decode worker). `elastic`: a
-  `sched.elastic.ElasticController` moving workers of `devices_per_worker` chips between the
-  sides as the traffic changes (the result then carries the split's timeline and the log)."""
+  `sched.elastic.ElasticController` reconfiguring the workers as the traffic changes (`_Elastic`;
+  the result then carries the split's timeline and the log): among `splits` (`Split`s, each
+  simulated with `profile_of(ptp, dtp)`), or by default every split of the starting workers
+  (`devices_per_worker` chips each, `profile`); `on_move`: what a leaving decode worker does
+  with its sequences ("drain", "migrate" or "recompute")."""
   requests = _requests(prompt_lens, output_lens, arrivals, prompts)
   sim = _Disagg(profile, requests, num_prefill_workers=num_prefill_workers,
                 num_decode_workers=num_decode_workers, replaying=replay is not None,
                 trace=trace)
   if elastic is not None:
-    sim.elastic = _Elastic(elastic, devices_per_worker, profile)
+    tp, n = devices_per_worker, num_prefill_workers + num_decode_workers
+    start = Split(tp, tp, num_prefill_workers, num_decode_workers)
+    if splits is None:
+      splits = [Split(tp, tp, x, n - x) for x in range(1, n)]
+      profile_of = lambda *_: profile
+    else:
+      start = next((s for s in splits if s.x == num_prefill_workers
+                    and s.y == num_decode_workers and profile_of(s.ptp, s.dtp) is profile),
+                   None)
+      if start is None:
+        raise ValueError("the starting workers and `profile` must be one of `splits` "
+                         "(profile_of(ptp, dtp) is profile)")
+    sim.elastic = _Elastic(elastic, splits, start, profile_of, on_move)
+    sim.staging = policy.TokenBudget(2**62)  # workers come and go: a cluster's (no budget)
+    for w in sim.workers:
+      w.tp = start.dtp
     sim.elastic.timeline.append([0.0, *sim.elastic.split(sim)])
   if replay is None:
     sim.run_timed()

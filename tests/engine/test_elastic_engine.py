@@ -1,8 +1,9 @@
 """`--elastic` in one process: the prefill:decode split moves under load and nothing is lost.
 
 The engine runs on four devices (2P:2D to start); requests stream while the split moves to 1P:3D
-(prepared ahead, handed over by hand) and back to 2P:2D (by a control step), each move with
-requests queued, prefilling and decoding. Every request finishes
+(prepared ahead, handed over by hand) and back to 2P:2D with the prefill side at TP 2 (by a
+control step: a move that changes a side's tensor parallelism), each move with requests queued,
+prefilling and decoding. Every request finishes
 with the reference path's greedy tokens, the streams see every token once, the moved requests'
 lost KV is counted, and the parameters move device to device.
 """
@@ -79,8 +80,10 @@ def test_moves_under_load_lose_nothing(hf_checkpoint, monkeypatch):
     streams += [engine.add_request(prompts[0], sampling, request_id="late")]
     outputs = [s.result(timeout=300) for s in streams]
     assert engine.control_step() is None  # the controller holds
-    with pytest.raises(ValueError, match="prefill devices out of 4 is not one of"):
+    with pytest.raises(ValueError, match="is not one of"):
       engine.switch_to(4)
+    with pytest.raises(ValueError, match="is not one of"):
+      engine.switch_to(1, prefill_tp=2)  # one device holds no TP group of 2
   finally:
     engine.shutdown()
 
@@ -106,6 +109,7 @@ def test_moves_under_load_lose_nothing(hf_checkpoint, monkeypatch):
   assert signals.ttft_attainment is not None and signals.tpot_attainment is not None
   assert signals.prefill_tokens_per_s > 0 and signals.decode_tokens_per_s_per_worker > 0
   assert (second.prefill_devices, second.decode_devices) == (2, 2)
+  assert (second.prefill_tp, second.decode_tp) == (2, 1) and engine.split == (2, 2, 1)
   stats = engine.stats()
   assert (stats["prefill_devices"], stats["decode_devices"], stats["split_changes"]) == (2, 2, 2)
   text = ServerMetrics().render(stats, 0)  # the server's /metrics
@@ -115,26 +119,22 @@ def test_moves_under_load_lose_nothing(hf_checkpoint, monkeypatch):
 
 
 class OneMove:
-  """A controller that asks for one move to prefill, then holds (the wiring, not the policy:
-  tests/sched/test_elastic.py tests the policy)."""
+  """A controller that asks once for one device more on prefill, the prefill side at TP 2, then
+  holds (the wiring, not the policy: tests/sched/test_elastic.py tests the policy)."""
 
   def __init__(self, config):
     self.config = config
     self.log = []
 
-  def decide(self, signals):
+  def decide(self, signals, options, current):
     from disagg_jax.sched.elastic import Decision  # pylint: disable=g-import-not-at-top
-    action = TO_PREFILL if not self.log else None
-    self.log.append(Decision(signals.time, action, "test", signals, 1 if action else 0))
+    keys = [o.key for o in options]
+    assert current in keys and keys[0][1:] == current[1:]  # the current TPs' splits first
+    target = (current[0] + 1, 2, current[2]) if not self.log else None
+    assert target is None or target in keys
+    action = TO_PREFILL if target else None
+    self.log.append(Decision(signals.time, action, "test", signals, 1 if action else 0, target))
     return action
-
-
-def test_unequal_tp_is_refused(hf_checkpoint):
-  model_dir, _ = hf_checkpoint("llama3")
-  prefill = loading.load_model(model_dir, helpers.mesh(2, 2, start=0))
-  decode = loading.load_model(model_dir, helpers.mesh(2, 1, start=2))
-  with pytest.raises(ValueError, match="--prefill_tp=2 and --decode_tp=1 must be equal"):
-    ElasticEngine(prefill, decode, CONFIG, SLOS, progress=False, control=False)
 
 
 def test_decode_capacity_fits_step_time_against_rows():
