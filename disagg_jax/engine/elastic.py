@@ -29,8 +29,9 @@ policy the simulator runs — whether to move. A move (`switch_to`) happens in t
    a static engine.
 
 The controller chooses among every split (`options`); the capacities of a split not yet run are
-the rates measured per device on the current one, scaled by its devices (ties keep the current
-TPs). The decisions (with their signals) are in `controller.log`, the moves in `switches`.
+the rates measured per device on the current one, scaled by its devices, with no speed-up
+credited to another TP (ties keep the current TPs: a TP changes when the current one does not
+divide a side's new device count, or when asked, `switch_to`). The decisions (with their signals) are in `controller.log`, the moves in `switches`.
 """
 
 from __future__ import annotations
@@ -314,13 +315,14 @@ class ElasticEngine(EngineAPI):
 
   def options(self, s: Signals) -> list[SplitOption]:
     """Every split with its sides' capacities and decode pages: the current one's per device,
-    scaled."""
-    p, n = self.split[0], self.num_devices
+    scaled; a prefill group of another TP is credited with the current group's speed (its
+    prefill_workers counted in current-TP groups), so an unmeasured TP never wins on a guess."""
+    (p, ptp, _), n = self.split, self.num_devices
     per_prefill = s.prefill_tokens_per_s / p
     per_decode = s.decode_tokens_per_s_per_worker * s.decode_workers / (n - p)
     pages = s.decode_pages_total / (n - p)
     return [SplitOption(split, split[0], n - split[0], per_prefill * split[0],
-                        per_decode * (n - split[0]), split[0] // split[1],
+                        per_decode * (n - split[0]), max(split[0] // ptp, 1),
                         int(pages * (n - split[0]))) for split in self.splits()]
 
   def _cumulative_load(self) -> dict:
