@@ -18,8 +18,8 @@ policy the simulator runs — whether to move. A move (`switch_to`) happens in t
 
 1. prepare, while the current engine keeps serving: meshes for the new split, the parameters
    re-placed device to device (`models.loading.place_on`; with a side's TP unchanged every shard
-   boundary matches, so no parameter passes through the host), and a new `Engine` whose step shapes compile ahead
-   (JAX's persistent cache makes a split seen before cheap). Its page pool is allocated beside the
+   boundary matches, so no parameter passes through the host), and a new `Engine` whose step
+   shapes compile ahead (JAX's persistent cache makes a split seen before cheap). Its page pool is allocated beside the
    current one, so on TPU/GPU each engine takes half the usual share of free memory.
 2. hand over, with new requests held for that moment: the current engine's threads stop
    (`Engine.detach`) and the new one adopts every unfinished request, oldest first, with its
@@ -31,7 +31,8 @@ policy the simulator runs — whether to move. A move (`switch_to`) happens in t
 The controller chooses among every split (`options`); the capacities of a split not yet run are
 the rates measured per device on the current one, scaled by its devices, with no speed-up
 credited to another TP (ties keep the current TPs: a TP changes when the current one does not
-divide a side's new device count, or when asked, `switch_to`). The decisions (with their signals) are in `controller.log`, the moves in `switches`.
+divide a side's new device count, or when asked, `switch_to`). The decisions (with their
+signals) are in `controller.log`, the moves in `switches`.
 """
 
 from __future__ import annotations

@@ -5,21 +5,20 @@ and busy time, decode slot and page use, TTFT and TPOT attainment against the SL
 "to_prefill", "to_decode", "reshape" or None (`Decision.count`: how many workers;
 `Decision.target`: the split chosen). The splits it may choose from are `SplitOption`s, each with
 what its two sides serve: the caller's (`options`; a simulator knows every configuration's
-capacity, including ones whose tensor parallelism differs from the current one's), or, by
-default, every count of the current workers with the capacities measured per worker scaled
-linearly (`worker_options`). When the window had arrivals it matches rates: from the arriving
-prompt tokens/s and requested output tokens/s, the split whose busier side is the least busy —
-the prefill side at the share of its capacity that keeps TTFT within the SLO
-(`prefill_utilization`) — and it moves toward it (up to `max_step` workers at once on worker
-counts); splits within `min_gain` of the least busy count as equal: the current one stays, else
-the one moving the fewest devices wins. The arrival rates are a moving average over the windows
-(`arrival_weight` on the newest). Without arrival
-figures it moves one worker only when one side is under pressure and the other is not and would
-keep up with one worker less (its use scaled up stays under `page_pressure`). Either way only after `patience` windows in a row
-asking for the same move (a reversal of the last move needs one more), and never sooner than
-`cooldown_s` after the last one, which is at least twice the cost of a move: a move takes a
-worker out of service for `switch_s` (after it drains), so flapping costs capacity. Every call is
-logged with its signals and the reason (`ElasticController.log`).
+capacity, including ones whose tensor parallelism differs from the current one's), or, by default,
+every count of the current workers with the capacities measured per worker scaled linearly
+(`worker_options`). When the window had arrivals it matches rates: from the arriving prompt
+tokens/s and requested output tokens/s, the split whose busier side is the least busy — the prefill
+side at the share of its capacity that keeps TTFT within the SLO (`prefill_utilization`) — and it
+moves toward it (up to `max_step` workers at once on worker counts); splits within `min_gain` of
+the least busy count as equal: the current one stays, else the one moving the fewest devices wins.
+The arrival rates are a moving average over the windows (`arrival_weight` on the newest). Without
+arrival figures it moves one worker only when one side is under pressure and the other is not and
+would keep up with one worker less (its use scaled up stays under `page_pressure`). Either way only
+after `patience` windows in a row asking for the same move (a reversal of the last move needs one
+more), and never sooner than `cooldown_s` after the last one, which is at least twice the cost of a
+move: a move takes a worker out of service for `switch_s` (after it drains), so flapping costs
+capacity. Every call is logged with its signals and the reason (`ElasticController.log`).
 
 The same object drives the simulator (`sim.simulator`, `elastic=`), so a policy change is
 measured where it is decided.
