@@ -94,6 +94,12 @@ def main(argv):
   requests, arrivals, slos = cli.workload_from_flags(FLAGS.config, model_cfg=cfg)
   if not slos or "ttft" not in slos or "tpot" not in slos:
     raise app.UsageError(f"--goodput={FLAGS.goodput} must set both ttft and tpot")
+  try:  # checked before the static runs
+    config = ElasticConfig(ttft_slo_s=slos["ttft"], tpot_slo_s=slos["tpot"],
+                           window_s=FLAGS.window_s, patience=FLAGS.patience,
+                           switch_s=FLAGS.switch_s, min_gain=FLAGS.min_gain)
+  except ValueError as e:
+    raise app.UsageError(f"{e} (--window_s, --patience, --switch_s, --min_gain)") from None
   prompt_lens = [len(r.prompt_token_ids) for r in requests]
   output_lens = [r.output_len for r in requests]
   rate = len(requests) / float(arrivals[-1])
@@ -125,9 +131,7 @@ def main(argv):
   best = max(static, key=lambda s: s["goodput"])
 
   def run_elastic(start, splits):
-    controller = ElasticController(ElasticConfig(
-        ttft_slo_s=slos["ttft"], tpot_slo_s=slos["tpot"], window_s=FLAGS.window_s,
-        patience=FLAGS.patience, switch_s=FLAGS.switch_s, min_gain=FLAGS.min_gain))
+    controller = ElasticController(config)
     ptp, dtp = start["split"][2:]
     result = simulator.simulate_disagg(
         profile(ptp, dtp), prompt_lens, output_lens, arrivals,

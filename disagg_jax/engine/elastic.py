@@ -252,7 +252,7 @@ class ElasticEngine(EngineAPI):
 
   @property
   def prefill_devices(self) -> int:
-    return self.split_timeline[-1][1]
+    return self.split[0]
 
   @property
   def split_changes(self) -> int:
@@ -393,9 +393,9 @@ class ElasticEngine(EngineAPI):
     self.switches.append(switch)
     record_move(self.split_timeline, switch.time, p, n - p, self.progress,
                 f"elastic: {p}P(TP{ptp}):{n - p}D(TP{dtp}) at {switch.time:.1f} s ({reason}); "
-                f"prepared in "
-                f"{switch.prepare_s:.1f} s while serving, hand-over {switch.pause_s * 1e3:.0f} "
-                f"ms, {len(states)} requests moved, {lost} tokens to recompute")
+                f"prepared in {switch.prepare_s:.1f} s while serving, hand-over "
+                f"{switch.pause_s * 1e3:.0f} ms, {len(states)} requests moved, {lost} tokens "
+                f"to recompute")
     return switch
 
   def _control_loop(self) -> None:

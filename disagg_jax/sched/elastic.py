@@ -57,6 +57,8 @@ class ElasticConfig:
       raise ValueError("elastic patience and min_workers must be at least 1")
     if not 0 < self.arrival_weight <= 1:
       raise ValueError(f"elastic arrival_weight={self.arrival_weight} must be in (0, 1]")
+    if not 0 <= self.min_gain < 1:
+      raise ValueError(f"elastic min_gain={self.min_gain} must be in [0, 1)")
 
   @property
   def cooldown(self) -> float:
@@ -85,6 +87,11 @@ class Signals:
   # KV pages the serving decode workers hold and have in all (0: not known).
   decode_pages_used: int = 0
   decode_pages_total: int = 0
+
+  @property
+  def decode_use(self) -> float:
+    """The serving decode workers' slot or page use, whichever is higher."""
+    return max(self.decode_slot_use, self.decode_page_use)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -141,7 +148,7 @@ class Decision:
   action: Optional[str]  # TO_PREFILL, TO_DECODE, RESHAPE or None
   reason: str
   signals: Signals
-  count: int = 0  # workers to move at once
+  count: int = 0  # workers to move at once (worker counts) or devices changing side (options)
   target: Optional[tuple] = None  # the chosen SplitOption's key (with an action)
 
   def to_json(self) -> dict:
@@ -167,12 +174,10 @@ class ElasticController:
     ttft_low = s.ttft_attainment is not None and s.ttft_attainment < c.target
     tpot_low = s.tpot_attainment is not None and s.tpot_attainment < c.target
     prefill = ttft_low or backlog_s > c.ttft_slo_s
-    full = max(s.decode_slot_use, s.decode_page_use) > c.page_pressure
-    decode = tpot_low or full
-    use = max(s.decode_slot_use, s.decode_page_use)
+    decode = tpot_low or s.decode_use > c.page_pressure
     why = (f"prefill backlog {backlog_s:.2f} s (TTFT SLO {c.ttft_slo_s:g} s), busy "
            f"{s.prefill_busy:.0%}, TTFT attainment {_pct(s.ttft_attainment)}; decode use "
-           f"{use:.0%}, TPOT attainment {_pct(s.tpot_attainment)}")
+           f"{s.decode_use:.0%}, TPOT attainment {_pct(s.tpot_attainment)}")
     return prefill, decode, why
 
   def rate_matched(self, s: Signals, options: list[SplitOption],
@@ -223,10 +228,9 @@ class ElasticController:
       why += (f"; arrivals match {target.prefill_devices}P:{target.decode_devices}D"
               + ("" if by_workers else f" {target.key}"))
     else:  # pressure on one side only, and the other keeps up with one worker less
-      use = max(s.decode_slot_use, s.decode_page_use)
       step = 0
       if prefill and not decode and s.decode_workers > c.min_workers:
-        step = 1 if use * s.decode_workers / (s.decode_workers - 1) <= c.page_pressure else 0
+        step = 1 if s.decode_use * s.decode_workers / (s.decode_workers - 1) <= c.page_pressure else 0
       elif decode and not prefill and s.prefill_workers > c.min_workers:
         step = -1 if (s.prefill_busy * s.prefill_workers / (s.prefill_workers - 1)
                       <= c.page_pressure) else 0

@@ -294,7 +294,9 @@ class _Disagg:
     self.waiting: collections.deque[SimRequest] = collections.deque()
     self.prefill_free = [0.0] * num_prefill_workers
     self.prefill_serving = [True] * num_prefill_workers
-    self.prefill_profiles = [profile] * num_prefill_workers  # each worker's step times
+    # Each prefill worker's step times and chips (elastic runs mix tensor parallelisms).
+    self.prefill_profiles = [profile] * num_prefill_workers
+    self.prefill_tps = [1] * num_prefill_workers
     self.workers = [_DecodeWorker(_pool(profile), j, profile) for j in range(num_decode_workers)]
     # The staging budget, as the engines set it: the in-process engine lets one longest length
     # bucket of prefilled KV wait on its decode devices (`engine.memory`); a cluster's workers
@@ -614,18 +616,16 @@ class _Elastic:
     self.config = controller.config
     self.next_check = self.config.window_s
     self.target: Split | None = None  # the split a move in progress goes to
-    self.leaving_prefill: list[int] = []
     self.leaving_decode: list[int] = []
     self.freed: list[float] = []  # when each chip the leaving workers held became free
     self.to_start: collections.deque = collections.deque()  # (side, tp) of workers to start
     self.pending: list[tuple[float, str, int]] = []  # (ready time, side, tp)
     self.timeline: list[list[float]] = []  # the start, then one entry per worker started
     self.busy: collections.deque = collections.deque()  # (start, end) of prefill steps
-    self.tps = [start.ptp] * start.x  # each prefill worker's chips
 
   def split(self, sim: "_Disagg") -> tuple[int, int]:
     """(prefill chips, decode chips) serving now."""
-    return (sum(tp for tp, serving in zip(self.tps, sim.prefill_serving) if serving),
+    return (sum(tp for tp, serving in zip(sim.prefill_tps, sim.prefill_serving) if serving),
             sum(w.tp for w in sim.workers if w.serving))
 
   def next_event(self) -> float:
@@ -639,7 +639,7 @@ class _Elastic:
     keep = min(cur.x, target.x) if cur.ptp == target.ptp else 0
     for i in [i for i, serving in enumerate(sim.prefill_serving) if serving][keep:]:
       sim.prefill_serving[i] = False
-      self.freed += [max(now, sim.prefill_free[i])] * self.tps[i]
+      self.freed += [max(now, sim.prefill_free[i])] * sim.prefill_tps[i]
       sim.prefill_free[i] = float("inf")
     keep = min(cur.y, target.y) if cur.dtp == target.dtp else 0
     serving = sorted((w for w in sim.workers if w.serving), key=lambda w: len(w.pool.occupied()))
@@ -722,7 +722,7 @@ class _Elastic:
         sim.prefill_free.append(now)
         sim.prefill_serving.append(True)
         sim.prefill_profiles.append(self.profile_of(tp, self.target.dtp))
-        self.tps.append(tp)
+        sim.prefill_tps.append(tp)
       self.timeline.append([now, *self.split(sim)])
     if self.target is not None and not (self.pending or self.to_start or self.leaving_decode):
       self.current, self.target = self.target, None
@@ -855,6 +855,7 @@ def simulate_disagg(profile: StepProfile, prompt_lens: Sequence[int],
                          "(profile_of(ptp, dtp) is profile)")
     sim.elastic = _Elastic(elastic, splits, start, profile_of, on_move)
     sim.staging = policy.TokenBudget(2**62)  # workers come and go: a cluster's (no budget)
+    sim.prefill_tps = [start.ptp] * num_prefill_workers
     for w in sim.workers:
       w.tp = start.dtp
     sim.elastic.timeline.append([0.0, *sim.elastic.split(sim)])

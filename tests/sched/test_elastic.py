@@ -67,6 +67,8 @@ def test_no_move_when_both_sides_or_neither_are_pressed_or_a_side_would_empty():
   assert c.decide(signals(65, busy=0.4, **DECODE_PRESSURE)) == TO_DECODE
   with pytest.raises(ValueError, match="switch_s=0 must be positive"):
     ElasticConfig(ttft_slo_s=1.0, tpot_slo_s=0.05, switch_s=0)
+  with pytest.raises(ValueError, match=r"min_gain=1 must be in \[0, 1\)"):
+    ElasticConfig(ttft_slo_s=1.0, tpot_slo_s=0.05, min_gain=1)
 
 
 def test_the_simulator_moves_workers_with_the_traffic_and_loses_nothing():
