@@ -29,6 +29,16 @@ def get_config() -> ml_collections.ConfigDict:
       # the next computes). Either way only the pages the prompt fills move.
       transfer="request",
       transfers_in_flight=4,  # disagg: KV pieces being copied at once
+      # disagg: tokens of prefilled KV allowed to wait on the decode devices for a decode slot
+      # (prefill backs off when they are taken); -1: one full prefill step (prefill_batch
+      # prompts of the longest length bucket, capped at max_prefill_tokens), and at least the
+      # longest length bucket. The memory comes out of the KV pool's budget.
+      staging_tokens=-1,
+      # The decode loops run one step ahead: step N+1 is dispatched before step N's tokens are
+      # read, so the device never waits for the host. false: each step's tokens are read before
+      # the next step is decided (a synchronous scheduler, as vLLM's before v0.10): a request
+      # that arrives during a step can join the very next one.
+      run_ahead=True,
       # Keep the KV of full prompt pages by content and reuse it for any later prompt that
       # starts with the same tokens (docs/PREFIX_CACHING.md).
       prefix_caching=True,

@@ -12,8 +12,9 @@ goodput = the per-GPU rate at 90% attainment. DistServe runs prefill on 2 GPUs (
 on 1 (TP1), 3 GPUs; vLLM runs the model on 1 GPU without chunked prefill. The authors' plotting
 notebook reports DistServe at 4.6x vLLM's per-GPU rate for this panel (7.4x DeepSpeed-MII's;
 2.75x and 2.0x vLLM's for OPT-66B / 175B). Here: the same placement (1 prefill TP2 + 1 decode
-TP1) against colocated TP1 whose chunk (2,048 tokens) holds any whole prompt and whose steps
-take up to 8 prompts (vLLM's prefill iterations), attainment at DistServe's rate grid, and each
+TP1) against colocated TP1 whose chunk (2,048 tokens) holds any whole prompt, one prompt per
+step, scheduled synchronously as vLLM then was (`--config.engine.run_ahead=false`: each step's
+tokens are read before the next step is decided); attainment at DistServe's rate grid, and each
 mode's goodput by the planner's sustained search; then the planner's own best per-phase
 parallelism on 4 A100s.
 
@@ -83,9 +84,12 @@ def distserve() -> dict:
   setups = {
       "disagg (DistServe placement: prefill TP2 + decode TP1, 3 GPUs)":
           planner.Candidate("disagg", 2, 1, 1, 1, 1, 256, prefill_batch=8),
-      "colocated (vLLM: TP1, 1 GPU, whole prompts, no chunked prefill)":
+      "colocated (vLLM: TP1, 1 GPU, whole prompts, no chunked prefill, synchronous)":
           planner.Candidate("colocated", 1, 1, 0, 0, 1, 256, chunk_size=2048, chunk_batch=1),
   }
+  # vLLM as DistServe ran it schedules synchronously: the engine's
+  # --config.engine.run_ahead=false. The disaggregated engine keeps its defaults.
+  run_ahead = {label: c.mode != "colocated" for label, c in setups.items()}
   out = {"model": "opt_13b", "hardware": "a100", "slos": DISTSERVE_SLOS,
          "workload": {"dataset_name": "chat", "mean_prompt": float(workload.prompt_lens.mean()),
                       "mean_output": float(workload.output_lens.mean())},
@@ -95,7 +99,9 @@ def distserve() -> dict:
          "published_distserve_rate": DISTSERVE_PUBLISHED * DISTSERVE_VLLM_RATE,
          "setups": {}}
   for label, c in setups.items():
-    profile = planner.unit_profile(c, cfg, a100, max_seq_len, prompt_len=mean_prompt)
+    profile = dataclasses.replace(
+        planner.unit_profile(c, cfg, a100, max_seq_len, prompt_len=mean_prompt),
+        run_ahead=run_ahead[label])
     roof = planner.unit_roofline(c, cfg, a100, workload)
     curve = []
     for rate in DISTSERVE_RATES:
@@ -108,7 +114,8 @@ def distserve() -> dict:
     estimate = planner.screen(c, profile, workload)
     rate, m = planner.goodput(c, profile, workload, estimate, ceiling=roof.request_rate)
     out["setups"][label] = {
-        "candidate": c.to_json(), "curve": curve,
+        "candidate": c.to_json(), "run_ahead": run_ahead[label],
+        "staging_tokens": profile.staging_tokens, "curve": curve,
         "crossing_per_gpu": _crossing(DISTSERVE_RATES, attain),
         "goodput_per_gpu": rate / c.unit_devices,
         "roofline_per_gpu": roof.request_rate / c.unit_devices,

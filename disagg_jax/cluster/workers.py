@@ -282,7 +282,7 @@ class DecodeServer:
         layers_per_group=parse_transfer(config.transfer, model.cfg.num_layers),
         chunks=ChunkedPrefill(self.core, chunk_size=config.chunk_size,
                               chunk_batch=config.chunk_batch, max_tail=self.max_tail)
-        if self.max_tail > 0 else None)
+        if self.max_tail > 0 else None, run_ahead=config.run_ahead)
     spec_of = lambda layers, pages: jax.ShapeDtypeStruct(
         self.layout.shape(pages * config.page_size, layers), model.dtype,
         sharding=self.layout.sharding)

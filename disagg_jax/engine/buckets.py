@@ -58,3 +58,19 @@ def decode_rows(slots_per_shard: int) -> tuple[int, ...]:
   """Rows per dp row that a decode step computes: a quarter of the slots, or all of them (the
   slots in use are a prefix: requests take the lowest free slot)."""
   return tuple(sorted({max(slots_per_shard // 4, 1), slots_per_shard}))
+
+
+def staging_tokens(setting: int, max_seq_len: int, page_size: int, prefill_batch: int,
+                   max_prefill_tokens: int) -> int:
+  """`--config.engine.staging_tokens` resolved: tokens of prefilled KV that may wait on the decode
+  devices for a slot. -1: one full prefill step (`prefill_batch` prompts of the longest length
+  bucket, capped at `max_prefill_tokens`), so prefill can run a step while the one before waits
+  to be inserted; never below the longest length bucket, which one prompt may take."""
+  longest = length_buckets(max_seq_len, page_size)[-1]
+  if setting == -1:
+    return max(longest, min(prefill_batch * longest, max_prefill_tokens))
+  if setting < longest:
+    raise ValueError(f"--config.engine.staging_tokens={setting} is below the longest prompt's "
+                     f"length bucket ({longest} tokens at max_seq_len={max_seq_len}): set it to "
+                     "at least that, or -1 (one full prefill step)")
+  return setting

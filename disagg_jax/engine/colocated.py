@@ -97,9 +97,11 @@ class ColocatedScheduler(Worker):
   enqueue and every decision is recorded."""
   name = "colocated"
 
-  def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int, finish):
+  def __init__(self, core: DecodeCore, *, chunk_size: int, chunk_batch: int, finish,
+               run_ahead: bool = True):
     super().__init__()
     self.core = core
+    self.run_ahead = run_ahead  # --config.engine.run_ahead
     self.chunks = ChunkedPrefill(core, chunk_size=chunk_size, chunk_batch=chunk_batch)
     self.policy = self.chunks.policy
     self.finish = finish
@@ -119,7 +121,8 @@ class ColocatedScheduler(Worker):
   # ------------------------------------------------------------------ scheduler thread
 
   def run(self) -> None:
-    """One step ahead: step N+1 is dispatched before step N's tokens are read."""
+    """One step ahead: step N+1 is dispatched before step N's tokens are read. Without
+    `run_ahead`, each step's tokens are read before the next step is decided."""
     in_flight = None
     while True:
       with self.cv:
@@ -133,6 +136,9 @@ class ColocatedScheduler(Worker):
       if in_flight is not None:
         self.core.collect(in_flight, self.finish)
       in_flight = dispatched
+      if not self.run_ahead and in_flight is not None:
+        self.core.collect(in_flight, self.finish)
+        in_flight = None
 
   def dispatch(self):
     """Asks the policy for the next step and dispatches it (mixed, or decode only); None if

@@ -390,9 +390,10 @@ class DisaggDecodeLoop(Worker):
 
   def __init__(self, core: DecodeCore, *, length_buckets, finish, requeue,
                staging: StagingBudget, layers_per_group: int | None = None,
-               chunks: ChunkedPrefill | None = None):
+               chunks: ChunkedPrefill | None = None, run_ahead: bool = True):
     super().__init__()
     self.core = core
+    self.run_ahead = run_ahead  # --config.engine.run_ahead
     # Prefix caching: requests prefilled here (`route`), waiting for a slot, and the runner of
     # their chunks (None: every request goes through prefill).
     self.chunks = chunks
@@ -458,7 +459,8 @@ class DisaggDecodeLoop(Worker):
 
   def run(self) -> None:
     """One step ahead: step N+1 is dispatched before step N's tokens are read, so the device
-    never waits for the host's bookkeeping."""
+    never waits for the host's bookkeeping. Without `run_ahead`, each step's tokens are read
+    before the next step is decided."""
     core = self.core
     in_flight = None
     while True:
@@ -478,6 +480,10 @@ class DisaggDecodeLoop(Worker):
       elif dispatched is None and (self.queue or self.local):
         time.sleep(0.001)  # cannot insert with every page free; never spin on it regardless
       in_flight = dispatched
+      if not self.run_ahead and in_flight is not None:
+        core.collect(in_flight, self.finish)
+        self.record_work(len(in_flight.rows), time.perf_counter() - start)
+        in_flight = None
 
   def step(self):
     """Inserts what arrived and fits (`policy.insert_arrived`), grows the batch by a token

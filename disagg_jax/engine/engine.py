@@ -68,6 +68,13 @@ class EngineConfig:
   attention_impl: str = "auto"
   transfer: str = "request"  # disagg: request | layers:N (transfer.pieces)
   transfers_in_flight: int = 4  # disagg: KV pieces being copied at once
+  # disagg: tokens of prefilled KV that may wait on the decode devices for a slot; -1: one full
+  # prefill step's worth, at least the longest length bucket (buckets.staging_tokens).
+  staging_tokens: int = -1
+  # The decode loops dispatch step N+1 before reading step N's tokens (the device never waits
+  # for the host); false: each step's tokens are read before the next step is decided, as a
+  # synchronous scheduler (vLLM's before v0.10) does.
+  run_ahead: bool = True
   prefix_caching: bool = True  # reuse the KV of full pages already computed (kv.prefix_cache)
   # disagg, with prefix_caching: the longest uncached tail the decode mesh prefills itself for a
   # prompt whose prefix its pool holds; -1: chunk_size on TPU/GPU, 0 (off) on CPU.
@@ -136,7 +143,8 @@ class Engine(EngineAPI):
 
     if mode == "colocated":
       self.scheduler = ColocatedScheduler(self.core, chunk_size=config.chunk_size,
-                                          chunk_batch=config.chunk_batch, finish=self._finish)
+                                          chunk_batch=config.chunk_batch, finish=self._finish,
+                                          run_ahead=config.run_ahead)
       self._workers = [self.scheduler]
       self._submit = self.scheduler.put
       shapes = self.scheduler.shapes(self._precompile_len() // ps)
@@ -154,7 +162,7 @@ class Engine(EngineAPI):
       self.decode_loop = DisaggDecodeLoop(self.core, length_buckets=self.length_buckets,
                                           finish=self._finish, requeue=self._requeue,
                                           staging=self.staging, layers_per_group=per_group,
-                                          chunks=chunks)
+                                          chunks=chunks, run_ahead=config.run_ahead)
       self.plan = TransferPlan(cfg, prefill_model.mesh, decode_model.mesh)
       self.transfer = TransferWorker(self.plan, self.decode_loop.deliver, self._finish,
                                      self.staging, max_in_flight=config.transfers_in_flight)

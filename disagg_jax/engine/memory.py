@@ -343,7 +343,9 @@ def plan_engine_pool(config, limits, mode: str, decode_model, prefill_model=None
       other = (prefill_model.mesh.size * (prefill_step_activations(config, limits, prefill_model)
                                           + tree_bytes_per_device(prefill_model.params))
                + prefill_cache_bytes(config, limits, prefill_model))
-    staging = buckets.length_buckets(limits.max_seq_len, config.page_size)[-1]
+    staging = buckets.staging_tokens(config.staging_tokens, limits.max_seq_len,
+                                     config.page_size, config.prefill_batch,
+                                     config.max_prefill_tokens)
   else:
     activations = paged_step_activations(
         config, limits, decode_model, decode_rows=config.decode_batch,

@@ -216,14 +216,22 @@ def transfer_time(cfg: ModelConfig, hw: Hardware, tokens: int,
 
 
 def fits(cfg: ModelConfig, hw: Hardware, tp: int, decode_batch: int, max_seq_len: int,
-         memory_fraction: float = 0.9) -> tuple[bool, int]:
+         memory_fraction: float = 0.9, staging_tokens: int = 0) -> tuple[bool, int]:
   """Whether weights plus at least one max_seq_len sequence fit; and how many KV pages of 16
-  tokens the rest of HBM holds (capped at decode_batch full sequences)."""
-  free = tp * hw.hbm_bytes * memory_fraction - _weight_bytes(cfg)
+  tokens the rest of HBM holds (capped at decode_batch full sequences), after
+  `staging_tokens` of arriving KV (the in-process disaggregated engine's staging)."""
+  free = (tp * hw.hbm_bytes * memory_fraction - _weight_bytes(cfg)
+          - staging_tokens * cfg.kv_bytes_per_token(DTYPE_BYTES))
   per_page = 16 * cfg.kv_bytes_per_token(DTYPE_BYTES)
   pages = int(free // per_page)
   need_one = -(-max_seq_len // 16)
   return pages >= need_one, min(pages, decode_batch * need_one)
+
+
+def disagg_staging(max_seq_len: int, prefill_batch: int, max_prefill_tokens: int = 8192) -> int:
+  """The disaggregated engine's staging tokens at its default setting (`buckets.staging_tokens`),
+  taken from its decode devices' memory."""
+  return buckets.staging_tokens(-1, max_seq_len, 16, prefill_batch, max_prefill_tokens)
 
 
 def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_batch: int,
@@ -231,12 +239,16 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
                 chunk_size: int = 512, chunk_batch: int = 4,
                 prefill_hw: Hardware | None = None,
                 prompt_len: int | None = None, layers_per_group: int | None = None,
-                across_hosts: bool = False) -> StepProfile:
+                across_hosts: bool = False, run_ahead: bool = True,
+                max_prefill_tokens: int = 8192) -> StepProfile:
   """A step-time table as launch/profile.py would measure it on `hw` (decode on `hw`; prefill on
   `prefill_hw`, default the same chip). `prompt_len` (the workload's mean prompt) places the
   colocated engine's chunks in their prompts. Disaggregated, the KV moves in groups of
   `layers_per_group` layers (None: whole requests, `--config.engine.transfer`), over the
-  network when `across_hosts` (else NVLink / ICI between chips of one kind).
+  network when `across_hosts` (else NVLink / ICI between chips of one kind). `run_ahead` and
+  `max_prefill_tokens` are the engine's settings of those names (`configs/engine.py`); the
+  disaggregated table's staging budget is the engine's default (`buckets.staging_tokens`), its
+  memory taken from the KV pool's as the engine does.
 
   The table's decode step is linear in the active sequences and their context
   (StepProfile.decode_time), while the roofline step is max(compute, memory): weight reads
@@ -245,7 +257,9 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
   never faster than the roofline (max of linear functions is convex); the slope of the single
   sequence alone would ignore that a batch of hundreds is compute-bound. (A full step holds at
   most as many sequences as the pool has room for at half of max_seq_len.)"""
-  ok, pages = fits(cfg, hw, tp, decode_batch, max_seq_len)
+  staging = (disagg_staging(max_seq_len, prefill_batch, max_prefill_tokens)
+             if mode == "disagg" else 0)
+  ok, pages = fits(cfg, hw, tp, decode_batch, max_seq_len, staging_tokens=staging)
   if not ok:
     raise ValueError(f"{cfg.num_params() / 1e9:.1f}B parameters with TP{tp} leave no room for "
                      f"one {max_seq_len}-token sequence in {tp} x {hw.hbm_bytes / 1e9:.0f} GB")
@@ -260,6 +274,7 @@ def profile_for(cfg: ModelConfig, hw: Hardware, *, mode: str, tp: int, decode_ba
   profile = StepProfile(mode=mode, page_size=16, decode_batch=decode_batch, num_pages=pages,
                         max_seq_len=max_seq_len, decode_s=base,
                         decode_per_seq_s=max(per_seq, 0.0), decode_per_token_s=per_token,
+                        run_ahead=run_ahead, staging_tokens=staging,
                         meta={"hardware": hw.name, "tp": tp, "analytic": True})
   if mode == "colocated":
     profile.chunk_size, profile.chunk_batch = chunk_size, chunk_batch

@@ -26,6 +26,7 @@ wrong.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -184,6 +185,9 @@ def enumerate_candidates(cfg: ModelConfig, hw: analytic.Hardware, num_devices: i
   fits = {t: analytic.fits(cfg, hw, t, 1, max_seq_len)[0] for t in tps}
   prefill_hw = prefill_hw or hw
   prefill_fits = {t: analytic.fits(cfg, prefill_hw, t, 1, max_seq_len)[0] for t in tps}
+  decode_fits = functools.lru_cache(maxsize=None)(lambda tp, prefill_batch: analytic.fits(
+      cfg, hw, tp, 1, max_seq_len,
+      staging_tokens=analytic.disagg_staging(max_seq_len, prefill_batch))[0])
   for tp, batch, chunk, chunk_batch in itertools.product(tps, DECODE_BATCHES, CHUNK_SIZES,
                                                          CHUNK_BATCHES):
     if (prefill_hw.name == hw.name and fits[tp]
@@ -197,6 +201,8 @@ def enumerate_candidates(cfg: ModelConfig, hw: analytic.Hardware, num_devices: i
       for y in range(1, (num_devices - x * ptp) // dtp + 1):
         unit = x * ptp + y * dtp
         for batch, prefill_batch in itertools.product(DECODE_BATCHES, PREFILL_BATCHES):
+          if not decode_fits(dtp, prefill_batch):
+            continue  # the staging for a full prefill step leaves no room for one sequence
           out.append(Candidate("disagg", ptp, dtp, x, y, num_devices // unit, batch,
                                prefill_batch=prefill_batch))
   return out

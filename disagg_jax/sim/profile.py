@@ -69,6 +69,13 @@ class StepProfile:
   # the decode step running there, and the loops read a step's tokens once the next step has run.
   # GPUs and TPUs copy beside compute and dispatch asynchronously.
   transfer_waits_for_decode: bool = False
+  # The loops dispatch step N+1 before reading step N's tokens (`--config.engine.run_ahead`);
+  # False: each step's tokens are read before the next step is decided.
+  run_ahead: bool = True
+  # In-process disaggregated engine: tokens of prefilled KV that may wait on the decode devices
+  # (`--config.engine.staging_tokens`, resolved); 0: the longest length bucket (tables saved
+  # before the setting existed). A cluster's workers have no such budget.
+  staging_tokens: int = 0
   # A step's end to its tokens reaching the requests (colocated: every token, since the loop
   # reads a step's tokens after dispatching the next; disaggregated: the first token, the
   # prefill worker's host work around the step).

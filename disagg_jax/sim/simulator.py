@@ -7,11 +7,14 @@ included, and mirrors the engine's loops around them:
   (FIFO admission under the page reserve, chunks of the oldest prefilling requests, every
   decoding slot, preemption of the youngest when the pool runs dry), dispatches it behind the
   previous one and then collects the previous step's tokens: the loop runs one step ahead, so a
-  request that finished still rides in the step dispatched before its last token was read.
+  request that finished still rides in the step dispatched before its last token was read
+  (without `run_ahead`, `--config.engine.run_ahead=false`, each step is read before the next is
+  decided).
 - disaggregated (`engine/disagg.py`): prefill workers take `policy.prefill_batch` (the oldest
-  request plus others of its length bucket, within the staging budget: one longest bucket of KV
-  for the in-process engine, none for a cluster's workers); each decode worker's transfers run one at a time; each decode loop
-  iteration inserts arrived KV (`policy.insert_arrived`), grows the batch by a token
+  request plus others of its length bucket, within the staging budget: the profile's
+  `staging_tokens` for the in-process engine, none for a cluster's workers); each decode
+  worker's transfers run one at a time; each decode loop iteration inserts arrived KV
+  (`policy.insert_arrived`), grows the batch by a token
   (`policy.decode_step`; preempted requests go back to the head of the prefill queue) and
   dispatches the decode step, one step ahead like the colocated loop. Prefill and decode steps
   that overlap in time are slowed by the profile's contention factors (they share the host's
@@ -248,6 +251,9 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
       dispatched = (rules.commit(pool, step), device_free)
       if _dispatch_blocks(profile):
         now = device_free
+    if not profile.run_ahead and dispatched is not None:
+      # Read each step's tokens before deciding the next (no step in flight between them).
+      in_flight, dispatched = dispatched, None
     if in_flight is not None:
       rows, end = in_flight
       now = max(now, end)
@@ -298,12 +304,14 @@ class _Disagg:
     self.prefill_profiles = [profile] * num_prefill_workers
     self.prefill_tps = [1] * num_prefill_workers
     self.workers = [_DecodeWorker(_pool(profile), j, profile) for j in range(num_decode_workers)]
-    # The staging budget, as the engines set it: the in-process engine lets one longest length
-    # bucket of prefilled KV wait on its decode devices (`engine.memory`); a cluster's workers
+    # The staging budget, as the engines set it: the in-process engine lets
+    # `--config.engine.staging_tokens` of prefilled KV wait on its decode devices (by default
+    # one full prefill step, `buckets.staging_tokens`); a cluster's workers
     # (xPyD, `disagg_jax/cluster`) keep waiting KV on the prefill side until a decode worker
     # pulls it, without a budget.
     cluster = num_prefill_workers > 1 or num_decode_workers > 1
-    self.staging = policy.TokenBudget(2**62 if cluster else max(profile.length_buckets))
+    self.staging = policy.TokenBudget(
+        2**62 if cluster else profile.staging_tokens or max(profile.length_buckets))
     self.prefill_busy_until = 0.0
     self.replaying = replaying
     self.trace = trace
@@ -467,6 +475,8 @@ class _Disagg:
       device += self.jitter(seconds)
       dispatched = (rows, device)
     w.device_free = max(w.device_free, device)
+    if not profile.run_ahead and dispatched is not None:
+      w.in_flight, dispatched = dispatched, None  # read before the next decision
     if w.in_flight is not None:
       rows, end = w.in_flight
       for _ in policy.collect(w.pool, rows, lambda _, request, t=end: request.emit(t)):

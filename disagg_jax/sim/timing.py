@@ -162,6 +162,9 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
                         num_pages=engine.page_capacity,
                         max_seq_len=engine.limits.max_seq_len,
                         decode_s=0.0, prefix_caching=engine.core.slots.prefix_caching,
+                        run_ahead=config.run_ahead,
+                        staging_tokens=engine.pool.staging_tokens if engine.mode == "disagg"
+                        else 0,
                         meta={"date": time.strftime("%Y-%m-%d %H:%M"),
                               "device": jax.devices()[0].device_kind,
                               "num_devices": engine.num_devices, "iters": iters})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from disagg_jax import parallel
-from disagg_jax.engine import memory
+from disagg_jax.engine import buckets, memory
 from disagg_jax.engine.engine import Engine, EngineConfig
 from disagg_jax.engine.request import Limits
 from disagg_jax.engine.sampling import SamplingArrays
@@ -183,3 +183,15 @@ def test_dataclass_fields_and_config_file_agree(repo_root):
   spec.loader.exec_module(module)
   fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"attention_impl"}
   assert fields <= set(module.get_config().engine.keys())
+
+
+def test_staging_holds_a_full_prefill_step():
+  """Auto staging: one full prefill step (prefill_batch prompts of the longest bucket, capped at
+  max_prefill_tokens), never below the longest bucket; an explicit size below it is refused."""
+  assert buckets.staging_tokens(-1, 2048, 16, 8, 8192) == 8192
+  assert buckets.staging_tokens(-1, 512, 16, 4, 8192) == 2048
+  assert buckets.staging_tokens(-1, 8192, 16, 4, 8192) == 8192
+  assert buckets.staging_tokens(-1, 8192, 16, 4, 4096) == 8192  # one longest prompt at least
+  assert buckets.staging_tokens(5000, 2048, 16, 8, 8192) == 5000
+  with pytest.raises(ValueError, match=r"staging_tokens=1000 is below .*\(2048 tokens"):
+    buckets.staging_tokens(1000, 2048, 16, 8, 8192)

@@ -44,13 +44,14 @@ def _profile(engine, config) -> StepProfile:
   slots = engine.core.slots
   base = dict(mode=engine.mode, page_size=config.page_size, decode_batch=config.decode_batch,
               num_pages=slots.capacity, max_seq_len=config.max_seq_len, decode_s=0.001,
-              prefix_caching=slots.prefix_caching)
+              prefix_caching=slots.prefix_caching, run_ahead=config.run_ahead)
   if engine.mode == "colocated":
     return StepProfile(**base, chunk_size=config.chunk_size, chunk_batch=config.chunk_batch,
                        mixed_s={(b, c): 0.001 for b in buckets.chunk_rows(config.chunk_batch)
                                 for c in buckets.chunk_lens(config.chunk_size)})
   lb = tuple(engine.length_buckets)
   return StepProfile(**base, prefill_batch=config.prefill_batch, length_buckets=lb,
+                     staging_tokens=engine.pool.staging_tokens,
                      prefill_s={(b, s): 0.001 for s in lb
                                 for b in engine.prefill.batch_buckets_for(s)},
                      insert_s={s: 0.001 for s in lb}, transfer_s={s: 0.001 for s in lb})
@@ -70,18 +71,22 @@ def _serve(engine, prompts, sampling, gaps):
   return [s.result(timeout=300) for s in streams]
 
 
-@pytest.mark.parametrize("mode, num_pages, shared", [
-    pytest.param("colocated", None, 0, marks=pytest.mark.slow),
-    pytest.param("colocated", 10, 0, marks=pytest.mark.slow),
-    ("colocated", None, 40), ("colocated", 12, 40),  # with preemption: the last
-    ("disagg", None, 0), ("disagg", 10, 0)])
-def test_simulator_takes_the_engines_decisions(mode, num_pages, shared, hf_checkpoint):
-  """`shared`: every prompt starts with the same `shared` tokens (prefix caching at work)."""
+@pytest.mark.parametrize("mode, num_pages, shared, run_ahead", [
+    pytest.param("colocated", None, 0, True, marks=pytest.mark.slow),
+    pytest.param("colocated", 10, 0, True, marks=pytest.mark.slow),
+    ("colocated", None, 40, True), ("colocated", 12, 40, True),  # with preemption: the last
+    ("disagg", None, 0, True), ("disagg", 10, 0, True),
+    ("colocated", 12, 40, False), ("disagg", 10, 0, False)])
+def test_simulator_takes_the_engines_decisions(mode, num_pages, shared, run_ahead,
+                                               hf_checkpoint):
+  """`shared`: every prompt starts with the same `shared` tokens (prefix caching at work);
+  `run_ahead`: --config.engine.run_ahead (false: each step read before the next is decided)."""
   model_dir, _ = hf_checkpoint("llama3")
   # 9 usable pages of 16 tokens for 4 slots of up to 98 tokens: growth must preempt. The
   # simulator's disaggregated model has dense prefill batches: the prefill cache stays off.
   config = EngineConfig(max_seq_len=128 + shared, decode_batch=4, prefill_batch=2, chunk_size=32,
-                        chunk_batch=2, num_pages=num_pages, prefill_cache_tokens=0)
+                        chunk_batch=2, num_pages=num_pages, prefill_cache_tokens=0,
+                        run_ahead=run_ahead)
   rng = np.random.default_rng(7)
   n = 32
   if num_pages is None:

@@ -35,6 +35,30 @@ def test_colocated_prefill_stalls_decode_in_mixed_steps():
   assert second.phases["queue"] == pytest.approx(0.005)
 
 
+def test_colocated_without_run_ahead_admits_an_arrival_one_step_sooner():
+  # As above with --config.engine.run_ahead=false: the chunk's token is read at 0.05 before the
+  # next step is decided, so the second request (arrived at 0.045) joins the step at 0.05 and no
+  # decode step runs in between.
+  result = simulator.simulate(colocated_profile(run_ahead=False), [100, 100], [3, 2],
+                              [0.0, 0.045])
+  first, second = result.records
+  assert first.ttft == pytest.approx(0.05)
+  assert first.itl == pytest.approx([0.05, 0.01])
+  assert second.ttft == pytest.approx(0.10 - 0.045)
+
+
+def test_disagg_staging_budget_bounds_the_prefill_batch():
+  # The batch of the test below under a staging budget of one 256-token bucket: the head goes
+  # alone, then the 64-bucket prompt (the head's reservation ends with its one token), then the
+  # other 256 one. The default (0: the longest bucket, 512) batches both 256s.
+  def ttfts(staging):
+    result = simulator.simulate(disagg_profile(staging_tokens=staging), [200, 60, 210],
+                                [1, 1, 1], [0.0, 0.0, 0.0])
+    return [r.ttft for r in result.records]
+  assert ttfts(256) == pytest.approx([0.05, 0.10, 0.15])
+  assert ttfts(0) == ttfts(512) == pytest.approx([0.10, 0.15, 0.10])
+
+
 def test_disagg_single_request_timeline():
   # prefill 50 ms -> transfer 20 ms -> insert 5 ms -> decode steps of 10 ms.
   result = simulator.simulate(disagg_profile(), [200], [3], [0.0])
