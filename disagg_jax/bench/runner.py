@@ -44,12 +44,15 @@ def run(engine: EngineAPI, requests: Sequence[BenchRequest], arrivals, *,
     return callback
 
   start = time.perf_counter()
+  first_sent = None
   for i, request in enumerate(requests):
     delay = start + float(arrivals[i]) - time.perf_counter()
     if delay > 0:
       time.sleep(delay)
     if limiter:
       limiter.acquire()
+    if first_sent is None:
+      first_sent = time.perf_counter()
     sampling = SamplingParams(max_new_tokens=request.output_len, ignore_eos=ignore_eos,
                               temperature=temperature, seed=(seed + i) % 2**32)
     try:
@@ -62,7 +65,8 @@ def run(engine: EngineAPI, requests: Sequence[BenchRequest], arrivals, *,
   if n and not all_done.wait(timeout):
     raise TimeoutError(f"{remaining[0]} of {n} requests unfinished after {timeout} s")
   bar.close()
-  duration = max(finished_at[0] - start, 1e-9)
+  # From the first send, as the simulator counts it (its clock starts at the first arrival).
+  duration = max(finished_at[0] - (first_sent or start), 1e-9)
   records = [RequestRecord.from_output(out, len(req.prompt_token_ids))
              for out, req in zip(outputs, requests)]
   for record, arrival in zip(records, arrivals):

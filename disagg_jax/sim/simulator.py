@@ -437,7 +437,9 @@ class _Disagg:
       return
     w.arrived.append(item)
     if w.next_iter is None:
-      w.next_iter = now
+      # The loop slept since its last step; like a prefill worker found idle, it takes a while
+      # to wake (its devices' thread pool went to sleep too).
+      w.next_iter = now + w.profile.wake(now - w.device_free)
 
   # ------------------------------------------------------------------ decode loop
 

@@ -59,6 +59,19 @@ def test_disagg_staging_budget_bounds_the_prefill_batch():
   assert ttfts(0) == ttfts(512) == pytest.approx([0.10, 0.15, 0.10])
 
 
+def test_disagg_decode_loop_wakes_slowly_after_sleeping():
+  # A request a second after the last one ended: the prefill worker finds the engine idle and
+  # wakes 10 ms late (the wake table's longest idle, beyond which it stays flat); the decode loop
+  # slept as long and takes as long again before it inserts the KV.
+  def second(wake_s):
+    result = simulator.simulate(disagg_profile(wake_s=wake_s), [200, 200], [3, 3], [0.0, 1.0])
+    return result.records[1]
+  cold, warm = second([[0.1, 0.01]]), second([])
+  assert cold.ttft - warm.ttft == pytest.approx(0.01)
+  assert cold.itl[0] - warm.itl[0] == pytest.approx(0.01)
+  assert cold.itl[1] == pytest.approx(warm.itl[1])
+
+
 def test_disagg_single_request_timeline():
   # prefill 50 ms -> transfer 20 ms -> insert 5 ms -> decode steps of 10 ms.
   result = simulator.simulate(disagg_profile(), [200], [3], [0.0])
