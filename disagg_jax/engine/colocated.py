@@ -133,12 +133,11 @@ class ColocatedScheduler(Worker):
           return
       self._drop_aborted()
       dispatched = self.dispatch()
+      if not self.run_ahead:  # read this step now (nothing is in flight then)
+        in_flight, dispatched = dispatched, None
       if in_flight is not None:
         self.core.collect(in_flight, self.finish)
       in_flight = dispatched
-      if not self.run_ahead and in_flight is not None:
-        self.core.collect(in_flight, self.finish)
-        in_flight = None
 
   def dispatch(self):
     """Asks the policy for the next step and dispatches it (mixed, or decode only); None if

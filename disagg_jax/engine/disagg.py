@@ -473,6 +473,8 @@ class DisaggDecodeLoop(Worker):
       self._drop_aborted()
       start = time.perf_counter()
       dispatched = self.step()
+      if not self.run_ahead:  # read this step now (nothing is in flight then)
+        in_flight, dispatched = dispatched, None
       if in_flight is not None:
         core.collect(in_flight, self.finish)
         # Steps run back to back: an iteration that collects one takes one step's time.
@@ -480,10 +482,6 @@ class DisaggDecodeLoop(Worker):
       elif dispatched is None and (self.queue or self.local):
         time.sleep(0.001)  # cannot insert with every page free; never spin on it regardless
       in_flight = dispatched
-      if not self.run_ahead and in_flight is not None:
-        core.collect(in_flight, self.finish)
-        self.record_work(len(in_flight.rows), time.perf_counter() - start)
-        in_flight = None
 
   def step(self):
     """Inserts what arrived and fits (`policy.insert_arrived`), grows the batch by a token
