@@ -2,12 +2,13 @@
 
     table = calibration.profile_engine(engine, iters=5)   # launch/profile.py, validate_sim.py
 
-`sim.timing.measure` times the engine's steps and probes. For the disaggregated engine, how much
-its prefill and decode slow each other depends on how their steps overlap, which a synthetic probe
-reproduces poorly (it measured 3.5x for prefill where served runs show 1.5-2x), so the factors are
-fitted (`sim.contention.fit_contention`) to short served runs of the engine at a light and a
-moderate load instead. Serving those runs takes the benchmark runner, which is why this lives in
-`bench/` and not in `sim/` (the simulator's package never drives an engine through a workload).
+`sim.timing.measure` times the engine's steps and probes on the idle engine. A served run adds
+what those probes reproduce poorly: the host's work per live stream (the benchmark's client
+threads read every token on the engine's cores) and, disaggregated, how prefill and decode slow
+each other when their steps overlap. Both are fitted (`sim.contention.fit_served`) to short
+served runs of the engine at a light and a moderate load. Serving those runs takes the benchmark
+runner, which is why this lives in `bench/` and not in `sim/` (the simulator's package never
+drives an engine through a workload).
 """
 
 from __future__ import annotations
@@ -27,16 +28,28 @@ CALIBRATION_LOADS = (0.1, 0.3)
 
 def profile_engine(engine, iters: int = 5, contention_bucket: int | None = None,
                    calibrate: bool = True) -> StepProfile:
-  """The step-time table of an idle in-process `Engine` (`sim.timing.measure`); disaggregated and
-  with `calibrate`, its contention factors fitted to served runs (the probe's are kept in
-  meta["contention_probe"], the fit in meta["contention_fit"])."""
+  """The step-time table of an idle in-process `Engine` (`sim.timing.measure`); with
+  `calibrate`, fitted to served runs (`sim.contention.fit_served`: the host's work per decoding
+  sequence, and disaggregated the contention factors; the probe's factors are kept in
+  meta["contention_probe"], the fit's record in meta["served_fit"])."""
   profile = timing.measure(engine, iters=iters, contention_bucket=contention_bucket)
-  if calibrate and profile.mode == "disagg":
+  if calibrate:
     served = [calibration_run(engine, profile, load=load, seed=1234 + i)
               for i, load in enumerate(CALIBRATION_LOADS)]
-    profile.contention, profile.meta["contention_fit"] = contention.fit_contention(profile,
-                                                                                  served)
+    profile = contention.fit_served(profile, served)
   return profile
+
+
+def _capacity(profile: StepProfile, prompt_len: int, output_len: int) -> float:
+  """Requests per second the profile says the engine sustains on `prompt_len`-token prompts and
+  `output_len` tokens out: the lower of its prefill and decode rates."""
+  decode = profile.decode_batch / (output_len * profile.decode_time(profile.decode_batch, 0))
+  if profile.mode == "colocated":
+    chunk = min(prompt_len, profile.chunk_size)
+    prefill = profile.mixed(1, chunk) * -(-prompt_len // profile.chunk_size)
+  else:
+    prefill = profile.prefill(1, buckets.pick(prompt_len, profile.length_buckets))
+  return min(1.0 / prefill, decode)
 
 
 def calibration_run(engine, profile: StepProfile, load: float, num_requests: int = 64,
@@ -50,11 +63,7 @@ def calibration_run(engine, profile: StepProfile, load: float, num_requests: int
                     max(profile.length_buckets or (256,))), 2)
   prompt_lens = rng.integers(max(longest // 8, 1), longest + 1, num_requests)
   output_lens = np.full(num_requests, output_len)
-  mid = buckets.pick(int(np.median(prompt_lens)), profile.length_buckets)
-  capacity = min(1.0 / profile.prefill(1, mid),
-                 profile.decode_batch / (output_len * profile.decode_time(profile.decode_batch,
-                                                                         0)))
-  rate = load * capacity
+  rate = load * _capacity(profile, int(np.median(prompt_lens)), output_len)
   arrivals = arrivals_lib.arrival_times(num_requests, rate, 1.0, seed)
   vocab = engine.model_cfg.vocab_size
   requests = [BenchRequest([int(t) for t in rng.integers(3, vocab, n)], output_len)

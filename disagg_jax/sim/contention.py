@@ -1,9 +1,15 @@
-"""Fitting a step profile's contention factors to measured runs of the engine.
+"""Fitting a measured step profile to served runs of the engine.
 
-How much prefill and decode slow each other when they share a host's cores depends on how their
-steps overlap, which a synthetic probe (`sim.timing.measure`) reproduces poorly. `fit_contention`
-instead searches the factors with which the simulator best reproduces served runs' median TTFT
-and TPOT; `bench.calibration` serves those runs on a live engine.
+Two things a served run has that the idle engine's probes (`sim.timing.measure`) reproduce
+poorly are fitted here, as the parameters with which the simulator best reproduces served runs'
+median TTFT and TPOT (`bench.calibration` serves those runs on a live engine):
+
+  * the host's work per decoding sequence per step (`decode_per_seq_s`, both modes): streaming
+    each token to its client, which the benchmark's client threads do on the engine's cores and
+    under its interpreter lock, and which grows with the number of live streams;
+  * for the disaggregated engine, how much its prefill and decode slow each other when they share
+    a host's cores (`contention`), which depends on how their steps overlap (a synthetic probe
+    measured 3.5x for prefill where served runs show 1.5-2x).
 """
 
 from __future__ import annotations
@@ -18,29 +24,75 @@ from disagg_jax.sim.profile import StepProfile
 
 
 MAX_GRID_MOVES = 3
+KEYS = ("median_ttft_ms", "median_tpot_ms")
+# The per-sequence grid, seconds: 0 to 1 ms in 25 us steps (moved up while the best is on its
+# upper edge). Served runs on this 2-core VM fit 0.2-0.5 ms.
+PER_SEQ_GRID = np.arange(0.0, 1.0e-3 + 1e-9, 2.5e-5)
 
 
-def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], dict]:
+def _simulated(profile: StepProfile, served) -> list[list[float]]:
+  """The simulator's median TTFT and TPOT for each served run's workload."""
+  out = []
+  for prompt_lens, output_lens, arrivals, _ in served:
+    result = simulator.simulate(profile, prompt_lens, output_lens, arrivals)
+    sim = metrics.compute(result.records, result.duration, {})
+    out.append([sim[k] for k in KEYS])
+  return out
+
+
+def _error(got: list[list[float]], served) -> float:
+  """Sum of squared relative errors against the served runs' medians."""
+  return sum((g / m[k] - 1.0) ** 2 for row, (*_, m) in zip(got, served)
+             for g, k in zip(row, KEYS))
+
+
+def record(profile: StepProfile, served) -> list[dict]:
+  """Each served run's rate, size, measured medians and the simulator's with `profile`."""
+  got = _simulated(profile, served)
+  return [{"rate": m["request_rate"], "requests": len(prompt_lens),
+           **{f"measured_{k}": m[k] for k in KEYS},
+           **{f"fitted_{k}": g for k, g in zip(KEYS, row)}}
+          for (prompt_lens, _, _, m), row in zip(served, got)]
+
+
+def fit_per_seq(profile: StepProfile, served) -> float:
+  """The `decode_per_seq_s` with which the simulator best reproduces `served` (its other
+  parameters as `profile` has them)."""
+  grid = PER_SEQ_GRID
+  best = None
+  for _ in range(MAX_GRID_MOVES + 1):
+    for q in grid:
+      err = _error(_simulated(dataclasses.replace(profile, decode_per_seq_s=float(q)), served),
+                   served)
+      if best is None or err < best[0]:
+        best = (err, float(q))
+    if best[1] < grid[-1] - 1e-12:
+      break
+    grid = grid + (grid[-1] - grid[0])
+  return best[1]
+
+
+def fit_served(profile: StepProfile, served) -> StepProfile:
+  """`profile` fitted to served runs ((prompt_lens, output_lens, arrivals, measured metrics with
+  "request_rate") per run, as `bench.calibration.calibration_run` returns them): its
+  `decode_per_seq_s`, and disaggregated its `contention` too, one after the other (the
+  per-sequence work given the probe's contention, the contention given that, the per-sequence
+  work again given the fitted contention). The fit's record goes to meta["served_fit"]."""
+  fitted = dataclasses.replace(profile, meta=dict(profile.meta))
+  fitted.decode_per_seq_s = fit_per_seq(fitted, served)
+  if fitted.mode == "disagg":
+    fitted.contention, _ = fit_contention(fitted, served)
+    fitted.decode_per_seq_s = fit_per_seq(fitted, served)
+  fitted.meta["served_fit"] = record(fitted, served)
+  return fitted
+
+
+def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], list[dict]]:
   """The contention factors with which the simulator best reproduces measured runs' median TTFT
-  and TPOT (sum of squared relative errors over `served`: (prompt_lens, output_lens, arrivals,
-  measured metrics with "request_rate") per run, as `bench.calibration.calibration_run` returns
-  them): prefill's base factor and its growth per decoding sequence, and decode's factor. A
-  coarse grid (moved up while the best lies on its upper edge), then a finer one around its
-  best. Returns the factors and a record of the fit."""
-  keys = ("median_ttft_ms", "median_tpot_ms")
-
-  def simulated(factors):
-    trial = dataclasses.replace(profile, contention=factors)
-    out = []
-    for prompt_lens, output_lens, arrivals, _ in served:
-      result = simulator.simulate(trial, prompt_lens, output_lens, arrivals)
-      sim = metrics.compute(result.records, result.duration, {})
-      out.append([sim[k] for k in keys])
-    return out
-
-  def error(got):
-    return sum((g / m[k] - 1.0) ** 2 for row, (*_, m) in zip(got, served)
-               for g, k in zip(row, keys))
+  and TPOT (sum of squared relative errors over `served`, as `fit_served` takes it): prefill's
+  base factor and its growth per decoding sequence, and decode's factor. A coarse grid (moved
+  up while the best lies on its upper edge), then a finer one around its best. Returns the
+  factors and a record of the fit."""
 
   def search(prefills, per_seqs, decodes, best):
     for p in prefills:
@@ -48,10 +100,10 @@ def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], dict
         for d in decodes:
           factors = {"prefill": round(float(p), 3), "prefill_per_seq": round(float(q), 4),
                      "decode": round(float(d), 3)}
-          got = simulated(factors)
-          err = error(got)
+          err = _error(_simulated(dataclasses.replace(profile, contention=factors), served),
+                       served)
           if best is None or err < best[0]:
-            best = (err, factors, got)
+            best = (err, factors)
     return best
 
   # A coarse grid, moved up while the best lies on its upper edge (on a busy host decode can
@@ -72,9 +124,5 @@ def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], dict
   best = search(np.clip(p + np.arange(-0.1, 0.11, 0.05), 1.0, None),
                 np.clip(q + np.arange(-0.02, 0.021, 0.01), 0.0, None),
                 np.clip(d + np.arange(-0.05, 0.051, 0.025), 1.0, None), best)
-  _, factors, got = best
-  record = [{"rate": m["request_rate"], "requests": len(prompt_lens),
-             **{f"measured_{k}": m[k] for k in keys},
-             **{f"fitted_{k}": g for k, g in zip(keys, row)}}
-            for (prompt_lens, _, _, m), row in zip(served, got)]
-  return factors, record
+  factors = best[1]
+  return factors, record(dataclasses.replace(profile, contention=factors), served)

@@ -216,6 +216,30 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
   assert factors["decode"] == pytest.approx(decode, abs=0.05)
 
 
+@pytest.mark.parametrize("mode", ["colocated", "disagg"])
+def test_fit_served_recovers_the_host_work_per_sequence(mode):
+  # Runs simulated with 0.3 ms of host work per decoding sequence per step: fitting a table
+  # without it to those runs finds it again (disaggregated, with the contention factors too).
+  from disagg_jax.bench import arrivals as arrivals_lib
+  from disagg_jax.sim import contention
+  make = colocated_profile if mode == "colocated" else disagg_profile
+  truth = make(decode_batch=16, decode_per_seq_s=3e-4)
+  served = []
+  rng = np.random.default_rng(5)
+  for rate in (3.0, 9.0):
+    prompts, outputs = rng.integers(16, 256, 24), np.full(24, 24)
+    arrivals = arrivals_lib.arrival_times(24, rate, 1.0, 0)
+    result = simulator.simulate(truth, prompts, outputs, arrivals)
+    measured = metrics.compute(result.records, result.duration)
+    measured["request_rate"] = rate
+    served.append((prompts, outputs, arrivals, measured))
+  fitted = contention.fit_served(make(decode_batch=16), served)
+  assert fitted.decode_per_seq_s == pytest.approx(3e-4, abs=5e-5)
+  for row in fitted.meta["served_fit"]:
+    assert row["fitted_median_tpot_ms"] == pytest.approx(row["measured_median_tpot_ms"],
+                                                         rel=0.02)
+
+
 def test_colocated_prefix_caching_reuses_what_an_earlier_request_computed():
   # Two 200-token prompts sharing their first 150 tokens, the second after the first finished:
   # it finds 9 whole pages (144 tokens) cached and computes 56 tokens in one chunk (50 ms, not
