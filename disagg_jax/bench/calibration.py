@@ -3,9 +3,9 @@
     table = calibration.profile_engine(engine, iters=5)   # launch/profile.py, validate_sim.py
 
 `sim.timing.measure` times the engine's steps and probes on the idle engine. A served run adds
-what those probes reproduce poorly: the host's work per live stream (the benchmark's client
-threads read every token on the engine's cores) and, disaggregated, how prefill and decode slow
-each other when their steps overlap. Both are fitted (`sim.contention.fit_served`) to short
+what those probes reproduce poorly: a slower decode cadence (the benchmark's client threads read
+every token on the engine's cores) and, disaggregated, how prefill and decode slow each other
+when their steps overlap. Both are fitted (`sim.contention.fit_served`) to short
 served runs of the engine at a light and a moderate load. Serving those runs takes the benchmark
 runner, which is why this lives in `bench/` and not in `sim/` (the simulator's package never
 drives an engine through a workload).
@@ -29,8 +29,8 @@ CALIBRATION_LOADS = (0.1, 0.3)
 def profile_engine(engine, iters: int = 5, contention_bucket: int | None = None,
                    calibrate: bool = True) -> StepProfile:
   """The step-time table of an idle in-process `Engine` (`sim.timing.measure`); with
-  `calibrate`, fitted to served runs (`sim.contention.fit_served`: the host's work per decoding
-  sequence, and disaggregated the contention factors; the probe's factors are kept in
+  `calibrate`, fitted to served runs (`sim.contention.fit_served`: a factor on the decode steps,
+  and disaggregated the contention factors; the probe's factors are kept in
   meta["contention_probe"], the fit's record in meta["served_fit"])."""
   profile = timing.measure(engine, iters=iters, contention_bucket=contention_bucket)
   if calibrate:

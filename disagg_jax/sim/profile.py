@@ -8,8 +8,9 @@ decode that share a host's cores (the in-process disaggregated engine on CPU) sl
 down; `contention` holds the factors.
 
 This module is the table alone (its JSON form and the lookups the simulator makes). Measuring one
-on a running engine is `sim.timing.measure`; fitting the contention factors to served runs is
-`sim.contention.fit_contention`, with the runs from `bench.calibration`. Tables for hardware that
+on a running engine is `sim.timing.measure`; fitting it to served runs (the decode cadence while
+serving, the contention factors) is `sim.contention.fit_served`, with the runs from
+`bench.calibration`. Tables for hardware that
 is not here come from the roofline model, `sim.analytic`.
 """
 

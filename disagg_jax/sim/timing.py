@@ -15,8 +15,8 @@ What it relies on, all public (`disagg_jax.engine.engine.Engine`):
     `prefill_step_shapes` / `run_prefill_step`, `extract_kv`, `transfer_kv` and
     `run_insert_step` (disaggregated).
 It must run on an idle engine (no requests in flight). `bench.calibration.profile_engine` fits to
-served runs what the probes miss: the host's work per live stream, and the contention factors
-this measures with a synthetic probe.
+served runs what the probes miss: the decode cadence while a workload is served, and the
+contention factors this measures with a synthetic probe.
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
   profile.transfer_waits_for_decode = jax.devices()[0].platform == "cpu"
   # The decode step as the engine's own loop achieves it (dispatch, sampling, streaming and
   # all), from the token gaps of probe requests, per step shape: a few requests (the smallest
-  # rows bucket) and a full batch (every row), at each page-table width. What a served run's
-  # clients add per live stream is not in these cadences: `bench.calibration` fits it to served
-  # runs as decode_per_seq_s (0 here).
+  # rows bucket) and a full batch (every row), at each page-table width. The host's work per
+  # sequence is inside these cadences, so decode_per_seq_s stays 0 for measured tables; a served
+  # run's slower cadence is fitted afterwards (`bench.calibration`: one factor on all of them).
   # A fresh engine's first steps run slow (thread pools and buffers warming up): a discarded
   # warm-up probe first, then the quicker of two probes (the machine's other load only ever
   # slows one down).
@@ -236,8 +236,7 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
   # Interference: a prefill step of one `contention_bucket`-token request (default: the middle
   # length bucket) run back to back while the engine decodes two requests, against alone; and
   # the decode cadence meanwhile against without. (The decode step's device work does not depend
-  # on how many slots are live; the host's per-sequence work is decode_per_seq_s, fitted to
-  # served runs.)
+  # on how many slots are live; the host's per-sequence work is decode_per_seq_s.)
   lengths = profile.length_buckets
   bucket = buckets.pick(contention_bucket or lengths[len(lengths) // 2], lengths)
   background = {}

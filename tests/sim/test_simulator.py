@@ -217,13 +217,13 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
 
 
 @pytest.mark.parametrize("mode", ["colocated", "disagg"])
-def test_fit_served_recovers_the_host_work_per_sequence(mode):
-  # Runs simulated with 0.3 ms of host work per decoding sequence per step: fitting a table
-  # without it to those runs finds it again (disaggregated, with the contention factors too).
+def test_fit_served_recovers_the_served_decode_cadence(mode):
+  # Runs simulated with decode steps 1.25x the table's: fitting the table to those runs finds
+  # the factor again (disaggregated, with the contention factors too).
   from disagg_jax.bench import arrivals as arrivals_lib
   from disagg_jax.sim import contention
   make = colocated_profile if mode == "colocated" else disagg_profile
-  truth = make(decode_batch=16, decode_per_seq_s=3e-4)
+  truth = contention.scale_decode(make(decode_batch=16), 1.25)
   served = []
   rng = np.random.default_rng(5)
   for rate in (3.0, 9.0):
@@ -234,7 +234,8 @@ def test_fit_served_recovers_the_host_work_per_sequence(mode):
     measured["request_rate"] = rate
     served.append((prompts, outputs, arrivals, measured))
   fitted = contention.fit_served(make(decode_batch=16), served)
-  assert fitted.decode_per_seq_s == pytest.approx(3e-4, abs=5e-5)
+  assert fitted.meta["served_decode_factor"] == pytest.approx(1.25, abs=0.03)
+  assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"])
   for row in fitted.meta["served_fit"]:
     assert row["fitted_median_tpot_ms"] == pytest.approx(row["measured_median_tpot_ms"],
                                                          rel=0.02)
