@@ -17,7 +17,7 @@ WORKLOAD = ["--dataset_name=random", "--num_prompts=30", "--request_rate=20",
             "--random_input_len=40", "--random_output_len=6", "--goodput=ttft:2000,tpot:500"]
 
 
-@pytest.mark.slow  # 80 s each; sim.timing.measure and simulate.py have faster tests of their own
+@pytest.mark.slow  # 45 s colocated, 90 s disagg; sim.timing.measure and simulate.py have faster tests of their own
 @pytest.mark.parametrize("mode", ["colocated", "disagg"])
 def test_profile_then_simulate_writes_benchmark_keys(tmp_path, repo_root, mode):
   profile = tmp_path / "profile.json"

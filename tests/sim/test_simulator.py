@@ -191,22 +191,28 @@ def test_restricted_profile_keeps_the_smaller_buckets():
     disagg_profile().restricted(prefill_batch=4)
 
 
-@pytest.mark.parametrize("decode", [pytest.param(1.25, marks=pytest.mark.slow),
-                                    2.75])  # 2.75: past the first grid's edge (2.0)
-def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
+def _served_by(truth: StepProfile, seed: int) -> list[tuple]:
+  """Two "served" runs (24 requests at 3 and 9 req/s) simulated with the `truth` table, in the
+  form `sim.contention`'s fits take them."""
   from disagg_jax.bench import arrivals as arrivals_lib
-  from disagg_jax.sim import contention
-  truth = {"prefill": 1.5, "prefill_per_seq": 0.1, "decode": decode}
   served = []
-  rng = np.random.default_rng(3)
+  rng = np.random.default_rng(seed)
   for rate in (3.0, 9.0):
     prompts, outputs = rng.integers(16, 256, 24), np.full(24, 24)
     arrivals = arrivals_lib.arrival_times(24, rate, 1.0, 0)
-    result = simulator.simulate(disagg_profile(decode_batch=16, contention=truth), prompts,
-                                outputs, arrivals)
+    result = simulator.simulate(truth, prompts, outputs, arrivals)
     measured = metrics.compute(result.records, result.duration)
     measured["request_rate"] = rate
     served.append((prompts, outputs, arrivals, measured))
+  return served
+
+
+@pytest.mark.parametrize("decode", [pytest.param(1.25, marks=pytest.mark.slow),
+                                    2.75])  # 2.75: past the first grid's edge (2.0)
+def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
+  from disagg_jax.sim import contention
+  truth = {"prefill": 1.5, "prefill_per_seq": 0.1, "decode": decode}
+  served = _served_by(disagg_profile(decode_batch=16, contention=truth), seed=3)
   factors, record = contention.fit_contention(disagg_profile(decode_batch=16), served)
   for row in record:
     assert row["fitted_median_ttft_ms"] == pytest.approx(row["measured_median_ttft_ms"],
@@ -220,19 +226,9 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
 def test_fit_served_recovers_the_served_decode_cadence(mode):
   # Runs simulated with decode steps 1.25x the table's: fitting the table to those runs finds
   # the factor again (disaggregated, with the contention factors too).
-  from disagg_jax.bench import arrivals as arrivals_lib
   from disagg_jax.sim import contention
   make = colocated_profile if mode == "colocated" else disagg_profile
-  truth = contention.scale_decode(make(decode_batch=16), 1.25)
-  served = []
-  rng = np.random.default_rng(5)
-  for rate in (3.0, 9.0):
-    prompts, outputs = rng.integers(16, 256, 24), np.full(24, 24)
-    arrivals = arrivals_lib.arrival_times(24, rate, 1.0, 0)
-    result = simulator.simulate(truth, prompts, outputs, arrivals)
-    measured = metrics.compute(result.records, result.duration)
-    measured["request_rate"] = rate
-    served.append((prompts, outputs, arrivals, measured))
+  served = _served_by(contention.scale_decode(make(decode_batch=16), 1.25), seed=5)
   fitted = contention.fit_served(make(decode_batch=16), served)
   assert fitted.meta["served_decode_factor"] == pytest.approx(1.25, abs=0.03)
   assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"])
