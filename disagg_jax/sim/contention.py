@@ -27,6 +27,8 @@ from disagg_jax.sim.profile import StepProfile
 
 
 MAX_GRID_MOVES = 3
+# Rounds of fits in `fit_served` (disaggregated) before it stops if they still move.
+MAX_FIT_ROUNDS = 4
 KEYS = ("median_ttft_ms", "median_tpot_ms")
 # The decode factor's grid: 0.8 to 2.0 in steps of 0.01 (moved up while the best is on its upper
 # edge).
@@ -83,20 +85,57 @@ def fit_decode_factor(profile: StepProfile, served) -> float:
 def fit_served(profile: StepProfile, served) -> StepProfile:
   """`profile` fitted to served runs ((prompt_lens, output_lens, arrivals, measured metrics with
   "request_rate") per run, as `bench.calibration.calibration_run` returns them): its decode steps
-  scaled by a fitted factor, and disaggregated its `contention` fitted too, one after the other
-  (the factor given the probe's contention, the contention given that, the factor again given
-  the fitted contention). meta gets "served_decode_factor" (the product applied) and
-  "served_fit" (the runs' measured and fitted medians)."""
-  probe = dataclasses.replace(profile, meta=dict(profile.meta))
-  factor = fit_decode_factor(probe, served)
-  fitted = scale_decode(probe, factor)
-  if fitted.mode == "disagg":
+  scaled by a fitted factor (`fit_decode_factor`); disaggregated, then in rounds until nothing
+  moves (at most MAX_FIT_ROUNDS): the contention factors (`fit_contention`), then the decode
+  factor and the decode contention together (`fit_decode_pair`; both set the served TPOT, so
+  fitting them one after the other stalls short of their joint best). Every fit starts from
+  the current values, so no round makes the fit worse. meta gets "served_decode_factor" (the
+  product applied), "served_fit_rounds" (rounds made; 0 colocated) and "served_fit" (the runs'
+  measured and fitted medians)."""
+  fitted = dataclasses.replace(profile, meta=dict(profile.meta))
+  factor = fit_decode_factor(fitted, served)
+  fitted = scale_decode(fitted, factor)
+  rounds = 0
+  while fitted.mode == "disagg" and rounds < MAX_FIT_ROUNDS:
+    before = dict(fitted.contention)
     fitted.contention, _ = fit_contention(fitted, served)
-    again = fit_decode_factor(fitted, served)
-    fitted, factor = scale_decode(fitted, again), factor * again
+    again, decode = fit_decode_pair(fitted, served)
+    fitted = scale_decode(fitted, again)
+    fitted.contention = {**fitted.contention, "decode": decode}
+    factor, rounds = factor * again, rounds + 1
+    if again == 1.0 and fitted.contention == before:
+      break
   fitted.meta["served_decode_factor"] = round(factor, 4)
+  fitted.meta["served_fit_rounds"] = rounds
   fitted.meta["served_fit"] = record(fitted, served)
   return fitted
+
+
+def fit_decode_pair(profile: StepProfile, served) -> tuple[float, float]:
+  """(factor on `profile`'s decode steps, decode contention) fitted together: a coarse grid
+  (factor 0.7-1.3 in 0.05, contention 1.0-3.0 in 0.1), then a finer one around its best,
+  starting from (1.0, the profile's decode contention)."""
+
+  def error(f, d):
+    trial = scale_decode(profile, f)
+    trial.contention = {**profile.contention, "decode": d}
+    return _error(_simulated(trial, served), served)
+
+  def search(factors, decodes, best):
+    for f in factors:
+      for d in decodes:
+        f, d = round(float(f), 3), round(float(d), 3)
+        err = error(f, d)
+        if err < best[0]:
+          best = (err, f, d)
+    return best
+
+  d0 = profile.contention.get("decode", 1.0)
+  best = search(np.arange(0.7, 1.31, 0.05), np.arange(1.0, 3.01, 0.1), (error(1.0, d0), 1.0, d0))
+  _, f, d = best
+  best = search(np.clip(f + np.arange(-0.04, 0.041, 0.01), 0.1, None),
+                np.clip(d + np.arange(-0.08, 0.081, 0.02), 1.0, None), best)
+  return best[1], best[2]
 
 
 def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], list[dict]]:
@@ -104,7 +143,8 @@ def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], list
   and TPOT (sum of squared relative errors over `served`, as `fit_served` takes it): prefill's
   base factor and its growth per decoding sequence, and decode's factor. A coarse grid (moved
   up while the best lies on its upper edge), then a finer one around its best. Returns the
-  factors and a record of the fit."""
+  factors and a record of the fit. The search starts from `profile`'s own factors, so the fit
+  is never worse than them."""
 
   def search(prefills, per_seqs, decodes, best):
     for p in prefills:
@@ -122,7 +162,12 @@ def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], list
   # slow by more than 2x), then a finer grid around the best.
   prefills, per_seqs, decodes = (np.arange(1.0, 3.01, 0.25), np.arange(0.0, 0.41, 0.05),
                                  np.arange(1.0, 2.01, 0.125))
-  best = search(prefills, per_seqs, decodes, None)
+  start = {"prefill": profile.contention.get("prefill", 1.0),
+           "prefill_per_seq": profile.contention.get("prefill_per_seq", 0.0),
+           "decode": profile.contention.get("decode", 1.0)}
+  best = (_error(_simulated(dataclasses.replace(profile, contention=start), served), served),
+          start)
+  best = search(prefills, per_seqs, decodes, best)
   for _ in range(MAX_GRID_MOVES):
     at_edge = [best[1][k] >= grid[-1] - 1e-9 for k, grid in
                (("prefill", prefills), ("prefill_per_seq", per_seqs), ("decode", decodes))]

@@ -272,13 +272,14 @@ def screen(c: Candidate, profile, workload: Workload) -> float:
     decode_rate = c.num_decode_workers * batch / (output * step)
     return min(prefill_rate, decode_rate)
   # colocated: a request's prompt takes ceil(prompt / chunk) chunk rows; a mixed step carries up
-  # to chunk_batch rows, padded to one row or chunk_batch (the engine's row buckets), and every
-  # step (mixed or not) gives each decoding sequence a token, so the chunk steps also stretch the
-  # TPOT; a request holds its slot from admission to its last token (Little's law against the
+  # to chunk_batch rows, padded to one row per dp row or all of them (the engine's row buckets),
+  # and every step (mixed or not) gives each decoding sequence a token, so the chunk steps also
+  # stretch the TPOT; a request holds its slot from admission to its last token (Little's law against the
   # decode batch).
   length = buckets.pick(min(c.chunk_size, max(int(math.ceil(prompt)), 1)),
                         buckets.chunk_lens(c.chunk_size))
-  rows = buckets.chunk_rows(c.chunk_batch)[-1]
+  per_shard = buckets.chunk_rows(c.chunk_batch, profile.dp)[-1]
+  rows = per_shard * profile.dp  # chunks a step carries at most (every dp row)
   extra = step - profile.decode_s
   chunks = math.ceil(prompt / c.chunk_size)  # per request
   # The prompt's chunks run one step after another: a queue whose service is that sequence.
@@ -288,7 +289,8 @@ def screen(c: Candidate, profile, workload: Workload) -> float:
   def sustainable(rate):
     # Prompts in flight at once (Little's law over one prompt's chunk steps) fill the rows.
     used = min(rows, max(1.0, rate * alone))
-    mixed = (profile.mixed(1, length) if used <= 1 else profile.mixed(rows, length)) + extra
+    mixed = (profile.mixed(1, length) if used <= profile.dp
+             else profile.mixed(per_shard, length)) + extra
     chunk_steps = chunks / used
     busy = rate * chunk_steps * mixed  # share of time in mixed steps
     if busy > util or busy >= 1:

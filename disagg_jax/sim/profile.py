@@ -44,6 +44,10 @@ class StepProfile:
   # (`decode_shape_s`). Empty for analytic tables, whose steps read only live pages.
   decode_shapes_s: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
   decode_ref: tuple[int, ...] = ()
+  # Data-parallel rows of the decode mesh (colocated: its one mesh): the slots and the page
+  # pool split into dp shards, and the step tables' rows count all dp rows (a step computes the
+  # same rows on every shard).
+  dp: int = 1
   # colocated
   chunk_size: int = 0
   chunk_batch: int = 0
@@ -52,6 +56,9 @@ class StepProfile:
   mixed_widths_s: dict[tuple[int, int, int], float] = dataclasses.field(default_factory=dict)
   # disaggregated
   prefill_batch: int = 0
+  # Data-parallel rows of the prefill mesh: its batches are multiples of it (one prompt or more
+  # per row), up to prefill_batch rounded up to one.
+  prefill_dp: int = 1
   length_buckets: tuple[int, ...] = ()
   prefill_s: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
   insert_s: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -175,19 +182,20 @@ class StepProfile:
       if chunk_batch not in buckets.chunk_rows(self.chunk_batch):
         raise ValueError(f"chunk_batch={chunk_batch} is not one of this profile's batch buckets "
                          f"{buckets.chunk_rows(self.chunk_batch)}")
+      rows = buckets.chunk_rows(chunk_batch, self.dp)[-1] * self.dp  # all dp rows
       changes.update(chunk_size=chunk_size, chunk_batch=chunk_batch,
                      mixed_s={(b, c): t for (b, c), t in self.mixed_s.items()
-                              if b <= chunk_batch and c <= chunk_size},
+                              if b <= rows and c <= chunk_size},
                      mixed_widths_s={(b, c, w): t for (b, c, w), t
                                      in self.mixed_widths_s.items()
-                                     if b <= chunk_batch and c <= chunk_size})
+                                     if b <= rows and c <= chunk_size})
     elif prefill_batch is not None:
       if prefill_batch not in buckets.batch_buckets(self.prefill_batch):
         raise ValueError(f"prefill_batch={prefill_batch} is not one of this profile's batch "
                          f"buckets {buckets.batch_buckets(self.prefill_batch)}")
+      top = buckets.batch_buckets(prefill_batch, self.prefill_dp)[-1]
       changes.update(prefill_batch=prefill_batch,
-                     prefill_s={(b, l): t for (b, l), t in self.prefill_s.items()
-                                if b <= prefill_batch})
+                     prefill_s={(b, l): t for (b, l), t in self.prefill_s.items() if b <= top})
     return dataclasses.replace(self, **changes)
 
   # ------------------------------------------------------------------ lookups used by the sim
@@ -200,13 +208,14 @@ class StepProfile:
             + self.decode_per_token_s * context_tokens + self.decode_shape_s(shape))
 
   def decode_shape(self, pool, decoding) -> tuple[int, int] | None:
-    """The (rows, page-table width) of the engine's decode step over the `decoding` slots of
-    `pool` (a `sched.pool.SlotPool` of one shard); None without a shape table."""
+    """The (rows over all dp rows, page-table width) of the engine's decode step over the
+    `decoding` slots of `pool` (a `sched.pool.SlotPool` of `dp` shards); None without a shape
+    table."""
     if not self.decode_shapes_s or not decoding:
       return None
-    rows = sorted({r for r, _ in self.decode_shapes_s})
+    per_shard = sorted({r // self.dp for r, _ in self.decode_shapes_s})
     widths = sorted({w for _, w in self.decode_shapes_s})
-    return pool.decode_rows(decoding, rows), pool.table_width(widths)
+    return pool.decode_rows(decoding, per_shard) * self.dp, pool.table_width(widths)
 
   def decode_shape_s(self, shape: tuple[int, int] | None) -> float:
     """What a decode step of `shape` costs beyond one of the reference shape (0 without)."""
@@ -225,11 +234,16 @@ class StepProfile:
     return float(np.interp(idle, [0.0] + [p[0] for p in points],
                            [0.0] + [max(p[1], 0.0) for p in points]))
 
-  def mixed(self, num_chunks: int, longest: int, pool=None) -> float:
-    """A mixed step of `num_chunks` chunks, the longest `longest` tokens; with `pool` (the
-    slots after the step's admissions), at the page-table width it needs where the profile
-    has the widths, else at the widest."""
-    key = (buckets.pick(num_chunks, buckets.chunk_rows(self.chunk_batch)),
+  def chunk_rows(self) -> tuple[int, ...]:
+    """The mixed steps' chunk rows per shard (the engine's buckets for chunk_batch over dp)."""
+    return buckets.chunk_rows(self.chunk_batch, self.dp)
+
+  def mixed(self, chunks_per_shard: int, longest: int, pool=None) -> float:
+    """A mixed step whose fullest shard has `chunks_per_shard` chunks, the longest `longest`
+    tokens (the engine pads every shard to the same rows); with `pool` (the slots after the
+    step's admissions), at the page-table width it needs where the profile has the widths,
+    else at the widest."""
+    key = (buckets.pick(chunks_per_shard, self.chunk_rows()) * self.dp,
            buckets.pick(longest, buckets.chunk_lens(self.chunk_size)))
     if pool is None or not self.mixed_widths_s:
       return self.mixed_s[key]
@@ -255,6 +269,10 @@ class StepProfile:
     return (self.transfer_latency_s
             + max(whole - self.transfer_latency_s, 0.0) / max(self.transfer_groups, 1))
 
+  def prefill_batches(self) -> tuple[int, ...]:
+    """The prefill steps' batch buckets (the engine's: multiples of the prefill mesh's dp)."""
+    return buckets.batch_buckets(self.prefill_batch, self.prefill_dp)
+
   def prefill(self, batch: int, bucket: int) -> float:
-    return self.prefill_s[(buckets.pick(batch, buckets.batch_buckets(self.prefill_batch)),
+    return self.prefill_s[(buckets.pick(batch, self.prefill_batches()),
                            bucket)]

@@ -169,7 +169,8 @@ def _dispatch_blocks(profile: StepProfile) -> bool:
 
 
 def _pool(profile: StepProfile) -> SlotPool:
-  return SlotPool(profile.decode_batch, profile.num_pages, profile.page_size,
+  return SlotPool(profile.decode_batch, profile.num_pages // profile.dp, profile.page_size,
+                  num_shards=profile.dp,
                   prefix_caching=profile.prefix_caching)
 
 
@@ -211,7 +212,7 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
   waiting: collections.deque[SimRequest] = collections.deque()
   pool = _pool(profile)
   rules = policy.ColocatedPolicy(chunk_size=profile.chunk_size,
-                                 max_chunks_per_shard=buckets.chunk_rows(profile.chunk_batch)[-1])
+                                 max_chunks_per_shard=profile.chunk_rows()[-1])
   lag = profile.read_lag_s
   jitter = _Jitter(profile)
   in_flight = None  # (rows, end): the dispatched step whose tokens are read next
@@ -241,7 +242,9 @@ def simulate_colocated(profile: StepProfile, prompt_lens: Sequence[int],
         request.prefill_start = now if request.prefill_start is None else request.prefill_start
       if step.chunks:
         # The mixed step's table covers its decode rows at the step's width.
-        seconds = (profile.mixed(len(step.chunks), max(n for _, _, n in step.chunks), pool)
+        per_shard = collections.Counter(pool.shard_of(slot) for slot, _, _ in step.chunks)
+        seconds = (profile.mixed(max(per_shard.values()), max(n for _, _, n in step.chunks),
+                                 pool)
                    + profile.decode_time(len(step.decode), _context(pool, step.decode))
                    - profile.decode_s)
       else:
@@ -323,8 +326,9 @@ class _Disagg:
     self.elastic: _Elastic | None = None
 
   def max_batch_for(self, bucket: int) -> int:
-    sizes = [b for b, s in self.profile.prefill_s if s == bucket and b <= self.profile.prefill_batch]
-    return max(sizes, default=self.profile.prefill_batch)
+    top = self.profile.prefill_batches()[-1]
+    sizes = [b for b, s in self.profile.prefill_s if s == bucket and b <= top]
+    return max(sizes, default=top)
 
   def release_staging(self, request: SimRequest) -> None:
     if not self.replaying:  # replayed runs release at the recorded times

@@ -162,7 +162,8 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
                         decode_batch=config.decode_batch,
                         num_pages=engine.page_capacity,
                         max_seq_len=engine.limits.max_seq_len,
-                        decode_s=0.0, prefix_caching=engine.core.slots.prefix_caching,
+                        decode_s=0.0, dp=engine.core.slots.num_shards,
+                        prefix_caching=engine.core.slots.prefix_caching,
                         run_ahead=config.run_ahead,
                         staging_tokens=engine.pool.staging_tokens if engine.mode == "disagg"
                         else 0,
@@ -216,6 +217,7 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
     return profile
 
   profile.prefill_batch = config.prefill_batch
+  profile.prefill_dp = engine.prefill.steps.dp
   profile.length_buckets = tuple(engine.length_buckets)
   # A request's KV moves in this many layer groups; transfer_s is all of them.
   profile.transfer_groups = len(engine.prefill.groups)
@@ -242,7 +244,7 @@ def measure(engine, iters: int = 5, contention_bucket: int | None = None) -> Ste
   background = {}
 
   def prefill_one():
-    background["kv"] = engine.run_prefill_step(1, bucket)
+    background["kv"] = engine.run_prefill_step(profile.prefill_batches()[0], bucket)
   block_prefill = lambda: jax.block_until_ready(background)
   prefill_alone = _median_time(prefill_one, block_prefill, iters)
   steps = max(int(0.5 / max(prefill_alone, 1e-3)), 2 * iters)

@@ -191,6 +191,22 @@ def test_restricted_profile_keeps_the_smaller_buckets():
     disagg_profile().restricted(prefill_batch=4)
 
 
+def test_a_data_parallel_prefill_table_prices_batches_in_multiples_of_dp():
+  # Prefill mesh of 3 dp rows, prefill batch 4: the engine's batches are 3 or 6 prompts.
+  lb = (16, 32, 64, 128, 256, 512)
+  dis = disagg_profile(prefill_batch=4, prefill_dp=3, decode_batch=6,
+                       prefill_s={**{(3, s): 0.05 for s in lb}, **{(6, s): 0.08 for s in lb}})
+  assert dis.prefill_batches() == (3, 6)
+  assert dis.prefill(1, 64) == dis.prefill(3, 64) == pytest.approx(0.05)
+  assert dis.prefill(4, 64) == pytest.approx(0.08)
+  for batch in (1, 2):  # both run one prompt per row
+    assert set(dis.restricted(prefill_batch=batch).prefill_s) == {(3, s) for s in lb}
+  result = simulator.simulate(dis, [40] * 8, [6] * 8, [0.0] * 8)
+  assert len(result.records) == 8
+  # Six prompts that arrive together leave in one prefill step: equal first-token times.
+  assert len({round(r.ttft, 9) for r in result.records[:6]}) == 1
+
+
 def _served_by(truth: StepProfile, seed: int) -> list[tuple]:
   """Two "served" runs (24 requests at 3 and 9 req/s) simulated with the `truth` table, in the
   form `sim.contention`'s fits take them."""
@@ -222,19 +238,38 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
   assert factors["decode"] == pytest.approx(decode, abs=0.05)
 
 
-@pytest.mark.parametrize("mode", ["colocated", "disagg"])
-def test_fit_served_recovers_the_served_decode_cadence(mode):
+def test_fit_served_recovers_the_served_decode_cadence_colocated():
   # Runs simulated with decode steps 1.25x the table's: fitting the table to those runs finds
-  # the factor again (disaggregated, with the contention factors too).
+  # the factor again.
   from disagg_jax.sim import contention
-  make = colocated_profile if mode == "colocated" else disagg_profile
-  served = _served_by(contention.scale_decode(make(decode_batch=16), 1.25), seed=5)
-  fitted = contention.fit_served(make(decode_batch=16), served)
+  served = _served_by(contention.scale_decode(colocated_profile(decode_batch=16), 1.25), seed=5)
+  fitted = contention.fit_served(colocated_profile(decode_batch=16), served)
   assert fitted.meta["served_decode_factor"] == pytest.approx(1.25, abs=0.03)
-  assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"])
+  assert fitted.meta["served_fit_rounds"] == 0
+  assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"], rel=1e-3)
   for row in fitted.meta["served_fit"]:
     assert row["fitted_median_tpot_ms"] == pytest.approx(row["measured_median_tpot_ms"],
                                                          rel=0.02)
+
+
+def test_fit_served_recovers_the_served_decode_cadence_and_contention_disaggregated():
+  # Runs whose decode steps are 1.2x the table's and slow 1.6x beside a prefill, and whose
+  # prefills slow 1.5x plus 0.1x per decoding sequence (the table says 1.0 for all). The decode
+  # factor and the decode contention both move TPOT: one pass of each stalls (here at 1.5x and
+  # 1.125x, 1.5% squared error); the rounds and the pair fitted together find the truth.
+  from disagg_jax.sim import contention
+  truth = {"prefill": 1.5, "prefill_per_seq": 0.1, "decode": 1.6}
+  served = _served_by(contention.scale_decode(disagg_profile(decode_batch=16, contention=truth),
+                                              1.2), seed=7)
+  fitted = contention.fit_served(disagg_profile(decode_batch=16), served)
+  assert 2 <= fitted.meta["served_fit_rounds"] < contention.MAX_FIT_ROUNDS  # settled
+  assert fitted.meta["served_decode_factor"] == pytest.approx(1.2, abs=0.02)
+  for key, value in truth.items():
+    assert fitted.contention[key] == pytest.approx(value, abs=0.05)
+  assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"], rel=1e-3)
+  for row in fitted.meta["served_fit"]:
+    for key in contention.KEYS:
+      assert row[f"fitted_{key}"] == pytest.approx(row[f"measured_{key}"], rel=0.01)
 
 
 def test_colocated_prefix_caching_reuses_what_an_earlier_request_computed():

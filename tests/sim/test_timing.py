@@ -67,6 +67,30 @@ def test_profile_prices_a_decode_step_by_its_shape():
   assert again.decode_ref == (2, 4)
 
 
+def test_a_data_parallel_table_prices_steps_by_their_rows_over_every_shard():
+  # dp=2, chunk_batch=4: the engine's mixed steps carry 1 or 2 chunk rows per shard, 2 or 4 in
+  # all, and its decode steps 2 or 8 rows in all (1 or 4 per shard of 4 slots).
+  profile = _table_profile(dp=2, chunk_batch=4, decode_shapes_s={(2, 8): 0.002, (8, 8): 0.004},
+                           decode_ref=(2, 8), mixed_s={(2, 32): 0.010, (4, 32): 0.016},
+                           mixed_widths_s={(2, 32, 8): 0.010, (4, 32, 8): 0.016})
+  pool = simulator._pool(profile)  # pylint: disable=protected-access
+  assert pool.num_shards == 2 and pool.slots_per_shard == 4
+  assert pool.num_shards * pool.pages_per_shard == profile.num_pages
+  a, b = pool.assign("a", 20, 0), pool.assign("b", 20, 1)
+  assert pool.shard_of(a) != pool.shard_of(b)
+  assert profile.mixed(1, 20, pool) == pytest.approx(0.010)  # one chunk per shard: 2 rows
+  assert profile.mixed(2, 20, pool) == pytest.approx(0.016)  # two in one shard: 4 rows
+  assert profile.decode_shape(pool, [a, b]) == (2, 8)
+  c = pool.assign("c", 20, pool.shard_of(a))
+  d = pool.assign("d", 20, pool.shard_of(a))
+  assert profile.decode_shape(pool, [a, b, c, d]) == (8, 8)  # index 2 within its shard
+  # A smaller chunk batch keeps the steps of one row per shard.
+  assert set(profile.restricted(chunk_batch=1).mixed_s) == {(2, 32)}
+  # The simulator runs such a table over a pool of two shards (requests spread over both).
+  result = simulator.simulate_colocated(profile, [30] * 6, [8] * 6, [0.0] * 6)
+  assert len(result.records) == 6 and all(r.output_len == 8 for r in result.records)
+
+
 def test_simulated_token_gap_follows_the_page_table_width():
   """One request alone: its decode steps cost the reference step while it fits 4 pages, the
   8-page step once it is longer (the engine's table widens with the longest sequence)."""
@@ -106,6 +130,31 @@ def test_measure_times_every_step_shape(colocated_engine):
   # The measured table drives the simulator.
   result = simulator.simulate_colocated(profile, [8, 90], [20, 20], [0.0, 0.01])
   assert len(result.records) == 2 and all(r.output_len == 20 for r in result.records)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disagg"])
+def test_measure_a_data_parallel_engine(hf_checkpoint, mode):
+  # Meshes of two dp rows (disaggregated: both): the table records them, its keys are the
+  # engine's step shapes (rows over every dp row, prefill batches multiples of dp), and the
+  # probes and the simulator price steps at those shapes.
+  model_dir, _ = hf_checkpoint("llama3")
+  config = EngineConfig(max_seq_len=128, decode_batch=8, chunk_size=32, chunk_batch=2,
+                        prefill_batch=2, num_pages=64, prefill_cache_tokens=0)
+  first = loading.load_model(model_dir, helpers.mesh(2, 1, start=0))
+  second = loading.load_model(model_dir, helpers.mesh(2, 1, start=2)) if mode == "disagg" else None
+  with Engine.create(mode, first, second, config=config, progress=False) as engine:
+    profile = timing.measure(engine, iters=1)
+    assert profile.dp == 2
+    assert set(profile.decode_shapes_s) == set(engine.decode_step_shapes())
+    if mode == "colocated":
+      assert set(profile.mixed_widths_s) == set(engine.mixed_step_shapes())
+      assert {b for b, _ in profile.mixed_s} == {2}  # one chunk row per shard
+    else:
+      assert profile.prefill_dp == 2
+      assert set(profile.prefill_s) == set(engine.prefill_step_shapes())
+      assert {b for b, _ in profile.prefill_s} == {2}  # one prompt per dp row
+  result = simulator.simulate(profile, [8, 90, 40], [20, 20, 20], [0.0, 0.01, 0.02])
+  assert len(result.records) == 3 and all(r.output_len == 20 for r in result.records)
 
 
 @pytest.mark.parametrize("mode", ["colocated", "disagg"])
