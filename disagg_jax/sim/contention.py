@@ -12,7 +12,11 @@ median TTFT and TPOT (`bench.calibration` serves those runs on a live engine):
     light calibration runs it overshot p90 TPOT by 30-50% at the highest validation rate.
   * for the disaggregated engine, how much its prefill and decode slow each other when they share
     a host's cores (`contention`), which depends on how their steps overlap (a synthetic probe
-    measured 3.5x for prefill where served runs show 1.5-2x).
+    measured 3.5x for prefill where served runs show 1.5-2x). Its decode factor and the decode
+    factor above both set the served TPOT (one at every step, the other where a prefill
+    overlaps), so `fit_served` fits those two together (`fit_decode_pair`), in rounds with the
+    prefill factors, until nothing moves: fitted one after the other they stall short of the
+    joint best (tests/sim/test_simulator.py has a case).
 """
 
 from __future__ import annotations
