@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     summary = json.load(f)["summary"]
   print(f"\nfidelity report: {os.path.join(output_dir(rest), 'fidelity.md')}")
   for mode, s in summary.items():
-    print(f"{mode}: {s['within_noise']}/{s['judged']} cells within the noise, "
-          f"{s['within_5pct']}/{s['five_pct']} medians and throughputs within 5%, "
+    print(f"{mode}: {s['metrics_within']}/{len(s['metrics'])} metrics within the real runs' "
+          f"own difference, {s['within_5pct']}/{s['five_pct']} medians and throughputs within "
+          f"5%, {s['within_noise']}/{s['judged']} cells within the range of the runs, "
           f"goal {'met' if s['goal_met'] else 'not met'}")
   return 0
 
