@@ -10,6 +10,10 @@ median TTFT and TPOT (`bench.calibration` serves those runs on a live engine):
     the table's decode steps (`decode_s` and `decode_shapes_s`; meta["served_decode_factor"]).
     A per-sequence cost (`decode_per_seq_s`) was tried first and fitted worse: fitted on the
     light calibration runs it overshot p90 TPOT by 30-50% at the highest validation rate.
+  * for the colocated engine, the read lag (a step's end to its tokens reaching the caller): a
+    lone probe request's TTFT less its mixed step measured 0-6 ms between profiles, and served
+    runs' median TTFT was up to 5 ms off the simulated (on 2026-12-02 both calibration runs of
+    a profile 4.5 and 4.9 ms short); `fit_read_lag` fits it to them.
   * for the disaggregated engine, how much its prefill and decode slow each other when they share
     a host's cores (`contention`), which depends on how their steps overlap (a synthetic probe
     measured 3.5x for prefill where served runs show 1.5-2x). Its decode factor and the decode
@@ -37,6 +41,8 @@ KEYS = ("median_ttft_ms", "median_tpot_ms")
 # The decode factor's grid: 0.8 to 2.0 in steps of 0.01 (moved up while the best is on its upper
 # edge).
 DECODE_FACTOR_GRID = np.arange(0.8, 2.0 + 1e-9, 0.01)
+# The colocated read lag's grid (seconds): 0 to 30 ms in steps of 0.25 ms.
+READ_LAG_GRID = np.arange(0.0, 0.030 + 1e-9, 0.00025)
 
 
 def _simulated(profile: StepProfile, served) -> list[list[float]]:
@@ -89,8 +95,9 @@ def fit_decode_factor(profile: StepProfile, served) -> float:
 def fit_served(profile: StepProfile, served) -> StepProfile:
   """`profile` fitted to served runs ((prompt_lens, output_lens, arrivals, measured metrics with
   "request_rate") per run, as `bench.calibration.calibration_run` returns them): its decode steps
-  scaled by a fitted factor (`fit_decode_factor`); disaggregated, then in rounds until nothing
-  moves (at most MAX_FIT_ROUNDS): the contention factors (`fit_contention`), then the decode
+  scaled by a fitted factor (`fit_decode_factor`); colocated, then the read lag and the
+  factor in turn, twice (`fit_read_lag`; the probes' lag is kept in meta["probe_read_lag_s"]);
+  disaggregated, in rounds until nothing moves (at most MAX_FIT_ROUNDS): the contention factors (`fit_contention`), then the decode
   factor and the decode contention together (`fit_decode_pair`; both set the served TPOT, so
   fitting them one after the other stalls short of their joint best). Every fit starts from
   the current values, so no round makes the fit worse. meta gets "served_decode_factor" (the
@@ -99,6 +106,14 @@ def fit_served(profile: StepProfile, served) -> StepProfile:
   fitted = dataclasses.replace(profile, meta=dict(profile.meta))
   factor = fit_decode_factor(fitted, served)
   fitted = scale_decode(fitted, factor)
+  if fitted.mode == "colocated":
+    # The lag moves only TTFT, the factor mostly TPOT (and TTFT a little, through the decode
+    # steps a prompt waits for): twice in turn settles both.
+    fitted.meta["probe_read_lag_s"] = fitted.read_lag_s
+    for _ in range(2):
+      fitted.read_lag_s = fit_read_lag(fitted, served)
+      again = fit_decode_factor(fitted, served)
+      fitted, factor = scale_decode(fitted, again), factor * again
   rounds = 0
   while fitted.mode == "disagg" and rounds < MAX_FIT_ROUNDS:
     before = dict(fitted.contention)
@@ -113,6 +128,19 @@ def fit_served(profile: StepProfile, served) -> StepProfile:
   fitted.meta["served_fit_rounds"] = rounds
   fitted.meta["served_fit"] = record(fitted, served)
   return fitted
+
+
+def fit_read_lag(profile: StepProfile, served) -> float:
+  """The read lag (from a step's end to its tokens reaching the caller) with which the simulator
+  best reproduces `served`, over READ_LAG_GRID and the profile's own (so never worse than it).
+  Colocated, every token is read that late, so the lag moves TTFT and leaves TPOT alone."""
+  best = (_error(_simulated(profile, served), served), profile.read_lag_s)
+  for lag in READ_LAG_GRID:
+    lag = round(float(lag), 6)
+    err = _error(_simulated(dataclasses.replace(profile, read_lag_s=lag), served), served)
+    if err < best[0]:
+      best = (err, lag)
+  return best[1]
 
 
 def fit_decode_pair(profile: StepProfile, served) -> tuple[float, float]:

@@ -238,18 +238,23 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
   assert factors["decode"] == pytest.approx(decode, abs=0.05)
 
 
-def test_fit_served_recovers_the_served_decode_cadence_colocated():
-  # Runs simulated with decode steps 1.25x the table's: fitting the table to those runs finds
-  # the factor again.
+def test_fit_served_recovers_the_served_decode_cadence_and_read_lag_colocated():
+  # Runs simulated with decode steps 1.25x the table's and tokens read 6 ms after their step
+  # (the table says 1 ms): fitting the table to those runs finds both again.
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from disagg_jax.sim import contention
-  served = _served_by(contention.scale_decode(colocated_profile(decode_batch=16), 1.25), seed=5)
-  fitted = contention.fit_served(colocated_profile(decode_batch=16), served)
+  table = dataclasses.replace(colocated_profile(decode_batch=16), read_lag_s=0.001)
+  truth = dataclasses.replace(contention.scale_decode(table, 1.25), read_lag_s=0.006)
+  served = _served_by(truth, seed=5)
+  fitted = contention.fit_served(table, served)
   assert fitted.meta["served_decode_factor"] == pytest.approx(1.25, abs=0.03)
+  assert fitted.read_lag_s == pytest.approx(0.006, abs=0.0005)
+  assert fitted.meta["probe_read_lag_s"] == 0.001
   assert fitted.meta["served_fit_rounds"] == 0
   assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"], rel=1e-3)
   for row in fitted.meta["served_fit"]:
-    assert row["fitted_median_tpot_ms"] == pytest.approx(row["measured_median_tpot_ms"],
-                                                         rel=0.02)
+    for key in contention.KEYS:
+      assert row[f"fitted_{key}"] == pytest.approx(row[f"measured_{key}"], rel=0.02)
 
 
 def test_fit_served_recovers_the_served_decode_cadence_and_contention_disaggregated():
