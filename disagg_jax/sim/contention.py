@@ -98,8 +98,9 @@ def fit_served(profile: StepProfile, served) -> StepProfile:
   scaled by a fitted factor (`fit_decode_factor`); colocated, then the read lag and the
   factor in turn, twice (`fit_read_lag`; the probes' lag is kept in meta["probe_read_lag_s"]);
   disaggregated, in rounds until nothing moves (at most MAX_FIT_ROUNDS): the contention
-  factors (`fit_contention`), then the decode factor and the decode contention together (`fit_decode_pair`; both set the served TPOT, so
-  fitting them one after the other stalls short of their joint best). Every fit starts from
+  factors (`fit_contention`), then the decode factor and the decode contention together
+  (`fit_decode_pair`; both set the served TPOT, so fitting them one after the other stalls
+  short of their joint best). Every fit starts from
   the current values, so no round makes the fit worse. meta gets "served_decode_factor" (the
   product applied), "served_fit_rounds" (rounds made; 0 colocated) and "served_fit" (the runs'
   measured and fitted medians)."""
