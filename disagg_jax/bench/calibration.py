@@ -4,8 +4,8 @@
 
 `sim.timing.measure` times the engine's steps and probes on the idle engine. A served run adds
 what those probes reproduce poorly: a slower decode cadence (the benchmark's client threads read
-every token on the engine's cores) and, disaggregated, how prefill and decode slow each other
-when their steps overlap. Both are fitted (`sim.contention.fit_served`) to short
+every token on the engine's cores), colocated the mixed steps' served cost and the read lag,
+and, disaggregated, how prefill and decode slow each other when their steps overlap. Both are fitted (`sim.contention.fit_served`) to short
 served runs of the engine at a light and a moderate load. Serving those runs takes the benchmark
 runner, which is why this lives in `bench/` and not in `sim/` (the simulator's package never
 drives an engine through a workload).
@@ -56,7 +56,8 @@ def calibration_run(engine, profile: StepProfile, load: float, num_requests: int
                     output_len: int = 24, seed: int = 1234):
   """Serves `num_requests` random requests (prompts spread over the length buckets up to 256
   tokens, `output_len` tokens out) at `load` x the rate the profile says the engine sustains.
-  Returns (prompt_lens, output_lens, arrivals, measured metrics)."""
+  Returns (prompt_lens, output_lens, arrivals, measured metrics, with the medians the fit
+  matches: `sim.contention.targets`)."""
   rng = np.random.default_rng(seed)
   output_len = max(min(output_len, profile.max_seq_len // 4), 2)
   longest = max(min(256, profile.max_seq_len - output_len,
@@ -70,5 +71,6 @@ def calibration_run(engine, profile: StepProfile, load: float, num_requests: int
               for n in prompt_lens]
   records, duration = runner.run(engine, requests, arrivals, seed=seed, progress=False)
   measured = metrics.compute(records, duration, {})
+  measured.update(contention.targets(profile.mode, profile.chunk_size, records, duration))
   measured["request_rate"] = rate
   return prompt_lens, output_lens, arrivals, measured

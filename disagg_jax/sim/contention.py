@@ -10,10 +10,16 @@ median TTFT and TPOT (`bench.calibration` serves those runs on a live engine):
     the table's decode steps (`decode_s` and `decode_shapes_s`; meta["served_decode_factor"]).
     A per-sequence cost (`decode_per_seq_s`) was tried first and fitted worse: fitted on the
     light calibration runs it overshot p90 TPOT by 30-50% at the highest validation rate.
-  * for the colocated engine, the read lag (a step's end to its tokens reaching the caller): a
-    lone probe request's TTFT less its mixed step measured 0-6 ms between profiles, and served
-    runs' median TTFT was up to 5 ms off the simulated (on 2026-12-02 both calibration runs of
-    a profile 4.5 and 4.9 ms short); `fit_read_lag` fits it to them.
+  * for the colocated engine, the mixed steps' cost and the read lag (a step's end to its
+    tokens reaching the caller). The mixed steps are timed back to back on the idle engine and
+    served runs' multi-chunk prompts took less per chunk (a fit put them at 0.74-0.78x), while
+    a lone probe request's TTFT less its mixed step (the probed lag) measured 0-6 ms between
+    profiles against 9-13 ms fitted. The two are told apart by the median TTFT of the prompts
+    that take one chunk (one mixed step and the lag) and of those that take more (each chunk a
+    step, the lag once): `fit_mixed_and_lag` fits both to them. Fitted to the median TTFT of all
+    prompts instead, the lag alone left the validation runs' median TTFT 8-13% high: when about
+    half the prompts take one chunk, that median lies between the two groups and moves with how
+    far apart they are.
   * for the disaggregated engine, how much its prefill and decode slow each other when they share
     a host's cores (`contention`), which depends on how their steps overlap (a synthetic probe
     measured 3.5x for prefill where served runs show 1.5-2x). Its decode factor and the decode
@@ -37,36 +43,72 @@ from disagg_jax.sim.profile import StepProfile
 MAX_GRID_MOVES = 3
 # Rounds of fits in `fit_served` (disaggregated) before it stops if they still move.
 MAX_FIT_ROUNDS = 4
+# The medians fitted: colocated the TTFT of the prompts that take one chunk and of those that
+# take more (`targets`) in place of the median TTFT.
 KEYS = ("median_ttft_ms", "median_tpot_ms")
+COLOCATED_KEYS = ("median_ttft_one_chunk_ms", "median_ttft_more_chunks_ms", "median_tpot_ms")
 # The decode factor's grid: 0.8 to 2.0 in steps of 0.01 (moved up while the best is on its upper
 # edge).
 DECODE_FACTOR_GRID = np.arange(0.8, 2.0 + 1e-9, 0.01)
-# The colocated read lag's grid (seconds): 0 to 30 ms in steps of 0.25 ms.
-READ_LAG_GRID = np.arange(0.0, 0.030 + 1e-9, 0.00025)
+# Colocated, the decode factor and the mixed steps' factor are fitted together, each pair with
+# its best read lag (`fit_colocated`): a coarse grid (decode 0.5 to 2.0 in steps of 0.05,
+# reaching up to 1.5x the factor fitted to TPOT alone where that is higher; mixed 0.5 to 1.5 in
+# steps of 0.1), then two finer ones around the best so far, each step a quarter of the one
+# before, two steps either side.
+DECODE_COARSE_STEP = 0.05
+MIXED_FACTOR_GRID = np.arange(0.5, 1.5 + 1e-9, 0.1)
 
 
-def _simulated(profile: StepProfile, served) -> list[list[float]]:
-  """The simulator's median TTFT and TPOT for each served run's workload."""
-  out = []
-  for prompt_lens, output_lens, arrivals, _ in served:
-    result = simulator.simulate(profile, prompt_lens, output_lens, arrivals)
-    sim = metrics.compute(result.records, result.duration, {})
-    out.append([sim[k] for k in KEYS])
+def targets(mode: str, chunk_size: int, records, duration: float) -> dict[str, float]:
+  """The medians a fit matches, of one run's request records: median TTFT and TPOT;
+  colocated (`mode`), the TTFT split by whether the prompt took one chunk of `chunk_size` or
+  more (COLOCATED_KEYS; a group with no requests is left out)."""
+  out = {k: v for k, v in metrics.compute(records, duration, {}).items() if k in KEYS}
+  if mode == "colocated":
+    done = [r for r in records if r.success]
+    for key, group in (("median_ttft_one_chunk_ms", [r for r in done
+                                                     if r.prompt_len <= chunk_size]),
+                       ("median_ttft_more_chunks_ms", [r for r in done
+                                                       if r.prompt_len > chunk_size])):
+      if group:
+        out[key] = float(np.median([r.ttft for r in group])) * 1e3
   return out
 
 
-def _error(got: list[list[float]], served) -> float:
-  """Sum of squared relative errors against the served runs' medians."""
-  return sum((g / m[k] - 1.0) ** 2 for row, (*_, m) in zip(got, served)
-             for g, k in zip(row, KEYS))
+def _keys(profile: StepProfile, measured: dict) -> tuple[str, ...]:
+  """The medians fitted for a served run: COLOCATED_KEYS where it has them (colocated), else
+  KEYS."""
+  if profile.mode == "colocated" and all(k in measured for k in COLOCATED_KEYS):
+    return COLOCATED_KEYS
+  return KEYS
+
+
+def _simulated(profile: StepProfile, served) -> list[dict[str, float]]:
+  """The simulator's medians (`targets`) for each served run's workload."""
+  out = []
+  for prompt_lens, output_lens, arrivals, _ in served:
+    result = simulator.simulate(profile, prompt_lens, output_lens, arrivals)
+    out.append(targets(profile.mode, profile.chunk_size, result.records, result.duration))
+  return out
+
+
+def _error(got: list[dict[str, float]], served, profile: StepProfile,
+           keys: tuple[str, ...] | None = None) -> float:
+  """Sum of squared relative errors against the served runs' medians: `keys` (default `_keys`)."""
+  return sum((row[k] / m[k] - 1.0) ** 2 for row, (*_, m) in zip(got, served)
+             for k in (keys or _keys(profile, m)))
+
+
+def _fit_error(profile: StepProfile, served, keys: tuple[str, ...] | None = None) -> float:
+  return _error(_simulated(profile, served), served, profile, keys)
 
 
 def record(profile: StepProfile, served) -> list[dict]:
   """Each served run's rate, size, measured medians and the simulator's with `profile`."""
   got = _simulated(profile, served)
   return [{"rate": m["request_rate"], "requests": len(prompt_lens),
-           **{f"measured_{k}": m[k] for k in KEYS},
-           **{f"fitted_{k}": g for k, g in zip(KEYS, row)}}
+           **{f"measured_{k}": m[k] for k in _keys(profile, m)},
+           **{f"fitted_{k}": row[k] for k in _keys(profile, m)}}
           for (prompt_lens, _, _, m), row in zip(served, got)]
 
 
@@ -77,13 +119,20 @@ def scale_decode(profile: StepProfile, factor: float) -> StepProfile:
                                               for k, v in profile.decode_shapes_s.items()})
 
 
-def fit_decode_factor(profile: StepProfile, served) -> float:
-  """The factor on `profile`'s decode steps with which the simulator best reproduces `served`
-  (its other parameters as `profile` has them)."""
+def scale_mixed(profile: StepProfile, factor: float) -> StepProfile:
+  """`profile` with its mixed steps (`mixed_s` and `mixed_widths_s`) `factor` x as long."""
+  return dataclasses.replace(profile, mixed_s={k: v * factor for k, v in profile.mixed_s.items()},
+                             mixed_widths_s={k: v * factor
+                                             for k, v in profile.mixed_widths_s.items()})
+
+
+def fit_decode_factor(profile: StepProfile, served, keys: tuple[str, ...] | None = None) -> float:
+  """The factor on `profile`'s decode steps with which the simulator best reproduces `served`'s
+  medians `keys` (default all it fits, `_keys`; its other parameters as `profile` has them)."""
   grid, best = DECODE_FACTOR_GRID, None
   for _ in range(MAX_GRID_MOVES + 1):
     for f in grid:
-      err = _error(_simulated(scale_decode(profile, float(f)), served), served)
+      err = _fit_error(scale_decode(profile, float(f)), served, keys)
       if best is None or err < best[0]:
         best = (err, round(float(f), 3))
     if best[1] < grid[-1] - 1e-9:
@@ -94,28 +143,31 @@ def fit_decode_factor(profile: StepProfile, served) -> float:
 
 def fit_served(profile: StepProfile, served) -> StepProfile:
   """`profile` fitted to served runs ((prompt_lens, output_lens, arrivals, measured metrics with
-  "request_rate") per run, as `bench.calibration.calibration_run` returns them): its decode steps
-  scaled by a fitted factor (`fit_decode_factor`); colocated, then the read lag and the
-  factor in turn, twice (`fit_read_lag`; the probes' lag is kept in meta["probe_read_lag_s"]);
-  disaggregated, in rounds until nothing moves (at most MAX_FIT_ROUNDS): the contention
-  factors (`fit_contention`), then the decode factor and the decode contention together
-  (`fit_decode_pair`; both set the served TPOT, so fitting them one after the other stalls
-  short of their joint best). Every fit starts from
-  the current values, so no round makes the fit worse. meta gets "served_decode_factor" (the
-  product applied), "served_fit_rounds" (rounds made; 0 colocated) and "served_fit" (the runs'
-  measured and fitted medians)."""
+  "request_rate") per run, as `bench.calibration.calibration_run` returns them), in rounds until
+  nothing moves (at most MAX_FIT_ROUNDS), each fit starting from the current values so that no
+  round makes the fit worse:
+
+    * colocated: the decode steps, the mixed steps and the read lag fitted together
+      (`fit_colocated`; one round; the probes' lag is kept in meta["probe_read_lag_s"], the
+      mixed steps' factor in meta["served_mixed_factor"]).
+    * disaggregated: its decode steps scaled by a factor fitted to median TTFT and TPOT, then
+      in rounds the contention factors (`fit_contention`), then the decode factor and the decode
+      contention together (`fit_decode_pair`; both set the served TPOT, so fitting them one
+      after the other stalls short of their joint best).
+
+  meta gets "served_decode_factor" (the product applied), "served_fit_rounds" (rounds made) and
+  "served_fit" (the runs' measured and fitted medians)."""
   fitted = dataclasses.replace(profile, meta=dict(profile.meta))
-  factor = fit_decode_factor(fitted, served)
-  fitted = scale_decode(fitted, factor)
+  rounds, factor = 0, 1.0
   if fitted.mode == "colocated":
-    # The lag moves only TTFT, the factor mostly TPOT (and TTFT a little, through the decode
-    # steps a prompt waits for): twice in turn settles both.
     fitted.meta["probe_read_lag_s"] = fitted.read_lag_s
-    for _ in range(2):
-      fitted.read_lag_s = fit_read_lag(fitted, served)
-      again = fit_decode_factor(fitted, served)
-      fitted, factor = scale_decode(fitted, again), factor * again
-  rounds = 0
+    factor, mixed, lag = fit_colocated(fitted, served)
+    fitted = dataclasses.replace(scale_mixed(scale_decode(fitted, factor), mixed), read_lag_s=lag)
+    fitted.meta["served_mixed_factor"] = mixed
+    rounds = 1
+  else:
+    factor = fit_decode_factor(fitted, served)
+    fitted = scale_decode(fitted, factor)
   while fitted.mode == "disagg" and rounds < MAX_FIT_ROUNDS:
     before = dict(fitted.contention)
     fitted.contention, _ = fit_contention(fitted, served)
@@ -131,17 +183,56 @@ def fit_served(profile: StepProfile, served) -> StepProfile:
   return fitted
 
 
-def fit_read_lag(profile: StepProfile, served) -> float:
-  """The read lag (from a step's end to its tokens reaching the caller) with which the simulator
-  best reproduces `served`, over READ_LAG_GRID and the profile's own (so never worse than it).
-  Colocated, every token is read that late, so the lag moves TTFT and leaves TPOT alone."""
-  best = (_error(_simulated(profile, served), served), profile.read_lag_s)
-  for lag in READ_LAG_GRID:
-    lag = round(float(lag), 6)
-    err = _error(_simulated(dataclasses.replace(profile, read_lag_s=lag), served), served)
-    if err < best[0]:
-      best = (err, lag)
-  return best[1]
+def _best_lag(got: list[dict[str, float]], served, keys: tuple[str, ...]) -> float:
+  """The read lag (>= 0) that best fits `served`'s TTFT medians among `keys`, given the
+  simulator's medians `got` with no lag. Colocated, every token is read the lag after its step
+  and nothing the loop decides waits for the read, so the lag adds to every TTFT and leaves
+  TPOT alone: the least-squares lag of the relative errors is closed-form."""
+  pairs = [(row[k], m[k]) for row, (*_, m) in zip(got, served) for k in keys if "ttft" in k]
+  if not pairs:
+    return 0.0
+  lag_ms = (sum((want - have) / want ** 2 for have, want in pairs)
+            / sum(1.0 / want ** 2 for _, want in pairs))
+  return max(lag_ms, 0.0) / 1e3
+
+
+def fit_colocated(profile: StepProfile, served) -> tuple[float, float, float]:
+  """(factor on `profile`'s decode steps, factor on its mixed steps, read lag) with which the
+  simulator best reproduces `served` (colocated), fitted together (DECODE_COARSE_STEP), each
+  pair of factors with its best lag (`_best_lag`). The decode steps set TPOT; the lag moves every TTFT
+  alike; the mixed steps move a prompt's TTFT by each of its chunks (and TPOT where a token
+  shares a mixed step), so prompts of one chunk and of more (COLOCATED_KEYS) tell the two
+  apart. Fitted in turn, the three stalled short of their joint best (tests/sim/test_simulator.py
+  has the case). The search includes (1.0, 1.0, the profile's lag), so the fit is never worse
+  than the profile."""
+
+  def fit(d, m):
+    trial = dataclasses.replace(scale_mixed(scale_decode(profile, d), m), read_lag_s=0.0)
+    got = _simulated(trial, served)
+    keys = _keys(trial, served[0][3])
+    lag = round(_best_lag(got, served, keys), 6)
+    shifted = [{k: v + lag * 1e3 if "ttft" in k else v for k, v in row.items()} for row in got]
+    return _error(shifted, served, trial), lag
+
+  def search(decodes, mixeds, best):
+    for d in decodes:
+      for m in mixeds:
+        d, m = round(float(d), 4), round(float(m), 4)
+        err, lag = fit(d, m)
+        if err < best[0]:
+          best = (err, d, m, lag)
+    return best
+
+  top = max(2.0, 1.5 * fit_decode_factor(profile, served, ("median_tpot_ms",)))
+  best = search(np.arange(0.5, top + 1e-9, DECODE_COARSE_STEP), MIXED_FACTOR_GRID,
+                (_fit_error(profile, served), 1.0, 1.0, profile.read_lag_s))
+  steps = np.array([DECODE_COARSE_STEP, MIXED_FACTOR_GRID[1] - MIXED_FACTOR_GRID[0]])
+  for _ in range(2):
+    steps = steps / 4
+    _, d, m, _ = best
+    best = search(np.clip(d + steps[0] * np.arange(-2, 3), 0.05, None),
+                  np.clip(m + steps[1] * np.arange(-2, 3), 0.05, None), best)
+  return best[1], best[2], best[3]
 
 
 def fit_decode_pair(profile: StepProfile, served) -> tuple[float, float]:
@@ -152,7 +243,7 @@ def fit_decode_pair(profile: StepProfile, served) -> tuple[float, float]:
   def error(f, d):
     trial = scale_decode(profile, f)
     trial.contention = {**profile.contention, "decode": d}
-    return _error(_simulated(trial, served), served)
+    return _fit_error(trial, served)
 
   def search(factors, decodes, best):
     for f in factors:
@@ -185,8 +276,7 @@ def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], list
         for d in decodes:
           factors = {"prefill": round(float(p), 3), "prefill_per_seq": round(float(q), 4),
                      "decode": round(float(d), 3)}
-          err = _error(_simulated(dataclasses.replace(profile, contention=factors), served),
-                       served)
+          err = _fit_error(dataclasses.replace(profile, contention=factors), served)
           if best is None or err < best[0]:
             best = (err, factors)
     return best
@@ -198,8 +288,7 @@ def fit_contention(profile: StepProfile, served) -> tuple[dict[str, float], list
   start = {"prefill": profile.contention.get("prefill", 1.0),
            "prefill_per_seq": profile.contention.get("prefill_per_seq", 0.0),
            "decode": profile.contention.get("decode", 1.0)}
-  best = (_error(_simulated(dataclasses.replace(profile, contention=start), served), served),
-          start)
+  best = (_fit_error(dataclasses.replace(profile, contention=start), served), start)
   best = search(prefills, per_seqs, decodes, best)
   for _ in range(MAX_GRID_MOVES):
     at_edge = [best[1][k] >= grid[-1] - 1e-9 for k, grid in

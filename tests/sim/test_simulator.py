@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from disagg_jax.bench import metrics
-from disagg_jax.sim import simulator
+from disagg_jax.sim import contention, simulator
 from disagg_jax.sim.profile import StepProfile
 from disagg_jax.testing.profiles import colocated_profile, disagg_profile
 
@@ -218,6 +218,8 @@ def _served_by(truth: StepProfile, seed: int) -> list[tuple]:
     arrivals = arrivals_lib.arrival_times(24, rate, 1.0, 0)
     result = simulator.simulate(truth, prompts, outputs, arrivals)
     measured = metrics.compute(result.records, result.duration)
+    measured.update(contention.targets(truth.mode, truth.chunk_size, result.records,
+                                       result.duration))
     measured["request_rate"] = rate
     served.append((prompts, outputs, arrivals, measured))
   return served
@@ -238,23 +240,45 @@ def test_fit_contention_recovers_the_factors_of_a_simulated_run(decode):
   assert factors["decode"] == pytest.approx(decode, abs=0.05)
 
 
-def test_fit_served_recovers_the_served_decode_cadence_and_read_lag_colocated():
-  # Runs simulated with decode steps 1.25x the table's and tokens read 6 ms after their step
-  # (the table says 1 ms): fitting the table to those runs finds both again.
+def test_fit_served_recovers_the_served_decode_cadence_mixed_steps_and_read_lag_colocated():
+  # Runs simulated with decode steps 1.25x the table's, mixed steps 0.8x and tokens read 6 ms
+  # after their step (the table says 1 ms): fitting the table to those runs finds all three
+  # again. The lag and the mixed steps both move TTFT; prompts of one chunk and of two (16 to
+  # 256 tokens, chunks of 128) tell them apart.
   import dataclasses  # pylint: disable=g-import-not-at-top
   from disagg_jax.sim import contention
   table = dataclasses.replace(colocated_profile(decode_batch=16), read_lag_s=0.001)
-  truth = dataclasses.replace(contention.scale_decode(table, 1.25), read_lag_s=0.006)
+  truth = dataclasses.replace(contention.scale_mixed(contention.scale_decode(table, 1.25), 0.8),
+                              read_lag_s=0.006)
   served = _served_by(truth, seed=5)
   fitted = contention.fit_served(table, served)
   assert fitted.meta["served_decode_factor"] == pytest.approx(1.25, abs=0.03)
-  assert fitted.read_lag_s == pytest.approx(0.006, abs=0.0005)
+  assert fitted.meta["served_mixed_factor"] == pytest.approx(0.8, abs=0.03)
+  assert fitted.read_lag_s == pytest.approx(0.006, abs=0.001)
   assert fitted.meta["probe_read_lag_s"] == 0.001
-  assert fitted.meta["served_fit_rounds"] == 0
+  assert fitted.meta["served_fit_rounds"] == 1
   assert fitted.decode_s == pytest.approx(0.01 * fitted.meta["served_decode_factor"], rel=1e-3)
+  assert fitted.mixed_s[(1, 128)] == pytest.approx(0.05 * fitted.meta["served_mixed_factor"],
+                                                   rel=1e-3)
   for row in fitted.meta["served_fit"]:
-    for key in contention.KEYS:
+    for key in contention.COLOCATED_KEYS:
       assert row[f"fitted_{key}"] == pytest.approx(row[f"measured_{key}"], rel=0.02)
+
+
+def test_fit_targets_split_colocated_ttft_by_chunks():
+  # A 100-token prompt takes one 128-token chunk, a 200-token one two: their medians are
+  # reported apart (colocated only), and a group with no request is left out.
+  from disagg_jax.sim import contention
+  records = [metrics.RequestRecord(prompt_len=n, output_len=2, success=True, ttft=t,
+                                   itl=[0.01], e2el=t + 0.01)
+             for n, t in ((100, 0.03), (120, 0.05), (200, 0.08), (250, 0.1))]
+  got = contention.targets("colocated", 128, records, 1.0)
+  assert got["median_ttft_one_chunk_ms"] == pytest.approx(40.0)
+  assert got["median_ttft_more_chunks_ms"] == pytest.approx(90.0)
+  assert got["median_ttft_ms"] == pytest.approx(65.0)
+  assert "median_ttft_one_chunk_ms" not in contention.targets("disagg", 128, records, 1.0)
+  assert "median_ttft_more_chunks_ms" not in contention.targets("colocated", 128, records[:2],
+                                                                1.0)
 
 
 def test_fit_served_recovers_the_served_decode_cadence_and_contention_disaggregated():
