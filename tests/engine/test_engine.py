@@ -90,19 +90,19 @@ def test_data_parallel_meshes_match_single(family, mode, prefill, decode, hf_che
 @pytest.mark.parametrize("mode, dp", [("colocated", 1), ("disagg", 1),
                                       pytest.param("colocated", 2, marks=pytest.mark.slow)])
 def test_many_requests_with_waiting_and_preemption(mode, dp, hf_checkpoint):
-  """120 concurrent requests through a pool far too small for them: requests wait, the youngest
+  """64 concurrent requests through a pool far too small for them: requests wait, the youngest
   are preempted and recomputed, and every output still equals the request run alone. With dp 2
   each dp row has its own 13 pages and its own 2 slots."""
   model_dir, _ = hf_checkpoint("llama3")
   rng = np.random.default_rng(3)
-  lengths = rng.integers(1, 60, 120)
+  lengths = rng.integers(1, 60, 64)
   prompts = helpers.random_prompts(lengths, tiny_hf.VOCAB, seed=4)
   # Penalties on some: their history (prompt + tokens so far) is rebuilt after a preemption.
   penalties = [{}, {"presence_penalty": 1.0}, {"frequency_penalty": 0.7},
                {"repetition_penalty": 1.4}]
   sampling = [SamplingParams(max_new_tokens=int(n), ignore_eos=True, temperature=0.7, seed=i,
                              **penalties[i % 4])
-              for i, n in enumerate(rng.integers(1, 40, 120))]
+              for i, n in enumerate(rng.integers(1, 40, 64))]
   expected = reference_outputs(model_dir, prompts, sampling)
   # 13 usable pages of 16 tokens for 4 slots of up to 99 tokens each: growth must preempt.
   config = EngineConfig(max_seq_len=128, decode_batch=4 * dp, prefill_batch=2, chunk_size=32,

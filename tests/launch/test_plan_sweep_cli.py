@@ -45,8 +45,8 @@ def test_simulate_hardware_defaults_to_colocated(repo_root):
 def test_validate_plan_serves_the_first_num_prompts_requests(repo_root, tmp_path):
   """A plan drawn at plan.py's default 4096 requests: each measured run serves only the first
   --num_prompts of them (all 4096 would take most of an hour per run on a CPU)."""
-  flags = {"mode": "colocated", "devices": "2", "config.engine.max_seq_len": 128,
-           "config.engine.decode_batch": 8}
+  flags = {"mode": "colocated", "devices": "1", "config.engine.max_seq_len": 64,
+           "config.engine.decode_batch": 4, "config.engine.chunk_size": 32}
   plan = {"configs": [{"mode": "colocated", "flags": flags, "devices": 2, "goodput": 8.0}],
           "workload": {"prompt_lens": [16] * 4096, "output_lens": [4] * 4096,
                        "goodput": "ttft:60000,tpot:60000", "burstiness": 1.0, "seed": 0}}

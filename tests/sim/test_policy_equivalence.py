@@ -72,10 +72,13 @@ def _serve(engine, prompts, sampling, gaps):
 
 
 @pytest.mark.parametrize("mode, num_pages, shared, run_ahead", [
+    # By default both modes with preemption (a small pool), run ahead and not; colocated also
+    # with prefix caching. Every decision of the larger pools' runs also occurs in these.
     pytest.param("colocated", None, 0, True, marks=pytest.mark.slow),
     pytest.param("colocated", 10, 0, True, marks=pytest.mark.slow),
-    ("colocated", None, 40, True), ("colocated", 12, 40, True),  # with preemption: the last
-    ("disagg", None, 0, True), ("disagg", 10, 0, True),
+    pytest.param("colocated", None, 40, True, marks=pytest.mark.slow),
+    pytest.param("disagg", None, 0, True, marks=pytest.mark.slow),
+    ("colocated", 12, 40, True), ("disagg", 10, 0, True),
     ("colocated", 12, 40, False), ("disagg", 10, 0, False)])
 def test_simulator_takes_the_engines_decisions(mode, num_pages, shared, run_ahead,
                                                hf_checkpoint):
