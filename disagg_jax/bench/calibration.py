@@ -5,8 +5,9 @@
 `sim.timing.measure` times the engine's steps and probes on the idle engine. A served run adds
 what those probes reproduce poorly: a slower decode cadence (the benchmark's client threads read
 every token on the engine's cores), colocated the mixed steps' served cost and the read lag,
-and, disaggregated, how prefill and decode slow each other when their steps overlap. Both are fitted (`sim.contention.fit_served`) to short
-served runs of the engine at a light and a moderate load. Serving those runs takes the benchmark
+and, disaggregated, how prefill and decode slow each other when their steps overlap. All are
+fitted (`sim.contention.fit_served`) to short served runs of the engine at a light and a
+moderate load. Serving those runs takes the benchmark
 runner, which is why this lives in `bench/` and not in `sim/` (the simulator's package never
 drives an engine through a workload).
 """

@@ -11,15 +11,15 @@ median TTFT and TPOT (`bench.calibration` serves those runs on a live engine):
     A per-sequence cost (`decode_per_seq_s`) was tried first and fitted worse: fitted on the
     light calibration runs it overshot p90 TPOT by 30-50% at the highest validation rate.
   * for the colocated engine, the mixed steps' cost and the read lag (a step's end to its
-    tokens reaching the caller). The mixed steps are timed back to back on the idle engine and
-    served runs' multi-chunk prompts took less per chunk (a fit put them at 0.74-0.78x), while
-    a lone probe request's TTFT less its mixed step (the probed lag) measured 0-6 ms between
-    profiles against 9-13 ms fitted. The two are told apart by the median TTFT of the prompts
-    that take one chunk (one mixed step and the lag) and of those that take more (each chunk a
-    step, the lag once): `fit_mixed_and_lag` fits both to them. Fitted to the median TTFT of all
-    prompts instead, the lag alone left the validation runs' median TTFT 8-13% high: when about
-    half the prompts take one chunk, that median lies between the two groups and moves with how
-    far apart they are.
+    tokens reaching the caller). The mixed steps are timed back to back on the idle engine, and
+    served runs' multi-chunk prompts took less per chunk on some VMs (0.75x fitted), while a lone
+    probe request's TTFT less its mixed step (the probed lag) measured 0-6 ms between profiles
+    against up to 13 ms fitted. The two are told apart by the median TTFT of the prompts that
+    take one chunk (one mixed step and the lag) and of those that take more (each chunk a step,
+    the lag once): `fit_colocated` fits both to them, with the decode factor. Fitted to the
+    median TTFT of all prompts instead, the lag alone left the validation runs' median TTFT
+    8-13% high: when about half the prompts take one chunk, that median lies between the two
+    groups and moves with how far apart they are.
   * for the disaggregated engine, how much its prefill and decode slow each other when they share
     a host's cores (`contention`), which depends on how their steps overlap (a synthetic probe
     measured 3.5x for prefill where served runs show 1.5-2x). Its decode factor and the decode
@@ -143,17 +143,17 @@ def fit_decode_factor(profile: StepProfile, served, keys: tuple[str, ...] | None
 
 def fit_served(profile: StepProfile, served) -> StepProfile:
   """`profile` fitted to served runs ((prompt_lens, output_lens, arrivals, measured metrics with
-  "request_rate") per run, as `bench.calibration.calibration_run` returns them), in rounds until
-  nothing moves (at most MAX_FIT_ROUNDS), each fit starting from the current values so that no
-  round makes the fit worse:
+  "request_rate") per run, as `bench.calibration.calibration_run` returns them). Every fit's
+  search includes the current values, so none makes the fit worse:
 
     * colocated: the decode steps, the mixed steps and the read lag fitted together
       (`fit_colocated`; one round; the probes' lag is kept in meta["probe_read_lag_s"], the
       mixed steps' factor in meta["served_mixed_factor"]).
-    * disaggregated: its decode steps scaled by a factor fitted to median TTFT and TPOT, then
-      in rounds the contention factors (`fit_contention`), then the decode factor and the decode
-      contention together (`fit_decode_pair`; both set the served TPOT, so fitting them one
-      after the other stalls short of their joint best).
+    * disaggregated: its decode steps scaled by a factor fitted to median TTFT and TPOT, then,
+      in rounds until nothing moves (at most MAX_FIT_ROUNDS), the contention factors
+      (`fit_contention`) and the decode factor with the decode contention together
+      (`fit_decode_pair`; both set the served TPOT, so fitting them one after the other stalls
+      short of their joint best).
 
   meta gets "served_decode_factor" (the product applied), "served_fit_rounds" (rounds made) and
   "served_fit" (the runs' measured and fitted medians)."""
@@ -183,12 +183,13 @@ def fit_served(profile: StepProfile, served) -> StepProfile:
   return fitted
 
 
-def _best_lag(got: list[dict[str, float]], served, keys: tuple[str, ...]) -> float:
-  """The read lag (>= 0) that best fits `served`'s TTFT medians among `keys`, given the
+def _best_lag(got: list[dict[str, float]], served, profile: StepProfile) -> float:
+  """The read lag (>= 0) that best fits `served`'s TTFT medians (those `_keys` fits), given the
   simulator's medians `got` with no lag. Colocated, every token is read the lag after its step
   and nothing the loop decides waits for the read, so the lag adds to every TTFT and leaves
   TPOT alone: the least-squares lag of the relative errors is closed-form."""
-  pairs = [(row[k], m[k]) for row, (*_, m) in zip(got, served) for k in keys if "ttft" in k]
+  pairs = [(row[k], m[k]) for row, (*_, m) in zip(got, served) for k in _keys(profile, m)
+           if "ttft" in k]
   if not pairs:
     return 0.0
   lag_ms = (sum((want - have) / want ** 2 for have, want in pairs)
@@ -199,18 +200,17 @@ def _best_lag(got: list[dict[str, float]], served, keys: tuple[str, ...]) -> flo
 def fit_colocated(profile: StepProfile, served) -> tuple[float, float, float]:
   """(factor on `profile`'s decode steps, factor on its mixed steps, read lag) with which the
   simulator best reproduces `served` (colocated), fitted together (DECODE_COARSE_STEP), each
-  pair of factors with its best lag (`_best_lag`). The decode steps set TPOT; the lag moves every TTFT
-  alike; the mixed steps move a prompt's TTFT by each of its chunks (and TPOT where a token
-  shares a mixed step), so prompts of one chunk and of more (COLOCATED_KEYS) tell the two
-  apart. Fitted in turn, the three stalled short of their joint best (tests/sim/test_simulator.py
-  has the case). The search includes (1.0, 1.0, the profile's lag), so the fit is never worse
-  than the profile."""
+  pair of factors with its best lag (`_best_lag`). The decode steps set TPOT; the lag moves
+  every TTFT alike; the mixed steps move a prompt's TTFT by each of its chunks (and TPOT where a
+  token shares a mixed step), so prompts of one chunk and of more (COLOCATED_KEYS) tell the two
+  apart. Fitted in turn, the three stalled short of their joint best
+  (tests/sim/test_simulator.py has the case). The search includes (1.0, 1.0, the profile's
+  lag), so the fit is never worse than the profile."""
 
   def fit(d, m):
     trial = dataclasses.replace(scale_mixed(scale_decode(profile, d), m), read_lag_s=0.0)
     got = _simulated(trial, served)
-    keys = _keys(trial, served[0][3])
-    lag = round(_best_lag(got, served, keys), 6)
+    lag = round(_best_lag(got, served, trial), 6)
     shifted = [{k: v + lag * 1e3 if "ttft" in k else v for k, v in row.items()} for row in got]
     return _error(shifted, served, trial), lag
 
