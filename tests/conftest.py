@@ -43,7 +43,6 @@ def pytest_unconfigure(config):
     del os.environ[_CACHE_VAR]
 
 
-
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
   """hf_checkpoint(family, **kwargs) -> (model_dir, transformers model), built once per session."""

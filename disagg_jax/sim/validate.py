@@ -220,7 +220,7 @@ def fidelity_summary(groups) -> dict[str, dict]:
       if cell["within_5pct"] is not None:
         s["five_pct"] += 1
         s["within_5pct"] += bool(cell["within_5pct"])
-      if cell.get("real_within_5pct") is not None:
+      if cell["real_within_5pct"] is not None:
         s["real_within_5pct"] = (s["real_within_5pct"] or 0.0) + cell["real_within_5pct"]
   for s in out.values():
     for key, m in s["metrics"].items():
@@ -292,7 +292,7 @@ def fidelity_summary_lines(groups) -> list[str]:
                  + f"; {s['within_5pct']} of {s['five_pct']} medians and throughputs within 5%"
                  + (f" (a real run in the simulator's place, against the mean of the others: "
                     f"{s['real_within_5pct']:.1f} of {s['five_pct']})"
-                    if s.get("real_within_5pct") is not None else "") + "; "
+                    if s["real_within_5pct"] is not None else "") + "; "
                  f"goal {'met' if s['goal_met'] else 'not met'}. Per cell, within the range of "
                  f"the real runs: {s['within_noise']} of {s['judged']} ("
                  + ", ".join(f"{key} {n}/{of}" for key, (n, of) in s["by_metric"].items())
